@@ -1,0 +1,785 @@
+"""
+A muxado v1 session, sans-IO.
+
+:class:`Session` is fed the bytes read from the connection
+(:meth:`Session.receive_data`) and told what the application wants
+(:meth:`~Session.open_stream`, :meth:`~Session.send_data`, ...).  It keeps
+every stream's state and windows, answers what the protocol requires on its
+own (heartbeat echoes, RST for dead streams, GOAWAY on violations), and
+leaves two things for its adapter to collect after every call: bytes to
+write (:meth:`~Session.data_to_send`) and events (:meth:`~Session.events`).
+
+Time only matters for heartbeats: the adapter calls :meth:`~Session.on_timer`
+at (or after) the time :meth:`~Session.next_timer` names.
+
+Nothing here raises because of what the peer sent: a violation ends the
+session with GOAWAY carrying the matching error code and a
+:class:`~tcprelay.mux.events.SessionEnded` event.  Methods called by the
+application raise :class:`SessionClosedError` or :class:`StreamClosedError`
+when asked for something the state does not allow.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Final, Optional, Union
+
+import attrs
+
+from tcprelay.mux import frames as f
+from tcprelay.mux.events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HeartbeatAcknowledged,
+    SendWindowOpened,
+    SessionEnded,
+    StreamClosed,
+    StreamEnded,
+    StreamOpened,
+)
+from tcprelay.mux.frames import ErrorCode, FrameError
+
+__all__ = [
+    "INITIAL_WINDOW",
+    "Role",
+    "Session",
+    "SessionClosedError",
+    "SessionConfig",
+    "StreamClosedError",
+    "StreamState",
+]
+
+INITIAL_WINDOW: Final = 0x10000
+"""Every stream starts with this send window in each direction (64 KiB)."""
+MAX_WINDOW: Final = 0x7FFFFFFF
+MAX_STREAM_ID: Final = 0x7FFFFFFF
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Role(enum.Enum):
+    """Which end of the TCP connection we are: the dialler is the client."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class StreamState(enum.Enum):
+    """Lifecycle of one stream; see :data:`_TRANSITIONS`."""
+
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class _StreamInput(enum.Enum):
+    SEND_FIN = "send FIN"
+    RECV_FIN = "receive FIN"
+
+
+_TRANSITIONS: Final[dict[tuple[StreamState, _StreamInput], StreamState]] = {
+    (StreamState.OPEN, _StreamInput.SEND_FIN): StreamState.HALF_CLOSED_LOCAL,
+    (StreamState.OPEN, _StreamInput.RECV_FIN): StreamState.HALF_CLOSED_REMOTE,
+    (StreamState.HALF_CLOSED_LOCAL, _StreamInput.RECV_FIN): StreamState.CLOSED,
+    (StreamState.HALF_CLOSED_REMOTE, _StreamInput.SEND_FIN): StreamState.CLOSED,
+}
+"""Clean transitions.  RST, or the session ending, closes from any state."""
+
+_RECEIVING: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
+
+
+class SessionClosedError(Exception):
+    """The session has ended, or the peer went away and no stream can open."""
+
+
+class StreamClosedError(Exception):
+    """The stream is gone, or its sending direction is already finished."""
+
+
+@attrs.frozen
+class SessionConfig:
+    """
+    Tunables of one session.
+
+    receive_window:
+        Bytes each stream may have in flight towards us.  64 KiB is what
+        muxado starts with; more is granted with a WNDINC when the stream
+        opens.  Also the most a stream ever buffers for a paused reader.
+    max_streams:
+        Concurrent streams the peer may have open; more are refused with
+        RST(REFUSED_STREAM).
+    accept_backlog:
+        Peer-opened streams not yet accepted by the application; more are
+        refused with RST(REFUSED_STREAM).
+    heartbeat:
+        Run our own heartbeat stream (the peer's is always echoed).
+    heartbeat_interval:
+        Seconds between heartbeats.
+    heartbeat_tolerance:
+        Seconds an unanswered heartbeat may wait before the session is
+        declared dead and closed.
+    """
+
+    receive_window: int = INITIAL_WINDOW
+    max_streams: int = 1024
+    accept_backlog: int = 128
+    heartbeat: bool = True
+    heartbeat_interval: float = 3.0
+    heartbeat_tolerance: float = 13.0
+
+    def __attrs_post_init__(self) -> None:
+        if not INITIAL_WINDOW <= self.receive_window <= MAX_WINDOW:
+            raise ValueError(
+                f"receive_window must be between {INITIAL_WINDOW} and {MAX_WINDOW}"
+            )
+        if self.max_streams < 1 or self.accept_backlog < 1:
+            raise ValueError("max_streams and accept_backlog must be at least 1")
+        if self.heartbeat_interval <= 0 or self.heartbeat_tolerance <= 0:
+            raise ValueError("heartbeat interval and tolerance must be positive")
+
+
+class _Heartbeat(enum.Enum):
+    NONE = 0
+    OURS = 1
+    THEIRS = 2
+
+
+@attrs.define(eq=False)
+class _Stream:
+    """Book-keeping for one stream (internal)."""
+
+    id: int
+    stream_type: int
+    local: bool
+    heartbeat: _Heartbeat = _Heartbeat.NONE
+    state: StreamState = StreamState.OPEN
+    send_window: int = INITIAL_WINDOW
+    recv_window: int = INITIAL_WINDOW
+    recv_credit: int = 0
+    pending: deque[Buffer] = attrs.Factory(deque)
+    pending_len: int = 0
+    fin_queued: bool = False
+    forget_on_fin: bool = False
+    accepted: bool = True
+
+
+class Session:
+    """
+    One muxado v1 session: every stream's state, windows and heartbeats.
+
+    Created by the adapter when the connection is made, with the current
+    time; the adapter then feeds it bytes and drains its output and events
+    after each call.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        config: SessionConfig = SessionConfig(),
+        now: float = 0.0,
+    ) -> None:
+        self.role = role
+        self.config = config
+        self._streams: dict[int, _Stream] = {}
+        self._decoder = f.FrameDecoder()
+        self._out: list[Buffer] = []
+        self._events: list[Event] = []
+        # Highest id used by us / seen from the peer.  Clients use odd ids
+        # from 3 and servers even ids from 2, so a client SYN with id 1 is
+        # already "not above the highest seen".
+        if role is Role.CLIENT:
+            self._local_last, self._remote_last = 1, 0
+        else:
+            self._local_last, self._remote_last = 0, 1
+        self._remote_open = 0
+        self._unaccepted = 0
+        self._wndinc_threshold = config.receive_window // 2
+        self.ended = False
+        self.going_away = False
+        """We sent GOAWAY: new peer streams are refused."""
+        self.remote_going_away = False
+        """The peer sent GOAWAY: we may not open streams."""
+        self.end_reason: Optional[SessionEnded] = None
+        self._hb_id: Optional[int] = None
+        self._hb_counter = 0
+        self._hb_sent_at: Optional[float] = None
+        self._hb_next = now + config.heartbeat_interval
+        self._hb_echo = bytearray()
+        self._hb_expect = b""
+        if config.heartbeat:
+            self._hb_id = self._open(
+                f.HEARTBEAT_STREAM_TYPE, f.HEARTBEAT_PRIORITY, _Heartbeat.OURS
+            )
+
+    # ------------------------------------------------------------------
+    # Output for the adapter
+
+    def data_to_send(self) -> bytes:
+        """
+        Take the bytes to write to the connection.  One join here is the only
+        copy of outgoing payload (Twisted would join its buffer anyway).
+        """
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return b"".join(out)
+
+    def events(self) -> list[Event]:
+        """Take the events that happened since the last call."""
+        events = self._events
+        self._events = []
+        return events
+
+    # ------------------------------------------------------------------
+    # Introspection
+
+    @property
+    def stream_count(self) -> int:
+        """Application streams currently known (extension streams excluded)."""
+        return sum(1 for s in self._streams.values() if s.heartbeat is _Heartbeat.NONE)
+
+    def stream_ids(self) -> list[int]:
+        """Ids of the application streams currently known."""
+        return [i for i, s in self._streams.items() if s.heartbeat is _Heartbeat.NONE]
+
+    def state(self, stream_id: int) -> StreamState:
+        """A stream's state; CLOSED when it is gone."""
+        st = self._streams.get(stream_id)
+        return st.state if st is not None else StreamState.CLOSED
+
+    def pending(self, stream_id: int) -> int:
+        """Bytes of a stream waiting for send window."""
+        st = self._streams.get(stream_id)
+        return st.pending_len if st is not None else 0
+
+    def send_window(self, stream_id: int) -> int:
+        """What the peer currently lets us send on a stream."""
+        st = self._streams.get(stream_id)
+        return st.send_window if st is not None else 0
+
+    def stream_type(self, stream_id: int) -> int:
+        """The stream type given in a stream's SYN."""
+        return self._get(stream_id).stream_type
+
+    @property
+    def last_remote_id(self) -> int:
+        """Highest stream id the peer opened (what GOAWAY reports)."""
+        return self._remote_last if self._remote_last > 1 else 0
+
+    # ------------------------------------------------------------------
+    # Application actions
+
+    def open_stream(self, stream_type: int = 0, priority: int = 0) -> int:
+        """
+        Open a stream and return its id.  The SYN goes out at once; data may
+        follow immediately (muxado has no SYN-ACK).
+        """
+        if self.ended:
+            raise SessionClosedError("session has ended")
+        if self.remote_going_away:
+            raise SessionClosedError("peer sent GOAWAY; no new streams")
+        if not 0 <= stream_type < f.MIN_EXTENSION_TYPE:
+            raise ValueError(f"stream type {stream_type:#x} is reserved")
+        if not 0 <= priority <= 0x7FFFFFFF:
+            raise ValueError("priority must fit in 31 bits")
+        if self._local_last + 2 > MAX_STREAM_ID:
+            raise SessionClosedError("stream ids exhausted")
+        return self._open(stream_type, priority, _Heartbeat.NONE)
+
+    def accept_stream(self, stream_id: int) -> None:
+        """The application took a peer-opened stream off the backlog."""
+        st = self._streams.get(stream_id)
+        if st is not None and not st.accepted:
+            st.accepted = True
+            self._unaccepted -= 1
+
+    def send_data(self, stream_id: int, data: Buffer, fin: bool = False) -> None:
+        """
+        Send ``data`` (any size) on a stream, and FIN after it when ``fin``.
+
+        What the send window allows is framed now; the rest waits, in order,
+        for WNDINC.  :meth:`pending` tells how much waits, and
+        :class:`~tcprelay.mux.events.SendWindowOpened` when it has all gone.
+        """
+        st = self._get(stream_id)
+        if st.fin_queued or st.state in (
+            StreamState.HALF_CLOSED_LOCAL,
+            StreamState.CLOSED,
+        ):
+            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        if fin:
+            st.fin_queued = True
+        self._write(st, data)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: FIN after any queued data.  No-op if already sent."""
+        st = self._streams.get(stream_id)
+        if st is None or st.fin_queued or st.state in (
+            StreamState.HALF_CLOSED_LOCAL,
+            StreamState.CLOSED,
+        ):
+            return
+        self.send_data(stream_id, b"", fin=True)
+
+    def close_stream(self, stream_id: int) -> None:
+        """
+        Close like Go's ``Stream.Close()``: FIN after queued data, then forget
+        the stream (data still arriving for it is answered with RST(4)).
+        ``StreamClosed`` follows once the FIN is out.
+        """
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        st.forget_on_fin = True
+        if st.state in (StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED):
+            self._remove(st, None, False, "closed")
+        elif not st.fin_queued:
+            self.send_data(stream_id, b"", fin=True)
+
+    def reset_stream(
+        self, stream_id: int, error_code: int = ErrorCode.CANCEL
+    ) -> None:
+        """Abort a stream with RST; queued data is dropped."""
+        st = self._streams.get(stream_id)
+        if st is None or st.heartbeat is not _Heartbeat.NONE:
+            return
+        self._out.append(f.encode_rst(stream_id, error_code))
+        self._remove(st, error_code, False, "reset")
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """
+        The application consumed ``size`` bytes of a stream: give the peer
+        that much window back (coalesced into one WNDINC per half window).
+        """
+        st = self._streams.get(stream_id)
+        if st is None or size <= 0 or st.state not in _RECEIVING:
+            return
+        st.recv_credit += size
+        if st.recv_credit >= self._wndinc_threshold:
+            self._grant(st)
+
+    def go_away(self, error_code: int = ErrorCode.NO_ERROR) -> None:
+        """
+        Tell the peer not to open more streams (GOAWAY); streams already open
+        carry on.  Later SYNs are refused with RST(REFUSED_STREAM).
+        """
+        if self.ended or self.going_away:
+            return
+        self.going_away = True
+        self._out.append(f.encode_goaway(self.last_remote_id, error_code))
+
+    def close(
+        self, error_code: int = ErrorCode.NO_ERROR, reason: str = "closed"
+    ) -> None:
+        """End the session now: GOAWAY (unless sent), every stream closed."""
+        self._die(error_code, reason, remote=False)
+
+    def connection_lost(self, reason: str = "connection lost") -> None:
+        """The transport is gone (the adapter calls this from connectionLost)."""
+        if not self.ended:
+            self._finish(None, reason, remote=True)
+
+    # ------------------------------------------------------------------
+    # Time
+
+    def next_timer(self) -> Optional[float]:
+        """When :meth:`on_timer` should next run, or None for never."""
+        if self.ended or self._hb_id is None:
+            return None
+        if self._hb_sent_at is not None:
+            return min(self._hb_next, self._hb_sent_at + self.config.heartbeat_tolerance)
+        return self._hb_next
+
+    def on_timer(self, now: float) -> None:
+        """Send a due heartbeat; end the session if one went unanswered."""
+        if self.ended or self._hb_id is None:
+            return
+        cfg = self.config
+        if self._hb_sent_at is not None:
+            if now - self._hb_sent_at >= cfg.heartbeat_tolerance:
+                self._die(
+                    ErrorCode.NO_ERROR,
+                    f"heartbeat timeout: no echo for {now - self._hb_sent_at:.1f}s",
+                    remote=False,
+                    heartbeat_timeout=True,
+                )
+            elif now >= self._hb_next:
+                self._hb_next = now + cfg.heartbeat_interval
+            return
+        if now >= self._hb_next:
+            self._hb_counter = (self._hb_counter + 1) & 0xFFFFFFFF
+            self._hb_expect = self._hb_counter.to_bytes(4, "big")
+            self._hb_sent_at = now
+            self._hb_next = now + cfg.heartbeat_interval
+            self._write(self._streams[self._hb_id], self._hb_expect)
+
+    heartbeat_timed_out = False
+    """True when the session ended because our heartbeat went unanswered."""
+
+    # ------------------------------------------------------------------
+    # Input
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """
+        Feed bytes read from the connection; returns :meth:`events`.
+        After the session has ended, input is ignored.
+        """
+        if self.ended:
+            return self.events()
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as e:
+            self._die(e.code, e.message, remote=False)
+            return self.events()
+        for frame in frames:
+            if self.ended:
+                break
+            if type(frame) is f.Data:
+                self._on_data(frame)
+            elif type(frame) is f.WndInc:
+                self._on_wndinc(frame)
+            elif type(frame) is f.Syn:
+                self._on_syn(frame)
+            elif type(frame) is f.Rst:
+                self._on_rst(frame)
+            else:
+                assert isinstance(frame, f.GoAway)
+                self._on_goaway(frame)
+        return self.events()
+
+    # ------------------------------------------------------------------
+    # Frame handlers
+
+    def _known(self, stream_id: int) -> bool:
+        """Whether an id was ever opened (by either side); else violation."""
+        if stream_id == 0:
+            return False
+        ours = (stream_id & 1) == (1 if self.role is Role.CLIENT else 0)
+        return stream_id <= (self._local_last if ours else self._remote_last)
+
+    def _check_known(self, kind: str, stream_id: int) -> bool:
+        """True if a frame's stream id was ever opened; else end the session."""
+        if not self._known(stream_id):
+            self._die(
+                ErrorCode.PROTOCOL_ERROR,
+                f"{kind} for stream {stream_id} that was never opened",
+                remote=False,
+            )
+            return False
+        return True
+
+    def _on_data(self, frame: f.Data) -> None:
+        st = self._streams.get(frame.stream_id)
+        n = len(frame.data)
+        if st is None:
+            if self._check_known("DATA", frame.stream_id) and n:
+                # A gone stream: tell the peer to stop (Go does the same).
+                # A bare FIN for it is harmless noise.
+                self._out.append(f.encode_rst(frame.stream_id, ErrorCode.STREAM_CLOSED))
+            return
+        if st.state not in _RECEIVING:
+            if n:
+                self._out.append(f.encode_rst(st.id, ErrorCode.STREAM_CLOSED))
+                self._remove(st, ErrorCode.STREAM_CLOSED, True, "data after FIN")
+            return
+        if n > st.recv_window:
+            self._die(
+                ErrorCode.FLOW_CONTROL_ERROR,
+                f"stream {st.id}: {n} bytes sent into a window of {st.recv_window}",
+                remote=False,
+            )
+            return
+        st.recv_window -= n
+        if st.heartbeat is not _Heartbeat.NONE:
+            self._on_heartbeat_data(st, frame)
+            return
+        if n:
+            self._events.append(DataReceived(st.id, frame.data))
+        if frame.fin:
+            self._recv_fin(st)
+
+    def _recv_fin(self, st: _Stream) -> None:
+        self._events.append(StreamEnded(st.id))
+        st.state = _TRANSITIONS[(st.state, _StreamInput.RECV_FIN)]
+        if st.state is StreamState.CLOSED:
+            self._remove(st, None, False, "")
+
+    def _on_heartbeat_data(self, st: _Stream, frame: f.Data) -> None:
+        if frame.fin:
+            self._die(
+                ErrorCode.PROTOCOL_ERROR, "peer closed a heartbeat stream", remote=False
+            )
+            return
+        data = frame.data
+        st.recv_credit += len(data)
+        if st.recv_credit >= 4096:
+            self._grant(st)
+        if st.heartbeat is _Heartbeat.THEIRS:
+            if data:
+                self._write(st, data)
+            return
+        self._hb_echo += data
+        while len(self._hb_echo) >= 4 and self._hb_sent_at is not None:
+            echo = bytes(self._hb_echo[:4])
+            del self._hb_echo[:4]
+            if echo != self._hb_expect:
+                self._die(
+                    ErrorCode.PROTOCOL_ERROR,
+                    f"heartbeat echo {echo.hex()} does not match {self._hb_expect.hex()}",
+                    remote=False,
+                )
+                return
+            self._events.append(HeartbeatAcknowledged(self._hb_sent_at))
+            self._hb_sent_at = None
+        if len(self._hb_echo) >= 4:
+            self._die(ErrorCode.PROTOCOL_ERROR, "unsolicited heartbeat echo", remote=False)
+
+    def _on_wndinc(self, frame: f.WndInc) -> None:
+        st = self._streams.get(frame.stream_id)
+        if st is None:
+            self._check_known("WNDINC", frame.stream_id)
+            return
+        window = st.send_window + frame.increment
+        if window > MAX_WINDOW:
+            self._die(
+                ErrorCode.FLOW_CONTROL_ERROR,
+                f"stream {st.id}: window grown past 2**31-1",
+                remote=False,
+            )
+            return
+        st.send_window = window
+        if st.pending_len and window:
+            self._flush(st)
+
+    def _on_syn(self, frame: f.Syn) -> None:
+        sid = frame.stream_id
+        theirs = (sid & 1) == (0 if self.role is Role.CLIENT else 1)
+        if not theirs or sid <= self._remote_last:
+            self._die(
+                ErrorCode.PROTOCOL_ERROR,
+                f"SYN for stream {sid}: "
+                + ("wrong parity" if not theirs else f"not above {self._remote_last}"),
+                remote=False,
+            )
+            return
+        self._remote_last = sid
+        if self.going_away:
+            self._out.append(f.encode_rst(sid, ErrorCode.REFUSED_STREAM))
+            return
+        if frame.stream_type >= f.MIN_EXTENSION_TYPE:
+            if frame.stream_type == f.HEARTBEAT_STREAM_TYPE and not any(
+                s.heartbeat is _Heartbeat.THEIRS for s in self._streams.values()
+            ):
+                self._add(sid, frame.stream_type, False, _Heartbeat.THEIRS)
+            else:
+                self._out.append(f.encode_rst(sid, ErrorCode.STREAM_CLOSED))
+            return
+        if (
+            self._remote_open >= self.config.max_streams
+            or self._unaccepted >= self.config.accept_backlog
+        ):
+            self._out.append(f.encode_rst(sid, ErrorCode.REFUSED_STREAM))
+            return
+        st = self._add(sid, frame.stream_type, False, _Heartbeat.NONE)
+        st.accepted = False
+        self._unaccepted += 1
+        self._remote_open += 1
+        self._events.append(StreamOpened(sid, frame.stream_type, frame.priority))
+        if frame.fin:
+            self._recv_fin(st)
+
+    def _on_rst(self, frame: f.Rst) -> None:
+        st = self._streams.get(frame.stream_id)
+        if st is None:
+            self._check_known("RST", frame.stream_id)
+            return
+        if st.heartbeat is _Heartbeat.OURS and frame.error_code == ErrorCode.STREAM_CLOSED:
+            # The peer has no heartbeat extension: run without ours.
+            del self._streams[st.id]
+            self._hb_id = None
+            return
+        if st.heartbeat is not _Heartbeat.NONE:
+            self._die(ErrorCode.PROTOCOL_ERROR, "peer reset a heartbeat stream", remote=False)
+            return
+        self._remove(
+            st, frame.error_code, True, f"reset by peer ({f.error_name(frame.error_code)})"
+        )
+
+    def _on_goaway(self, frame: f.GoAway) -> None:
+        self.remote_going_away = True
+        self._events.append(
+            GoAwayReceived(frame.last_stream_id, frame.error_code, frame.debug)
+        )
+        our_parity = 1 if self.role is Role.CLIENT else 0
+        for st in list(self._streams.values()):
+            if (
+                st.local
+                and (st.id & 1) == our_parity
+                and st.id > frame.last_stream_id
+                and st.heartbeat is _Heartbeat.NONE
+            ):
+                self._remove(
+                    st, ErrorCode.REFUSED_STREAM, True, "peer went away before it"
+                )
+        if frame.final or frame.error_code != ErrorCode.NO_ERROR:
+            self._finish(
+                frame.error_code,
+                f"peer sent GOAWAY ({f.error_name(frame.error_code)})",
+                remote=True,
+            )
+
+    # ------------------------------------------------------------------
+    # Internals
+
+    def _get(self, stream_id: int) -> _Stream:
+        st = self._streams.get(stream_id)
+        if st is None or st.heartbeat is not _Heartbeat.NONE:
+            if self.ended:
+                raise SessionClosedError("session has ended")
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        return st
+
+    def _open(self, stream_type: int, priority: int, hb: _Heartbeat) -> int:
+        sid = self._local_last + 2
+        self._local_last = sid
+        self._out.append(f.encode_syn(sid, priority, stream_type))
+        self._add(sid, stream_type, True, hb)
+        return sid
+
+    def _add(self, sid: int, stream_type: int, local: bool, hb: _Heartbeat) -> _Stream:
+        st = _Stream(sid, stream_type, local, hb)
+        self._streams[sid] = st
+        extra = self.config.receive_window - INITIAL_WINDOW
+        if extra and hb is _Heartbeat.NONE:
+            st.recv_window += extra
+            self._out.append(f.encode_wndinc(sid, extra))
+        return st
+
+    def _grant(self, st: _Stream) -> None:
+        credit = st.recv_credit
+        st.recv_credit = 0
+        st.recv_window += credit
+        self._out.append(f.encode_wndinc(st.id, credit))
+
+    def _write(self, st: _Stream, data: Buffer) -> None:
+        """Send or queue, keeping order behind anything already queued."""
+        if st.pending_len:
+            if data:
+                st.pending.append(data)
+                st.pending_len += len(data)
+        else:
+            self._send(st, data)
+
+    def _send(self, st: _Stream, data: Buffer) -> None:
+        """Frame what the window allows now and queue the rest (queue empty)."""
+        n = len(data)
+        window = st.send_window
+        take = n if n <= window else window
+        if take == n:
+            st.send_window = window - n
+            self._frame(st, data, st.fin_queued)
+            return
+        view = memoryview(data)
+        if take:
+            st.send_window = 0
+            self._frame(st, view[:take], False)
+        st.pending.append(view[take:])
+        st.pending_len += n - take
+
+    def _frame(self, st: _Stream, data: Buffer, fin: bool) -> None:
+        """Put DATA frames for ``data`` (window already counted) on the wire."""
+        n = len(data)
+        out = self._out
+        if n <= f.MAX_PAYLOAD:
+            if n or fin:
+                out.append(f.encode_data_header(st.id, n, fin))
+                if n:
+                    out.append(data)
+        else:
+            view = memoryview(data)
+            header = f.encode_data_header
+            sid = st.id
+            pos = 0
+            while pos < n:
+                end = pos + f.MAX_PAYLOAD
+                if end >= n:
+                    end = n
+                    out.append(header(sid, end - pos, fin))
+                else:
+                    out.append(header(sid, f.MAX_PAYLOAD, False))
+                out.append(view[pos:end])
+                pos = end
+        if fin:
+            self._fin_sent(st)
+
+    def _flush(self, st: _Stream) -> None:
+        """The send window grew: frame queued data, in order."""
+        pending = st.pending
+        while pending and st.send_window:
+            chunk = pending[0]
+            n = len(chunk)
+            take = min(n, st.send_window)
+            if take == n:
+                pending.popleft()
+                piece = chunk
+            else:
+                view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                piece = view[:take]
+                pending[0] = view[take:]
+            st.pending_len -= take
+            st.send_window -= take
+            if not pending:
+                self._events.append(SendWindowOpened(st.id))
+            self._frame(st, piece, not pending and st.fin_queued)
+
+    def _fin_sent(self, st: _Stream) -> None:
+        st.state = _TRANSITIONS[(st.state, _StreamInput.SEND_FIN)]
+        if st.state is StreamState.CLOSED or st.forget_on_fin:
+            self._remove(st, None, False, "")
+
+    def _remove(
+        self, st: _Stream, error_code: Optional[int], remote: bool, reason: str
+    ) -> None:
+        if self._streams.pop(st.id, None) is None:
+            return
+        st.state = StreamState.CLOSED
+        st.pending.clear()
+        st.pending_len = 0
+        if not st.local and st.heartbeat is _Heartbeat.NONE:
+            self._remote_open -= 1
+            if not st.accepted:
+                self._unaccepted -= 1
+        if st.heartbeat is _Heartbeat.NONE:
+            self._events.append(StreamClosed(st.id, error_code, remote, reason))
+
+    def _die(
+        self,
+        error_code: int,
+        reason: str,
+        remote: bool,
+        heartbeat_timeout: bool = False,
+    ) -> None:
+        """End the session from our side, telling the peer why."""
+        if self.ended:
+            return
+        if not self.going_away:
+            self.going_away = True
+            debug = reason.encode("utf-8", "replace") if error_code else b""
+            self._out.append(f.encode_goaway(self.last_remote_id, error_code, debug))
+        self.heartbeat_timed_out = heartbeat_timeout
+        self._finish(error_code, reason, remote)
+
+    def _finish(self, error_code: Optional[int], reason: str, remote: bool) -> None:
+        self.ended = True
+        self.going_away = True
+        code = error_code if error_code else ErrorCode.CANCEL
+        for st in list(self._streams.values()):
+            self._remove(st, code, remote, f"session ended: {reason}")
+        self._hb_id = None
+        end = SessionEnded(error_code, reason, remote)
+        self.end_reason = end
+        self._events.append(end)

@@ -1,0 +1,532 @@
+"""
+The Twisted adapter for :mod:`tcprelay.mux`.
+
+:class:`MuxProtocol` runs one muxado v1 session over one connection.  It is
+the only producer registered on its socket.  Each stream is a
+:class:`MuxStream`: a transport for an ordinary Twisted protocol, with
+``write``/``writeSequence``, ``loseConnection`` (Go-style close),
+``loseWriteConnection`` (half-close), ``abortConnection`` (RST), producers
+and consumers both ways, and :class:`IHalfCloseableProtocol` delivery of the
+peer's FIN.
+
+Backpressure:
+
+- A stream whose send window is exhausted pauses the producer registered on
+  it (typically the visitor's socket), and resumes it when the peer grants
+  window again.
+- When the session socket's write buffer is full, Twisted pauses the
+  MuxProtocol, which pauses every stream's producer until it drains.
+- A stream whose protocol pauses it (``pauseProducing``) keeps what arrives
+  and stops granting window, so only that stream's peer stops sending; the
+  other streams go on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet import error, interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcprelay.mux import events as ev
+from tcprelay.mux.frames import ErrorCode, error_name
+from tcprelay.mux.session import (
+    Role,
+    Session,
+    SessionClosedError,
+    SessionConfig,
+    StreamClosedError,
+)
+
+__all__ = ["MuxProtocol", "MuxStream", "StreamResetError"]
+
+CLOSE_TIMEOUT = 10.0
+"""Seconds a closing session may take to flush before the socket is aborted."""
+
+
+class StreamResetError(error.ConnectionLost):
+    """The stream ended abnormally (RST, or its session ended)."""
+
+    def __init__(self, code: int, remote: bool, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.remote = remote
+        self.reason = reason
+
+    def __str__(self) -> str:
+        side = "peer" if self.remote else "local"
+        return f"stream reset ({side}, {error_name(self.code)}): {self.reason}"
+
+
+StreamAcceptor = Callable[["MuxStream"], Optional[interfaces.IProtocol]]
+"""Given a peer-opened stream, return the protocol to run on it, or None."""
+
+
+@implementer(
+    interfaces.ITransport,
+    interfaces.IConsumer,
+    interfaces.IPushProducer,
+)
+class MuxStream:
+    """
+    One stream of a session, as a transport for a Twisted protocol.
+
+    Created by :class:`MuxProtocol` (``open_stream`` or an accepted peer
+    stream); the protocol is attached with :meth:`attach`.
+    """
+
+    disconnecting = False
+    disconnected = False
+
+    def __init__(self, mux: MuxProtocol, stream_id: int, stream_type: int) -> None:
+        self.mux = mux
+        self.stream_id = stream_id
+        self.stream_type = stream_type
+        self.protocol: Optional[interfaces.IProtocol] = None
+        self.peer_address: Optional[IAddress] = None
+        """Overrides :meth:`getPeer` (e.g. a visitor's address)."""
+        self.host_address: Optional[IAddress] = None
+        """Overrides :meth:`getHost` (e.g. a public listening address)."""
+        self._paused = False
+        self._inbox: list[bytes] = []
+        self._eof_pending = False
+        self._producer: Optional[interfaces.IProducer] = None
+        self._streaming = True
+        self._producer_paused = False
+        self._pull_scheduled = False
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self.stream_id} type={self.stream_type}>"
+
+    def attach(self, protocol: interfaces.IProtocol) -> None:
+        """Run ``protocol`` on this stream (calls its makeConnection)."""
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    # -- ITransport ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send bytes; ignored once the stream is closed for sending."""
+        if self.disconnecting or not data:
+            return
+        mux = self.mux
+        try:
+            mux.session.send_data(self.stream_id, data)
+        except (StreamClosedError, SessionClosedError):
+            return
+        if self._producer is not None:
+            self._update_producer()
+        mux.flush()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        """Send several buffers."""
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Close like a TCP socket: FIN after queued data, then forget."""
+        if self.disconnecting or self.disconnected:
+            return
+        self.disconnecting = True
+        self.mux.session.close_stream(self.stream_id)
+        self.mux.flush()
+
+    def loseWriteConnection(self) -> None:
+        """Half-close: FIN after queued data; keep reading."""
+        if self.disconnected:
+            return
+        self.mux.session.end_stream(self.stream_id)
+        self.mux.flush()
+
+    def abortConnection(self) -> None:
+        """Reset the stream (RST CANCEL) at once."""
+        if self.disconnected:
+            return
+        self.disconnecting = True
+        self.mux.session.reset_stream(self.stream_id, ErrorCode.CANCEL)
+        self.mux.flush()
+
+    def getPeer(self) -> IAddress:
+        """The peer's address: overridden per stream, else the session's."""
+        if self.peer_address is not None:
+            return self.peer_address
+        return self.mux.transport.getPeer()  # type: ignore[union-attr]
+
+    def getHost(self) -> IAddress:
+        """Our address: overridden per stream, else the session's."""
+        if self.host_address is not None:
+            return self.host_address
+        return self.mux.transport.getHost()  # type: ignore[union-attr]
+
+    # -- IConsumer: something that writes into this stream ---------------
+
+    def registerProducer(self, producer: interfaces.IProducer, streaming: bool) -> None:
+        """Pause ``producer`` whenever this stream cannot send."""
+        if self._producer is not None:
+            raise RuntimeError(f"{self!r} already has a producer")
+        self._producer = producer
+        self._streaming = streaming
+        self._producer_paused = False
+        if self.disconnected:
+            producer.stopProducing()
+            return
+        self._update_producer()
+
+    def unregisterProducer(self) -> None:
+        """Forget the producer."""
+        self._producer = None
+
+    def _blocked(self) -> bool:
+        return self.mux.paused or self.mux.session.pending(self.stream_id) > 0
+
+    def _update_producer(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        blocked = self._blocked()
+        if not self._streaming:
+            if not blocked and not self._pull_scheduled:
+                self._pull_scheduled = True
+                self.mux.clock.callLater(0, self._pull)
+            return
+        if blocked and not self._producer_paused:
+            self._producer_paused = True
+            producer.pauseProducing()  # type: ignore[attr-defined]
+        elif not blocked and self._producer_paused:
+            self._producer_paused = False
+            producer.resumeProducing()
+
+    def _pull(self) -> None:
+        self._pull_scheduled = False
+        if self._producer is not None and not self.disconnected and not self._blocked():
+            self._producer.resumeProducing()
+
+    # -- IPushProducer: the protocol reading from this stream ------------
+
+    def pauseProducing(self) -> None:
+        """Stop delivering data; the peer's window stays shut meanwhile."""
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        """Deliver what was held back, then grant the window again."""
+        if not self._paused:
+            return
+        self._paused = False
+        while self._inbox and not self._paused and not self.disconnected:
+            data = self._inbox.pop(0)
+            self._deliver(data)
+        if not self._inbox and self._eof_pending and not self._paused:
+            self._eof_pending = False
+            self._read_ended()
+        self.mux.flush()
+
+    def stopProducing(self) -> None:
+        """The consumer is gone: close the stream."""
+        self.loseConnection()
+
+    # -- called by MuxProtocol -------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        if self._paused:
+            self._inbox.append(data)
+        else:
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol is not None:
+            protocol.dataReceived(data)
+        self.mux.session.acknowledge(self.stream_id, len(data))
+
+    def _read_ended(self) -> None:
+        if self._paused and self._inbox:
+            self._eof_pending = True
+            return
+        protocol = self.protocol
+        half = interfaces.IHalfCloseableProtocol(protocol, None)
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.loseConnection()
+
+    def _closed(self, event: ev.StreamClosed) -> None:
+        self.disconnected = True
+        self.disconnecting = True
+        reason: Failure
+        if self._inbox and event.error_code is None:
+            # Clean end while paused: hand over what arrived first.
+            for data in self._inbox:
+                if self.protocol is not None:
+                    self.protocol.dataReceived(data)
+        self._inbox = []
+        if event.error_code is None:
+            reason = Failure(error.ConnectionDone())
+        else:
+            reason = Failure(
+                StreamResetError(event.error_code, event.remote, event.reason)
+            )
+        producer = self._producer
+        self._producer = None
+        if producer is not None:
+            producer.stopProducing()
+        if self.protocol is not None:
+            self.protocol.connectionLost(reason)
+
+
+@implementer(interfaces.IPushProducer)
+class MuxProtocol(Protocol):
+    """
+    One muxado v1 session over one connection, in either role.
+
+    ``acceptor`` decides what runs on each stream the peer opens (None
+    refuses it with RST(REFUSED_STREAM)).  ``ended`` fires with the
+    :class:`~tcprelay.mux.events.SessionEnded` event once the connection is
+    gone.  Subclasses may override the ``session_*`` hooks.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        role: Role,
+        clock: IReactorTime,
+        config: SessionConfig = SessionConfig(),
+        acceptor: Optional[StreamAcceptor] = None,
+    ) -> None:
+        self.role = role
+        self.clock = clock
+        self.config = config
+        self.acceptor = acceptor
+        self.session = Session(role, config, clock.seconds())
+        self.streams: dict[int, MuxStream] = {}
+        self.paused = False
+        self.ended: Deferred[ev.SessionEnded] = Deferred()
+        self.end_event: Optional[ev.SessionEnded] = None
+        self.label = ""
+        """Short text naming the session in log lines (the peer address)."""
+        self._pumping = False
+        self._backlog: list[ev.Event] = []
+        self._timer: Optional[IDelayedCall] = None
+        self._abort_timer: Optional[IDelayedCall] = None
+        self._connected = False
+
+    # -- Protocol ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Register as the socket's producer and start the session."""
+        self._connected = True
+        transport = self.transport
+        assert transport is not None
+        if not self.label:
+            peer = transport.getPeer()
+            self.label = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self.session_started()
+        self.flush()
+        self._schedule()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed the session; dispatch what it reports."""
+        events = self.session.receive_data(data)
+        self.flush(events)
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        """The socket is gone: every stream ends, then the session."""
+        self._connected = False
+        self.session.connection_lost(reason.getErrorMessage())
+        self.flush()
+        for call in (self._timer, self._abort_timer):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._abort_timer = None
+        if not self.ended.called:
+            end = self.end_event or self.session.end_reason
+            assert end is not None
+            self.ended.callback(end)
+
+    # -- IPushProducer (for our socket) ------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The socket's write buffer is full: pause every stream's producer."""
+        if self.paused:
+            return
+        self.paused = True
+        for stream in list(self.streams.values()):
+            stream._update_producer()
+
+    def resumeProducing(self) -> None:
+        """The socket drained: let stream producers go again."""
+        if not self.paused:
+            return
+        self.paused = False
+        for stream in list(self.streams.values()):
+            stream._update_producer()
+
+    def stopProducing(self) -> None:
+        """The socket is closing; connectionLost does the work."""
+
+    # -- API -----------------------------------------------------------------
+
+    def open_stream(
+        self, protocol: interfaces.IProtocol, stream_type: int = 0
+    ) -> MuxStream:
+        """
+        Open a stream to the peer and run ``protocol`` on it.
+        Raises :class:`SessionClosedError` if the session cannot open one.
+        """
+        sid = self.session.open_stream(stream_type)
+        stream = MuxStream(self, sid, stream_type)
+        self.streams[sid] = stream
+        stream.attach(protocol)
+        self.flush()
+        return stream
+
+    def go_away(self, error_code: int = ErrorCode.NO_ERROR) -> None:
+        """Refuse new peer streams from now on; open ones carry on."""
+        self.session.go_away(error_code)
+        self.flush()
+
+    def close(self, error_code: int = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
+        """End the session: GOAWAY, every stream closed, socket closed."""
+        self.session.close(error_code, reason)
+        self.flush()
+
+    # -- hooks for subclasses -------------------------------------------------
+
+    def session_started(self) -> None:
+        """Called once the connection is up, before anything is sent."""
+
+    def session_ended(self, event: ev.SessionEnded) -> None:
+        """Called when the session ends (before the socket has closed)."""
+
+    def heartbeat_acknowledged(self, rtt: float) -> None:
+        """Called with each heartbeat round-trip time."""
+
+    def goaway_received(self, event: ev.GoAwayReceived) -> None:
+        """Called when the peer sends GOAWAY."""
+
+    # -- internals -------------------------------------------------------------
+
+    def flush(self, events: Optional[list[ev.Event]] = None) -> None:
+        """
+        Write what the session has to send and dispatch its events (and
+        ``events``, already taken from it), until both run dry.  Re-entrant
+        calls (a protocol writing from a callback) return at once: the
+        outer loop picks up what they caused.
+        """
+        if self._pumping:
+            if events:
+                self._backlog.extend(events)
+            return
+        self._pumping = True
+        session = self.session
+        transport = self.transport
+        try:
+            while True:
+                out = session.data_to_send()
+                if out and self._connected:
+                    transport.write(out)  # type: ignore[union-attr]
+                if events is None:
+                    events = session.events()
+                if self._backlog:
+                    events = self._backlog + events
+                    self._backlog = []
+                if not events:
+                    break
+                for event in events:
+                    self._dispatch(event)
+                events = None
+        finally:
+            self._pumping = False
+
+    def _dispatch(self, event: ev.Event) -> None:
+        kind = type(event)
+        if kind is ev.DataReceived:
+            stream = self.streams.get(event.stream_id)  # type: ignore[union-attr]
+            if stream is not None:
+                stream._data_received(event.data)  # type: ignore[union-attr]
+            else:
+                self.session.acknowledge(event.stream_id, len(event.data))  # type: ignore[union-attr]
+        elif kind is ev.SendWindowOpened:
+            stream = self.streams.get(event.stream_id)  # type: ignore[union-attr]
+            if stream is not None:
+                stream._update_producer()
+        elif kind is ev.StreamEnded:
+            stream = self.streams.get(event.stream_id)  # type: ignore[union-attr]
+            if stream is not None:
+                stream._read_ended()
+        elif kind is ev.StreamClosed:
+            assert isinstance(event, ev.StreamClosed)
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._closed(event)
+        elif kind is ev.StreamOpened:
+            assert isinstance(event, ev.StreamOpened)
+            self._accept(event)
+        elif kind is ev.HeartbeatAcknowledged:
+            assert isinstance(event, ev.HeartbeatAcknowledged)
+            self.heartbeat_acknowledged(self.clock.seconds() - event.sent_at)
+        elif kind is ev.GoAwayReceived:
+            assert isinstance(event, ev.GoAwayReceived)
+            self.goaway_received(event)
+        elif kind is ev.SessionEnded:
+            assert isinstance(event, ev.SessionEnded)
+            self._ended(event)
+
+    def _accept(self, event: ev.StreamOpened) -> None:
+        stream = MuxStream(self, event.stream_id, event.stream_type)
+        protocol = self.acceptor(stream) if self.acceptor is not None else None
+        if protocol is None:
+            self.session.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
+            return
+        self.session.accept_stream(event.stream_id)
+        self.streams[event.stream_id] = stream
+        stream.attach(protocol)
+
+    def _ended(self, event: ev.SessionEnded) -> None:
+        self.end_event = event
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if event.error_code not in (None, ErrorCode.NO_ERROR) or self.session.heartbeat_timed_out:
+            self.log.info(
+                "session {session} ended: {reason}",
+                session=self.label,
+                reason=event.reason,
+                error_code=event.error_code,
+                remote=event.remote,
+            )
+        self.session_ended(event)
+        if self._connected:
+            transport = self.transport
+            assert transport is not None
+            transport.loseConnection()
+            self._abort_timer = self.clock.callLater(
+                CLOSE_TIMEOUT, transport.abortConnection  # type: ignore[attr-defined]
+            )
+
+    def _schedule(self) -> None:
+        when = self.session.next_timer()
+        if when is None:
+            self._timer = None
+            return
+        self._timer = self.clock.callLater(
+            max(0.0, when - self.clock.seconds()), self._on_timer
+        )
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.session.on_timer(self.clock.seconds())
+        self.flush()
+        if not self.session.ended and self._timer is None:
+            self._schedule()
