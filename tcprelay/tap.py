@@ -1,22 +1,35 @@
-"""twistd wiring for the relay: command-line options and ``makeService``.
+"""
+twistd wiring for the relay: command-line options and ``makeService``.
 
-twistd (through the ServiceMaker in twisted/plugins/tcprelay_plugin.py) parses
-the command line with :class:`Options`, then calls :func:`makeService`. This
-module only composes services; it never listens itself.
+twistd (through the ServiceMaker in twisted/plugins/tcprelay_plugin.py)
+parses the command line with :class:`Options`, then calls
+:func:`makeService`, which only composes services and never listens itself.
 """
 
 from __future__ import annotations
 
-from twisted.application.service import MultiService
+import re
+from typing import Any, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
+
+from tcprelay.mux.session import SessionConfig
+from tcprelay.relay.pool import PortPool, parse_port_range
+from tcprelay.relay.server import Relay, RelayConfig, RelayService
+
+DEFAULT_POOL_SIZE = 50
+"""Public ports after the control port, as the original's ``-max 50``."""
+
+_TCP_PORT = re.compile(r"^(?:tcp6?|ssl|tls):(?:port=)?(\d+)(?::|$)")
 
 
 def normalise_endpoint(description: str) -> str:
-    """Turn the shorthand of a bare port (``"8080"``) into ``"tcp:8080"``.
-
-    Anything else is taken to be an endpoint string already and is returned
-    unchanged; twistd's endpoint parser rejects a bare port, so callers
-    normalise before handing the string to ``serverFromString``.
+    """
+    Turn the shorthand of a bare port (``"8080"``) into ``"tcp:8080"``.
+    Anything else is taken to be an endpoint string already.
     """
     if description.isascii() and description.isdigit():
         port = int(description)
@@ -26,11 +39,31 @@ def normalise_endpoint(description: str) -> str:
     return description
 
 
+def control_port(description: str) -> Optional[int]:
+    """The TCP port number in a ``tcp:``/``ssl:`` endpoint string, if any."""
+    match = _TCP_PORT.match(description)
+    return int(match.group(1)) if match else None
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> Any:
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+    if number <= 0:
+        raise usage.UsageError(f"--{name} must be positive, not {value!r}")
+    return number
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd tcprelay``."""
 
     synopsis = "[options]"
-    longdesc = "Run the tcprelay relay: services dial in, visitors connect to public ports."
+    longdesc = (
+        "Run the tcprelay relay: services dial in to the control endpoint and "
+        "are given a public port; every visitor connection to that port "
+        "becomes a new stream of the service's session."
+    )
 
     optParameters = [
         [
@@ -38,19 +71,144 @@ class Options(usage.Options):
             "c",
             "tcp:8080",
             "Endpoint string for the control port services connect to "
-            "(a bare port such as 8080 means tcp:8080).",
+            "(a bare port such as 8080 means tcp:8080; ssl:, tls:, systemd: work).",
+        ],
+        [
+            "ports",
+            "p",
+            None,
+            "Public port range LOW-HIGH (default: the 50 ports after the "
+            "control port).",
+        ],
+        [
+            "public-interface",
+            None,
+            "",
+            "Address public ports listen on (default: all interfaces).",
+        ],
+        [
+            "public-host",
+            None,
+            "localhost",
+            "Host name written into the address given to services.",
+        ],
+        [
+            "wait-timeout",
+            None,
+            "60",
+            "Seconds a service may wait for a free port before it is refused.",
+        ],
+        [
+            "drain-timeout",
+            None,
+            "30",
+            "Seconds open streams may take to finish on shutdown.",
+        ],
+        [
+            "bind-retry",
+            None,
+            "5",
+            "Seconds before a port that failed to bind is tried again.",
+        ],
+        [
+            "heartbeat-interval",
+            None,
+            "3",
+            "Seconds between heartbeats on each session.",
+        ],
+        [
+            "heartbeat-tolerance",
+            None,
+            "13",
+            "Seconds without a heartbeat echo before a session is closed.",
+        ],
+        [
+            "max-streams",
+            None,
+            "1024",
+            "Most streams a service may open at once (visitor streams are "
+            "opened by the relay and not counted).",
+        ],
+        [
+            "receive-window",
+            None,
+            "262144",
+            "Bytes each stream may have in flight towards the relay "
+            "(at least 65536).",
         ],
     ]
 
     def postOptions(self) -> None:
-        self["control"] = normalise_endpoint(self["control"])
+        """Normalise shorthand and check every value; UsageError on bad input."""
+        control = normalise_endpoint(self["control"])
+        try:
+            serverFromString(MemoryReactor(), control)
+        except Exception as e:
+            raise usage.UsageError(f"--control {control!r}: {e}") from None
+        self["control"] = control
+        if self["ports"] is None:
+            port = control_port(control)
+            if not port:
+                raise usage.UsageError(
+                    "--ports is required when the control endpoint has no fixed TCP port"
+                )
+            if port + DEFAULT_POOL_SIZE > 65535:
+                raise usage.UsageError(
+                    f"control port {port} leaves no room for the default port "
+                    "range: give --ports"
+                )
+            self["ports"] = range(port + 1, port + 1 + DEFAULT_POOL_SIZE)
+        else:
+            try:
+                self["ports"] = parse_port_range(self["ports"])
+            except ValueError as e:
+                raise usage.UsageError(f"--ports: {e}") from None
+        for name in (
+            "wait-timeout",
+            "drain-timeout",
+            "bind-retry",
+            "heartbeat-interval",
+            "heartbeat-tolerance",
+        ):
+            self[name] = _positive(name, self[name])
+        self["max-streams"] = _positive("max-streams", self["max-streams"], True)
+        window = _positive("receive-window", self["receive-window"], True)
+        if not 65536 <= window <= 0x7FFFFFFF:
+            raise usage.UsageError("--receive-window must be between 65536 and 2147483647")
+        self["receive-window"] = window
+
+    def relay_config(self) -> RelayConfig:
+        """The :class:`RelayConfig` these options describe."""
+        return RelayConfig(
+            ports=self["ports"],
+            public_interface=self["public-interface"],
+            public_host=self["public-host"],
+            wait_timeout=self["wait-timeout"],
+            drain_timeout=self["drain-timeout"],
+            bind_retry=self["bind-retry"],
+            session=SessionConfig(
+                receive_window=self["receive-window"],
+                max_streams=self["max-streams"],
+                heartbeat_interval=self["heartbeat-interval"],
+                heartbeat_tolerance=self["heartbeat-tolerance"],
+            ),
+        )
 
 
-def makeService(options: Options) -> MultiService:
-    """Build the relay's top-level service from parsed :class:`Options`.
-
-    Placeholder: returns an empty MultiService; the relay work adds its named
-    children (control listener, port pool, public listeners) here.
+def makeService(options: Options, reactor: Any = None) -> RelayService:
     """
-    service = MultiService()
-    return service
+    Build the relay from parsed :class:`Options`: a MultiService with the
+    named children ``control``, ``pool`` and ``public``.  Nothing listens
+    until the service starts.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options.relay_config()
+    pool = PortPool(config.ports, reactor, config.bind_retry)
+    relay = Relay(config, pool, reactor)
+    endpoint = serverFromString(reactor, options["control"])
+    control = StreamServerEndpointService(endpoint, relay.factory())
+    control._raiseSynchronously = True
+    return RelayService(relay, control)

@@ -1,0 +1,156 @@
+"""
+Splicing a TCP connection and a mux stream together, both ways, with
+backpressure and half-close.
+
+Used by the relay (a visitor's connection <-> a stream to the service) and
+by the agent (a stream from the relay <-> a connection to the local
+service).  Each side's protocol holds the other's transport:
+
+- bytes read on one side are written to the other;
+- the writing side's transport pauses the reading side when it cannot take
+  more (a full socket buffer, or an exhausted stream window);
+- a FIN on one side becomes a FIN on the other (``loseWriteConnection``);
+  the connection is done when both directions are;
+- an abnormal end of one side aborts the other (RST for a stream,
+  ``abortConnection`` for a socket).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import error, interfaces
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["Splice", "SocketSide", "StreamSide"]
+
+
+@implementer(interfaces.IPushProducer)
+class _PauseOnly:
+    """
+    Registered as producer on a transport, pauses/resumes another one.
+
+    ``stopProducing`` does nothing: how the other side ends is decided by
+    :class:`Splice` from the reason the connection was lost (a TCP
+    transport calls ``stopProducing`` before its protocol's
+    ``connectionLost``).
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def pauseProducing(self) -> None:
+        self.target.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.target.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Splice:
+    """
+    One spliced pair: ``a`` and ``b`` are the two protocols, each running
+    on its own transport.  ``on_done`` is called once, when both sides have
+    closed.
+    """
+
+    def __init__(self, on_done: Optional[Callable[[Splice], None]] = None) -> None:
+        self.a = _Side(self)
+        self.b = _Side(self)
+        self.a.peer = self.b
+        self.b.peer = self.a
+        self.on_done = on_done
+        self.bytes_ab = 0
+        """Bytes read on side a and written to side b."""
+        self.bytes_ba = 0
+
+    def _side_done(self) -> None:
+        if self.a.lost and self.b.lost and self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done(self)
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Side(Protocol):
+    """One end of a :class:`Splice`."""
+
+    peer: _Side
+    transport: Any
+
+    def __init__(self, splice: Splice) -> None:
+        self.splice = splice
+        self.lost = False
+        self.read_done = False
+        self.write_done = False
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+
+    def connectionMade(self) -> None:
+        peer = self.peer
+        if peer.transport is not None and not peer.lost:
+            self._link()
+            peer._link()
+        elif peer.lost:
+            self.transport.loseConnection()
+
+    def _link(self) -> None:
+        """Both transports exist: wire producers and flush early bytes."""
+        transport = self.transport
+        peer = self.peer
+        transport.registerProducer(_PauseOnly(peer.transport), True)
+        if self._pending:
+            pending, self._pending = self._pending, []
+            transport.writeSequence(pending)
+        if self._pending_eof:
+            transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        peer = self.peer
+        if self is self.splice.a:
+            self.splice.bytes_ab += len(data)
+        else:
+            self.splice.bytes_ba += len(data)
+        if peer.transport is None:
+            peer._pending.append(data)
+        elif not peer.lost:
+            peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.read_done = True
+        peer = self.peer
+        if peer.transport is None:
+            peer._pending_eof = True
+        elif not peer.lost:
+            peer.transport.loseWriteConnection()
+        if self.write_done:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.write_done = True
+        if self.read_done:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        self.lost = True
+        transport = self.transport
+        if transport is not None:
+            try:
+                transport.unregisterProducer()
+            except Exception:  # noqa: BLE001 - nothing registered yet
+                pass
+        peer = self.peer
+        if peer.transport is not None and not peer.lost:
+            if reason.check(error.ConnectionDone):
+                # Clean end: let the peer finish sending what it has.
+                peer.transport.loseConnection()
+            else:
+                peer.transport.abortConnection()
+        self.splice._side_done()
+
+
+SocketSide = _Side
+StreamSide = _Side
