@@ -1,31 +1,227 @@
-"""The ``tcprelay`` console script.
+"""
+The ``tcprelay`` console script.
 
-Subcommands (``expose`` and friends) come later; for now it only prints its
-usage.
+``tcprelay expose LOCAL --relay RELAY`` publishes a local port through a
+relay: it prints the public address on a line of its own, forwards every
+visitor to a new connection to LOCAL, and keeps the tunnel up.  The relay
+itself runs under twistd (``twistd -n tcprelay --control 8080``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, Optional
 
-USAGE = """\
-usage: tcprelay <command> [options]
+from twisted.python import usage
 
-Commands are not implemented yet. To run the relay:
+from tcprelay.tap import read_secrets
 
-    twistd -n tcprelay --control 8080
-"""
+EXIT_REFUSED = 3
+"""Exit status when the relay refuses the agent for good (e.g. bad secret)."""
+
+
+class ExposeOptions(usage.Options):
+    """Options of ``tcprelay expose``."""
+
+    synopsis = "LOCAL --relay RELAY [options]"
+    longdesc = (
+        "Publish LOCAL (a port on localhost, HOST:PORT, or a client endpoint "
+        "string) through the relay at RELAY (HOST:PORT or a client endpoint "
+        "string).  Prints the public address on its own line and keeps the "
+        "tunnel up, reconnecting with backoff and keeping the same public "
+        "port across short losses."
+    )
+    optParameters = [
+        ["relay", "r", None, "The relay's control address: HOST:PORT or an endpoint string."],
+        ["secret-file", "s", None, "File holding the shared secret (first line)."],
+        ["port", "p", None, "Public port to ask for (default: any)."],
+        [
+            "proxy-protocol",
+            None,
+            "none",
+            "Pass each visitor's address to LOCAL as a PROXY header: none, v1 or v2.",
+        ],
+        ["ca-file", None, None, "Reach the relay over TLS, trusting this CA (PEM)."],
+        [
+            "lease-file",
+            None,
+            None,
+            "Where the lease is kept across restarts (default: under "
+            "$XDG_STATE_HOME/tcprelay, one file per relay and LOCAL).",
+        ],
+        ["backoff-max", None, "30", "Longest wait between reconnection attempts (seconds)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["secret"] = None
+
+    def opt_secret(self, value: str) -> None:
+        """The shared secret (prefer --secret-file: command lines are visible)."""
+        self["secret"] = value.encode("utf-8")
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Accept LOCAL before or after the options (GNU style)."""
+        args = list(sys.argv[1:] if options is None else options)
+        takes_value = {f"--{p[0]}" for p in self.optParameters} | {"--secret"}
+        takes_value |= {f"-{p[1]}" for p in self.optParameters if p[1]}
+        flags: list[str] = []
+        positional: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                positional.extend(args[i + 1 :])
+                break
+            if arg.startswith("-") and arg != "-":
+                flags.append(arg)
+                if arg in takes_value and i + 1 < len(args):
+                    flags.append(args[i + 1])
+                    i += 1
+            else:
+                positional.append(arg)
+            i += 1
+        super().parseOptions(flags + positional)
+
+    def parseArgs(self, local: str) -> None:
+        self["local"] = local
+
+    def postOptions(self) -> None:
+        if not self["relay"]:
+            raise usage.UsageError("--relay is required")
+        if self["proxy-protocol"] not in ("none", "v1", "v2"):
+            raise usage.UsageError("--proxy-protocol must be none, v1 or v2")
+        if self["secret-file"]:
+            try:
+                self["secret"] = read_secrets(self["secret-file"])[0]
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--secret-file: {e}") from None
+        if self["port"] is not None:
+            if not self["port"].isdigit() or not 0 < int(self["port"]) < 65536:
+                raise usage.UsageError("--port must be a port number")
+            self["port"] = int(self["port"])
+        try:
+            self["backoff-max"] = float(self["backoff-max"])
+        except ValueError:
+            raise usage.UsageError("--backoff-max must be a number") from None
+        if self["lease-file"] is None:
+            state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+            key = hashlib.sha256(f"{self['relay']}|{self['local']}".encode()).hexdigest()[:16]
+            self["lease-file"] = os.path.join(state, "tcprelay", f"lease-{key}.json")
+
+
+class Options(usage.Options):
+    """``tcprelay COMMAND``."""
+
+    synopsis = "COMMAND [options]"
+    subCommands = [
+        ["expose", None, ExposeOptions, "Publish a local port through a relay."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("a command is required (expose)")
+
+
+class _Printer:
+    """Reports agent events: the address on stdout, the rest on stderr."""
+
+    def __init__(self) -> None:
+        self.shown: Optional[str] = None
+
+    def ready(self, address: str, port: int, legacy: bool) -> None:
+        if address != self.shown:
+            self.shown = address
+            print(address, flush=True)
+        note = " (legacy relay: no auth, no visitor addresses)" if legacy else ""
+        _err(f"tcprelay: tunnel up at {address}{note}")
+
+    def queued(self, position: int) -> None:
+        _err(f"tcprelay: waiting for a public port, queue position {position}")
+
+    def lost(self, reason: str, retry_in: Optional[float]) -> None:
+        _err(f"tcprelay: relay connection lost ({reason}); retrying in {retry_in:.1f}s")
+
+    def refused(self, reason: str, fatal: bool) -> None:
+        _err(f"tcprelay: {reason}")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run_expose(reactor: Any, options: ExposeOptions) -> Any:
+    """Run the agent until stopped; the Deferred fires with the exit code."""
+    from twisted.internet.defer import Deferred
+
+    from tcprelay.agent.client import Agent, AgentConfig, AgentRefused
+    from tcprelay.agent.expose import LocalForwarder, client_endpoint
+
+    relay = client_endpoint(reactor, options["relay"], options["ca-file"])
+    local = client_endpoint(reactor, options["local"])
+    agent = Agent(
+        relay,
+        AgentConfig(
+            secret=options["secret"],
+            port=options["port"],
+            proxy=options["proxy-protocol"] != "none",
+            lease_file=options["lease-file"],
+            backoff_max=options["backoff-max"],
+        ),
+        reactor,
+        LocalForwarder(local, options["proxy-protocol"]),
+        _Printer(),
+    )
+    result: Deferred[int] = Deferred()
+
+    def finished(_: object) -> None:
+        if not result.called:
+            result.callback(0)
+
+    def refused(failure: Any) -> None:
+        if not result.called:
+            failure.trap(AgentRefused)
+            result.callback(EXIT_REFUSED)
+
+    agent.when_done().addCallbacks(finished, refused)
+    reactor.addSystemEventTrigger("before", "shutdown", agent.stopService)
+    agent.startService()
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
-        return 0
-    sys.stderr.write(f"tcprelay: unknown command: {args[0]}\n\n{USAGE}")
-    return 2
+    options = Options()
+    try:
+        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+    except usage.UsageError as e:
+        _err(f"tcprelay: {e}")
+        _err(f"Try 'tcprelay {'expose ' if 'expose' in (argv or sys.argv) else ''}--help'.")
+        return 2
+    from twisted.internet import reactor
+    from twisted.internet.error import ReactorNotRunning
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    code: list[int] = [0]
+
+    def done(value: int) -> None:
+        code[0] = value
+        try:
+            reactor.stop()  # type: ignore[attr-defined]
+        except ReactorNotRunning:
+            pass
+
+    def start() -> None:
+        run_expose(reactor, options.subOptions).addCallback(done)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return code[0]
 
 
 if __name__ == "__main__":

@@ -444,7 +444,17 @@ class MuxProtocol(Protocol):
                 if not events:
                     break
                 for event in events:
-                    self._dispatch(event)
+                    try:
+                        self._dispatch(event)
+                    except Exception:
+                        # A bug in one stream's protocol: reset that stream,
+                        # keep the session (and every other stream) going.
+                        sid = getattr(event, "stream_id", None)
+                        self.log.failure(
+                            "stream protocol raised handling {event}", event=event
+                        )
+                        if sid is not None:
+                            session.reset_stream(sid, ErrorCode.INTERNAL_ERROR)
                 events = None
         finally:
             self._pumping = False
@@ -472,7 +482,7 @@ class MuxProtocol(Protocol):
                 stream._closed(event)
         elif kind is ev.StreamOpened:
             assert isinstance(event, ev.StreamOpened)
-            self._accept(event)
+            self._on_stream_opened(event)
         elif kind is ev.HeartbeatAcknowledged:
             assert isinstance(event, ev.HeartbeatAcknowledged)
             self.heartbeat_acknowledged(self.clock.seconds() - event.sent_at)
@@ -483,7 +493,7 @@ class MuxProtocol(Protocol):
             assert isinstance(event, ev.SessionEnded)
             self._ended(event)
 
-    def _accept(self, event: ev.StreamOpened) -> None:
+    def _on_stream_opened(self, event: ev.StreamOpened) -> None:
         stream = MuxStream(self, event.stream_id, event.stream_type)
         protocol = self.acceptor(stream) if self.acceptor is not None else None
         if protocol is None:
@@ -511,9 +521,12 @@ class MuxProtocol(Protocol):
             transport = self.transport
             assert transport is not None
             transport.loseConnection()
-            self._abort_timer = self.clock.callLater(
-                CLOSE_TIMEOUT, transport.abortConnection  # type: ignore[attr-defined]
-            )
+            # Some transports call connectionLost from loseConnection itself;
+            # then there is nothing left to abort (and no timer may linger).
+            if self._connected:
+                self._abort_timer = self.clock.callLater(
+                    CLOSE_TIMEOUT, transport.abortConnection  # type: ignore[attr-defined]
+                )
 
     def _schedule(self) -> None:
         when = self.session.next_timer()

@@ -45,6 +45,21 @@ def control_port(description: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def read_secrets(path: str) -> list[bytes]:
+    """
+    Secrets from a file: one per line, surrounding blanks stripped, empty
+    lines and lines starting with ``#`` ignored.  ValueError if none.
+    """
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    found = [
+        line.strip() for line in lines if line.strip() and not line.strip().startswith(b"#")
+    ]
+    if not found:
+        raise ValueError(f"{path} holds no secret")
+    return found
+
+
 def _positive(name: str, value: Any, integer: bool = False) -> Any:
     try:
         number = int(value) if integer else float(value)
@@ -130,6 +145,20 @@ class Options(usage.Options):
             "opened by the relay and not counted).",
         ],
         [
+            "secrets-file",
+            None,
+            None,
+            "File of shared secrets, one per line ('#' comments allowed); "
+            "turns authentication on.  Re-read on SIGHUP.",
+        ],
+        [
+            "lease",
+            None,
+            "60",
+            "Seconds a lost agent session's public port stays reserved for "
+            "its lease token.",
+        ],
+        [
             "receive-window",
             None,
             "262144",
@@ -137,6 +166,17 @@ class Options(usage.Options):
             "(at least 65536).",
         ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["secret"] = []
+
+    def opt_secret(self, value: str) -> None:
+        """A shared secret agents must prove they know (repeatable; prefer
+        --secrets-file: command lines are visible to other local users)."""
+        if not value:
+            raise usage.UsageError("--secret must not be empty")
+        self["secret"].append(value.encode("utf-8"))
 
     def postOptions(self) -> None:
         """Normalise shorthand and check every value; UsageError on bad input."""
@@ -163,7 +203,13 @@ class Options(usage.Options):
                 self["ports"] = parse_port_range(self["ports"])
             except ValueError as e:
                 raise usage.UsageError(f"--ports: {e}") from None
+        if self["secrets-file"] is not None:
+            try:
+                self["secret"] = self["secret"] + read_secrets(self["secrets-file"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--secrets-file: {e}") from None
         for name in (
+            "lease",
             "wait-timeout",
             "drain-timeout",
             "bind-retry",
@@ -186,6 +232,8 @@ class Options(usage.Options):
             wait_timeout=self["wait-timeout"],
             drain_timeout=self["drain-timeout"],
             bind_retry=self["bind-retry"],
+            lease=self["lease"],
+            secrets=tuple(self["secret"]),
             session=SessionConfig(
                 receive_window=self["receive-window"],
                 max_streams=self["max-streams"],

@@ -17,18 +17,28 @@ Pieces, from the outside in:
 
 from __future__ import annotations
 
+import signal
 import time
+from secrets import token_hex
 from typing import Optional
 
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tcprelay import handshake as hs
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
@@ -56,6 +66,10 @@ class RelayConfig:
     wait_timeout: float = 60.0
     drain_timeout: float = 30.0
     bind_retry: float = 5.0
+    lease: float = 60.0
+    """Seconds a lost extended session's port stays reserved for its lease."""
+    secrets: tuple[bytes, ...] = ()
+    """Accepted shared secrets; empty means no authentication."""
     session: SessionConfig = SessionConfig()
 
 
@@ -67,10 +81,22 @@ class Registration:
 
     log = Logger()
 
-    def __init__(self, relay: Relay, session: RelaySession, port: int) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        session: RelaySession,
+        port: int,
+        extended: bool = False,
+        proxy: bool = False,
+    ) -> None:
         self.relay = relay
         self.session = session
         self.port = port
+        self.extended = extended
+        """Visitor streams are typed (VISITOR_STREAM_TYPE)."""
+        self.proxy = proxy
+        """Visitor streams start with a PROXY v2 header."""
+        self.lease_token: Optional[str] = None
         self.listener: Optional[interfaces.IListeningPort] = None
         self.visitors: set[Splice] = set()
         self.connected_since = time.time()
@@ -92,13 +118,26 @@ class Registration:
             interface=self.relay.config.public_interface,
         )
 
-    def visitor_connected(self, visitor: Protocol) -> Optional[Splice]:
+    def visitor_connected(self, addr: interfaces.IAddress) -> Optional[Splice]:
         """Open a stream for a new visitor; None if the session cannot."""
         splice = Splice(on_done=self._visitor_done)
+        stream_type = hs.VISITOR_STREAM_TYPE if self.extended else 0
         try:
-            self.session.open_stream(splice.b)
+            stream = self.session.open_stream(splice.b, stream_type)
         except SessionClosedError:
             return None
+        if self.proxy and self.listener is not None:
+            host = self.listener.getHost()
+            stream.write(
+                hs.encode_proxy_v2(
+                    hs.ProxyHeader(
+                        addr.host,  # type: ignore[attr-defined]
+                        addr.port,  # type: ignore[attr-defined]
+                        host.host,  # type: ignore[attr-defined]
+                        host.port,  # type: ignore[attr-defined]
+                    )
+                )
+            )
         self.visitors.add(splice)
         self.relay.visitors_accepted += 1
         return splice
@@ -108,26 +147,29 @@ class Registration:
         self.bytes_in += splice.bytes_ab
         self.bytes_out += splice.bytes_ba
 
-    def close(self) -> Deferred[None]:
-        """Stop listening and free the port (at once); visitors end with the session."""
+    def close(self, hold_lease: bool = False) -> Deferred[None]:
+        """
+        Stop listening, then free the port at once, or hold it for the
+        lease when ``hold_lease``.  Visitors end with the session's streams.
+        """
         if self.closed:
             return succeed(None)
         self.closed = True
         listener, self.listener = self.listener, None
+        relay = self.relay
+
+        def free(_: object) -> None:
+            if hold_lease and self.lease_token and not relay.draining:
+                relay.hold_lease(self.lease_token, self.port)
+            else:
+                relay.pool.release(self.port)
+
         if listener is None:
-            self.relay.pool.release(self.port)
+            free(None)
             return succeed(None)
-        d: Deferred[None] = Deferred.fromCoroutine(_stop(listener))
-        d.addBoth(lambda _: self.relay.pool.release(self.port))
+        d = maybeDeferred(listener.stopListening)
+        d.addBoth(free)
         return d
-
-
-async def _stop(listener: interfaces.IListeningPort) -> None:
-    await listener.stopListening()  # type: ignore[misc]
-
-
-class _Visitor(Protocol):
-    """Placeholder protocol: the visitor's transport is handed to a Splice."""
 
 
 class VisitorFactory(Factory):
@@ -143,28 +185,42 @@ class VisitorFactory(Factory):
         if reg.closed or reg.relay.draining:
             reg.relay.visitors_refused += 1
             return None
-        splice = reg.visitor_connected(_Visitor())
+        splice = reg.visitor_connected(addr)
         if splice is None:
             reg.relay.visitors_refused += 1
             return None
         return splice.a
 
 
-class HandshakeProtocol(Protocol):
+class _Handshake(Protocol):
     """
-    The original relay's handshake, on the service's first plain stream:
-    wait for a port, listen on it, write ``HOST:PORT``, then FIN.
+    What both dialects share on the service's first stream: find a port
+    (a resumed lease, a requested free port, or the pool's queue), listen
+    on it, and report the address.  Subclasses speak the dialect.
     """
 
     log = Logger()
+    extended = False
 
     def __init__(self, session: RelaySession) -> None:
         self.session = session
         self._acquiring: Optional[Deferred[int]] = None
         self.done = False
+        self.proxy = False
+        self.lease_token: Optional[str] = None
 
-    def connectionMade(self) -> None:
-        self.session.relay.sessions_waiting.add(self.session)
+    def register(self, wanted: Optional[int] = None, lease: Optional[str] = None) -> None:
+        """Find a port for the service and report it (or queue, or refuse)."""
+        relay = self.session.relay
+        relay.sessions_waiting.add(self.session)
+        self._started = relay.reactor.seconds()  # type: ignore[attr-defined]
+        held = relay.resume_lease(lease) if lease else None
+        if held is not None:
+            self._got_port(held)
+            return
+        if wanted and relay.pool.take(wanted):
+            self._got_port(wanted)
+            return
         self._next_port()
 
     def _next_port(self) -> None:
@@ -183,15 +239,16 @@ class HandshakeProtocol(Protocol):
                 position=position,
                 session=self.session.label,
             )
+        self.report_position(position)
 
     def _got_port(self, port: int) -> None:
         self._acquiring = None
         session = self.session
         relay = session.relay
-        if session.session.ended:
+        if session.session.ended or self.transport is None or session.relay.draining:
             relay.pool.release(port)
             return
-        reg = Registration(relay, session, port)
+        reg = Registration(relay, session, port, self.extended, self.proxy)
         try:
             reg.listen()
         except CannotListenError as e:
@@ -200,12 +257,17 @@ class HandshakeProtocol(Protocol):
                 "cannot listen on public port {port}: {error}",
                 port=port,
                 error=str(e.socketError),
+                service_port=port,
             )
             self._next_port()
             return
         relay.sessions_waiting.discard(session)
         session.registration = reg
+        session.queue_position = 0
         relay.registrations[port] = reg
+        relay.handshake_seconds.append(
+            relay.reactor.seconds() - self._started  # type: ignore[attr-defined]
+        )
         self.done = True
         self.log.info(
             "service {peer} registered at {address}",
@@ -213,11 +275,9 @@ class HandshakeProtocol(Protocol):
             address=reg.address,
             service_port=port,
             session=session.label,
+            dialect="extended" if self.extended else "legacy",
         )
-        transport = self.transport
-        assert transport is not None
-        transport.write(reg.address.encode("ascii"))
-        transport.loseWriteConnection()  # type: ignore[attr-defined]
+        self.report_address(reg)
 
     def _no_port(self, failure: Failure) -> None:
         self._acquiring = None
@@ -226,22 +286,133 @@ class HandshakeProtocol(Protocol):
         if failure.check(CancelledError):
             return
         if failure.check(PoolTimeout):
-            self.log.warn(
-                "service {peer} refused: {reason}",
-                peer=session.label,
-                reason=str(failure.value),
-                session=session.label,
-            )
-            session.relay.services_refused += 1
-            session.close(ErrorCode.REFUSED_STREAM, str(failure.value))
+            self.refuse(str(failure.value), ErrorCode.REFUSED_STREAM)
             return
         self.log.failure("acquiring a port", failure)
+
+    def refuse(self, reason: str, code: int) -> None:
+        """Turn the service away: one log line, then GOAWAY."""
+        session = self.session
+        self.log.warn(
+            "service {peer} refused: {reason}",
+            peer=session.label,
+            reason=reason,
+            session=session.label,
+        )
+        session.relay.services_refused += 1
+        self.report_refusal(reason, code)
+        session.close(code, reason)
 
     def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:
         if self._acquiring is not None:
             d, self._acquiring = self._acquiring, None
             d.cancel()
         self.session.relay.sessions_waiting.discard(self.session)
+
+    # -- dialect -----------------------------------------------------------
+
+    def report_position(self, position: int) -> None:
+        """Tell the service its place in the queue (if the dialect can)."""
+
+    def report_address(self, reg: Registration) -> None:
+        """Tell the service its public address."""
+        raise NotImplementedError
+
+    def report_refusal(self, reason: str, code: int) -> None:
+        """Tell the service why it is refused (if the dialect can)."""
+
+
+class LegacyHandshake(_Handshake):
+    """
+    The original relay's handshake, on a plain first stream: write
+    ``HOST:PORT`` in ASCII, then FIN.
+    """
+
+    def connectionMade(self) -> None:
+        if self.session.relay.secrets:
+            self.session.relay.auth_failures += 1
+            self.refuse(
+                "authentication required: untyped (legacy) handshake refused",
+                ErrorCode.REFUSED_STREAM,
+            )
+            return
+        self.register()
+
+    def report_address(self, reg: Registration) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(reg.address.encode("ascii"))
+        transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+
+class ExtendedHandshake(_Handshake):
+    """
+    tcprelay's own handshake on a :data:`CONTROL_STREAM_TYPE` stream: hello
+    (nonce, auth) -> register (mac, port, lease, proxy) -> queued* ->
+    ready | refused.  See :mod:`tcprelay.handshake`.
+    """
+
+    extended = True
+
+    def __init__(self, session: RelaySession) -> None:
+        super().__init__(session)
+        self._reader = hs.MessageReader()
+        self._nonce = hs.make_nonce()
+        self._registered = False
+
+    def connectionMade(self) -> None:
+        self._send(
+            "hello", nonce=self._nonce, auth=bool(self.session.relay.secrets)
+        )
+
+    def _send(self, kind: str, **fields: object) -> None:
+        transport = self.transport
+        if transport is not None and not self.session.session.ended:
+            transport.write(hs.encode_message(kind, **fields))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except hs.HandshakeError as e:
+            self.refuse(f"bad handshake: {e}", ErrorCode.PROTOCOL_ERROR)
+            return
+        for message in messages:
+            if message.get("type") == "register" and not self._registered:
+                self._registered = True
+                self._on_register(message)
+                if self.session.session.ended:
+                    return
+
+    def _on_register(self, message: dict[str, object]) -> None:
+        relay = self.session.relay
+        if relay.secrets and not hs.check_mac(relay.secrets, self._nonce, message.get("mac")):
+            relay.auth_failures += 1
+            self.refuse("authentication failed", ErrorCode.REFUSED_STREAM)
+            return
+        port = message.get("port")
+        lease = message.get("lease")
+        self.proxy = message.get("proxy") is True
+        wanted = port if isinstance(port, int) and port in relay.pool.ports else None
+        self.register(wanted, lease if isinstance(lease, str) else None)
+
+    def report_position(self, position: int) -> None:
+        self._send("queued", position=position)
+
+    def report_address(self, reg: Registration) -> None:
+        relay = self.session.relay
+        reg.lease_token = relay.new_lease_token()
+        self._send(
+            "ready",
+            address=reg.address,
+            host=relay.config.public_host,
+            port=reg.port,
+            lease=reg.lease_token,
+            lease_seconds=relay.config.lease,
+        )
+
+    def report_refusal(self, reason: str, code: int) -> None:
+        retry = not reason.startswith("authentication")
+        self._send("refused", reason=reason, code=code, retry=retry)
 
 
 class RelaySession(MuxProtocol):
@@ -251,15 +422,18 @@ class RelaySession(MuxProtocol):
         super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
         self.relay = relay
         self.registration: Optional[Registration] = None
-        self.handshake: Optional[HandshakeProtocol] = None
+        self.handshake: Optional[_Handshake] = None
         self.queue_position = 0
         self.started = time.time()
 
     def _accept_stream(self, stream: MuxStream) -> Optional[Protocol]:
-        if self.handshake is None and not self.relay.draining:
-            self.handshake = HandshakeProtocol(self)
-            return self.handshake
-        return None
+        if self.handshake is not None or self.relay.draining:
+            return None
+        if stream.stream_type == hs.CONTROL_STREAM_TYPE:
+            self.handshake = ExtendedHandshake(self)
+        else:
+            self.handshake = LegacyHandshake(self)
+        return self.handshake
 
     def session_started(self) -> None:
         self.relay.sessions.add(self)
@@ -285,7 +459,7 @@ class RelaySession(MuxProtocol):
                 service_port=reg.port,
                 session=self.label,
             )
-            reg.close()
+            reg.close(hold_lease=reg.extended)
         relay.session_gone()
 
 
@@ -325,7 +499,50 @@ class Relay(Service):
         self.services_refused = 0
         self.heartbeat_timeouts = 0
         self.protocol_errors: dict[int, int] = {}
+        self.auth_failures = 0
+        self.handshake_seconds: list[float] = []
+        self.secrets: list[bytes] = list(config.secrets)
+        self.leases: dict[str, tuple[int, IDelayedCall]] = {}
         self._idle_waiters: list[Deferred[None]] = []
+
+    def new_lease_token(self) -> str:
+        """A fresh, unguessable lease token."""
+        return token_hex(16)
+
+    def hold_lease(self, token: str, port: int) -> None:
+        """Keep ``port`` out of the pool for the lease time."""
+        timer = self.reactor.callLater(  # type: ignore[attr-defined]
+            self.config.lease, self._lease_expired, token
+        )
+        self.leases[token] = (port, timer)
+        self.log.info(
+            "port {service_port} held for its lease for {seconds}s",
+            service_port=port,
+            seconds=self.config.lease,
+        )
+
+    def resume_lease(self, token: str) -> Optional[int]:
+        """The port held for ``token``, taken off hold; None if unknown."""
+        held = self.leases.pop(token, None)
+        if held is None:
+            return None
+        port, timer = held
+        if timer.active():
+            timer.cancel()
+        return port
+
+    def _lease_expired(self, token: str) -> None:
+        held = self.leases.pop(token, None)
+        if held is not None:
+            self.pool.release(held[0])
+
+    def release_leases(self) -> None:
+        """Give every held port back (on shutdown)."""
+        for token in list(self.leases):
+            port, timer = self.leases.pop(token)
+            if timer.active():
+                timer.cancel()
+            self.pool.release(port)
 
     @property
     def stream_count(self) -> int:
@@ -362,6 +579,7 @@ class Relay(Service):
         left.  Fires when every session is gone.
         """
         self.draining = True
+        self.release_leases()
         stops = [reg.close() for reg in list(self.registrations.values())]
         for session in list(self.sessions):
             session.go_away()
@@ -425,3 +643,18 @@ class RelayService(MultiService):
         relay.setServiceParent(self)
         control.setName("control")
         control.setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        """
+        Stop every child (control first, then the drain).  A completed drain
+        is a clean shutdown: forget the SIGTERM/SIGINT that twistd and twist
+        would otherwise re-raise on exit, so the daemon exits 0.
+        """
+        d: Deferred[None] = super().stopService()
+        d.addCallback(self._clean_exit)
+        return d
+
+    def _clean_exit(self, _: object) -> None:
+        reactor = self.relay.reactor
+        if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            reactor._exitSignal = None  # type: ignore[attr-defined]

@@ -1,0 +1,124 @@
+"""
+``tcprelay expose``: forward every visitor stream to a new connection to a
+local service, with backpressure, half-close, and the visitor's address
+passed on as PROXY v1/v2 or dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import interfaces
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tcprelay import handshake as hs
+from tcprelay.forward import Splice
+from tcprelay.protocol import MuxStream
+
+__all__ = ["LocalForwarder", "client_endpoint", "PROXY_MODES"]
+
+PROXY_MODES = ("none", "v1", "v2")
+
+
+def client_endpoint(
+    reactor: Any,
+    description: str,
+    ca_file: Optional[str] = None,
+    default_host: str = "localhost",
+) -> interfaces.IStreamClientEndpoint:
+    """
+    A client endpoint from ``PORT``, ``HOST:PORT`` or a Twisted client
+    endpoint string (``tcp:``, ``tls:``, ``unix:`` ...).  With ``ca_file``,
+    a ``HOST:PORT`` relay is reached over TLS and its certificate must be
+    issued by that CA for HOST.  ValueError for unusable input.
+    """
+    text = description.strip()
+    if text.isdigit():
+        host, port = default_host, int(text)
+    else:
+        prefix = text.split(":", 1)[0]
+        host_part, sep, port_part = text.rpartition(":")
+        if sep and port_part.isdigit() and "=" not in text and prefix not in _PREFIXES:
+            host, port = host_part.strip("[]"), int(port_part)
+        else:
+            if ca_file is not None:
+                raise ValueError("--ca-file goes with a HOST:PORT relay, not an endpoint string")
+            try:
+                return clientFromString(reactor, text)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"{description!r} is not PORT, HOST:PORT or an endpoint: {e}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    endpoint: interfaces.IStreamClientEndpoint = HostnameEndpoint(reactor, host, port)
+    if ca_file is not None:
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        with open(ca_file, "rb") as f:
+            authority = Certificate.loadPEM(f.read())
+        endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=authority), endpoint)
+    return endpoint
+
+
+_PREFIXES = {"tcp", "tcp6", "ssl", "tls", "unix", "systemd", "tor", "onion"}
+
+
+class LocalForwarder:
+    """
+    The agent's visitor handler for ``expose``: each visitor stream is
+    paused, a connection to the local service is made, the visitor's
+    address is written first if asked, and the two are spliced.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        local: interfaces.IStreamClientEndpoint,
+        proxy_mode: str = "none",
+        on_splice_done: Optional[Callable[[Splice], None]] = None,
+    ) -> None:
+        if proxy_mode not in PROXY_MODES:
+            raise ValueError(f"proxy mode must be one of {', '.join(PROXY_MODES)}")
+        self.local = local
+        self.proxy_mode = proxy_mode
+        self.active: set[Splice] = set()
+        self.on_splice_done = on_splice_done
+
+    def __call__(
+        self, stream: MuxStream, header: Optional[hs.ProxyHeader]
+    ) -> Optional[interfaces.IProtocol]:
+        splice = Splice(on_done=self._done)
+        self.active.add(splice)
+        # Hold the visitor's bytes (and its window) until the local side is up.
+        stream.pauseProducing()
+        factory = Factory.forProtocol(lambda: splice.a)
+        factory.noisy = False
+        d = self.local.connect(factory)
+
+        def connected(_: object) -> None:
+            transport = splice.a.transport
+            if header is not None and transport is not None:
+                if self.proxy_mode == "v2":
+                    transport.write(hs.encode_proxy_v2(header))
+                elif self.proxy_mode == "v1":
+                    transport.write(hs.encode_proxy_v1(header))
+            stream.resumeProducing()
+
+        def failed(failure: Failure) -> None:
+            self.log.warn(
+                "cannot connect to the local service: {error}",
+                error=failure.getErrorMessage(),
+            )
+            self.active.discard(splice)
+            stream.abortConnection()
+
+        d.addCallbacks(connected, failed)
+        return splice.b
+
+    def _done(self, splice: Splice) -> None:
+        self.active.discard(splice)
+        if self.on_splice_done is not None:
+            self.on_splice_done(splice)
