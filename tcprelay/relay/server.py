@@ -644,7 +644,7 @@ class RelayService(MultiService):
         control.setName("control")
         control.setServiceParent(self)
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> Deferred[None]:
         """
         Stop every child (control first, then the drain).  A completed drain
         is a clean shutdown: forget the SIGTERM/SIGINT that twistd and twist

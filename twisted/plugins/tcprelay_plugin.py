@@ -1,11 +1,18 @@
-"""twistd plugin for tcprelay: declarative only.
+"""
+twistd and endpoint plugins for tcprelay: declarative only.
 
 twistd imports every module in twisted/plugins/ when it lists or looks up
-plugins, so this file must stay cheap: it names ``tcprelay.tap`` and imports
-nothing from tcprelay. Options and makeService live in ``tcprelay.tap``.
+plugins, so this file must stay cheap: it imports nothing from tcprelay at
+module level.  Options and makeService live in ``tcprelay.tap``; the
+endpoint lives in ``tcprelay.agent.endpoint``.
 """
 
+from typing import Any
+
 from twisted.application.service import ServiceMaker
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
+from zope.interface import implementer
 
 tcprelay_service = ServiceMaker(
     "tcprelay",
@@ -14,7 +21,17 @@ tcprelay_service = ServiceMaker(
     "tcprelay",
 )
 
-# TODO: the ``tcprelay:`` server endpoint parser (an
-# IStreamServerEndpointStringParser provider) is declared here once the agent
-# exists, so that serverFromString(reactor, "tcprelay:host=...:port=...") and
-# ``twistd web --listen tcprelay:...`` find it.
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class _RelayEndpointParser:
+    """``tcprelay:host=RELAY:port=PORT[:secretFile=..][:requestPort=..]``."""
+
+    prefix = "tcprelay"
+
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+        from tcprelay.agent.endpoint import parse_endpoint
+
+        return parse_endpoint(reactor, *args, **kwargs)
+
+
+tcprelay_endpoint = _RelayEndpointParser()
