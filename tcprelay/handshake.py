@@ -82,6 +82,9 @@ def _decode(body: bytes) -> dict[str, Any]:
         message = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise HandshakeError(f"malformed message: {e}") from None
+    except RecursionError:
+        # 4 KiB of "[[[[..." nests deeper than the interpreter allows.
+        raise HandshakeError("malformed message: nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise HandshakeError("message is not an object with a type")
     version = message.get("v")
@@ -222,9 +225,15 @@ def encode_proxy_v2(header: ProxyHeader) -> bytes:
 
 def encode_proxy_v1(header: ProxyHeader) -> bytes:
     """PROXY protocol v1 text line."""
-    family = "TCP6" if header.ipv6 else "TCP4"
+    if header.ipv6:
+        # One family per line: an IPv4 end of a mixed pair is written mapped.
+        family = "TCP6"
+        source = str(ipaddress.IPv6Address(_v6(header.source_host)))
+        dest = str(ipaddress.IPv6Address(_v6(header.dest_host)))
+    else:
+        family, source, dest = "TCP4", header.source_host, header.dest_host
     return (
-        f"PROXY {family} {header.source_host} {header.dest_host} "
+        f"PROXY {family} {source} {dest} "
         f"{header.source_port} {header.dest_port}\r\n"
     ).encode("ascii")
 

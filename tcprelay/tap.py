@@ -19,6 +19,7 @@ from twisted.python import usage
 from tcprelay.mux.session import SessionConfig
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.server import Relay, RelayConfig, RelayService
+from tcprelay.systemd import SystemdNotifier
 
 DEFAULT_POOL_SIZE = 50
 """Public ports after the control port, as the original's ``-max 50``."""
@@ -159,6 +160,19 @@ class Options(usage.Options):
             "its lease token.",
         ],
         [
+            "metrics",
+            None,
+            None,
+            "Endpoint serving /metrics (Prometheus) and /status (JSON), "
+            "e.g. tcp:9100:interface=127.0.0.1 (off by default).",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's own format) or json (one JSON object per line).",
+        ],
+        [
             "receive-window",
             None,
             "262144",
@@ -186,6 +200,15 @@ class Options(usage.Options):
         except Exception as e:
             raise usage.UsageError(f"--control {control!r}: {e}") from None
         self["control"] = control
+        if self["metrics"] is not None:
+            metrics = normalise_endpoint(self["metrics"])
+            try:
+                serverFromString(MemoryReactor(), metrics)
+            except Exception as e:
+                raise usage.UsageError(f"--metrics {metrics!r}: {e}") from None
+            self["metrics"] = metrics
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
         if self["ports"] is None:
             port = control_port(control)
             if not port:
@@ -203,6 +226,7 @@ class Options(usage.Options):
                 self["ports"] = parse_port_range(self["ports"])
             except ValueError as e:
                 raise usage.UsageError(f"--ports: {e}") from None
+        self["secret-inline"] = list(self["secret"])
         if self["secrets-file"] is not None:
             try:
                 self["secret"] = self["secret"] + read_secrets(self["secrets-file"])
@@ -234,6 +258,8 @@ class Options(usage.Options):
             bind_retry=self["bind-retry"],
             lease=self["lease"],
             secrets=tuple(self["secret"]),
+            secrets_file=self["secrets-file"],
+            secrets_inline=tuple(self["secret-inline"]),
             session=SessionConfig(
                 receive_window=self["receive-window"],
                 max_streams=self["max-streams"],
@@ -259,4 +285,18 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     endpoint = serverFromString(reactor, options["control"])
     control = StreamServerEndpointService(endpoint, relay.factory())
     control._raiseSynchronously = True
-    return RelayService(relay, control)
+    metrics = None
+    if options["metrics"] is not None:
+        from tcprelay.relay.metrics import metrics_site
+
+        metrics = StreamServerEndpointService(
+            serverFromString(reactor, options["metrics"]), metrics_site(relay)
+        )
+        metrics._raiseSynchronously = True
+    log_observer = None
+    if options["log-format"] == "json":
+        from tcprelay.logs import json_lines_observer
+
+        log_observer = json_lines_observer()
+    notifier = SystemdNotifier(reactor, control)
+    return RelayService(relay, control, metrics, notifier, log_observer)

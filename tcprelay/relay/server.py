@@ -46,7 +46,11 @@ from tcprelay.mux.session import Role, SessionClosedError, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
 from tcprelay.relay.pool import PoolTimeout, PortPool
 
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
+"""Upper bounds (seconds) of the handshake-duration histogram."""
+
 __all__ = [
+    "HANDSHAKE_BUCKETS",
     "RelayConfig",
     "Relay",
     "RelaySession",
@@ -70,6 +74,10 @@ class RelayConfig:
     """Seconds a lost extended session's port stays reserved for its lease."""
     secrets: tuple[bytes, ...] = ()
     """Accepted shared secrets; empty means no authentication."""
+    secrets_file: Optional[str] = None
+    """Where more secrets come from; re-read by :meth:`Relay.reload_secrets`."""
+    secrets_inline: tuple[bytes, ...] = ()
+    """The ``--secret`` ones (kept across reloads)."""
     session: SessionConfig = SessionConfig()
 
 
@@ -146,6 +154,15 @@ class Registration:
         self.visitors.discard(splice)
         self.bytes_in += splice.bytes_ab
         self.bytes_out += splice.bytes_ba
+        self.relay.bytes_to_service += splice.bytes_ab
+        self.relay.bytes_to_visitor += splice.bytes_ba
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Bytes to the service and to visitors so far, open visitors included."""
+        return (
+            self.bytes_in + sum(s.bytes_ab for s in self.visitors),
+            self.bytes_out + sum(s.bytes_ba for s in self.visitors),
+        )
 
     def close(self, hold_lease: bool = False) -> Deferred[None]:
         """
@@ -265,7 +282,7 @@ class _Handshake(Protocol):
         session.registration = reg
         session.queue_position = 0
         relay.registrations[port] = reg
-        relay.handshake_seconds.append(
+        relay.record_handshake(
             relay.reactor.seconds() - self._started  # type: ignore[attr-defined]
         )
         self.done = True
@@ -500,10 +517,58 @@ class Relay(Service):
         self.heartbeat_timeouts = 0
         self.protocol_errors: dict[int, int] = {}
         self.auth_failures = 0
-        self.handshake_seconds: list[float] = []
+        self.bytes_to_service = 0
+        self.bytes_to_visitor = 0
+        self.handshake_buckets = [0] * len(HANDSHAKE_BUCKETS)
+        self.handshake_sum = 0.0
         self.secrets: list[bytes] = list(config.secrets)
         self.leases: dict[str, tuple[int, IDelayedCall]] = {}
         self._idle_waiters: list[Deferred[None]] = []
+
+    def record_handshake(self, seconds: float) -> None:
+        """Count one handshake's duration into the histogram."""
+        self.handshake_sum += seconds
+        for index, bound in enumerate(HANDSHAKE_BUCKETS):
+            if seconds <= bound:
+                self.handshake_buckets[index] += 1
+                break
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Payload bytes relayed to services and to visitors, open visitors included."""
+        to_service, to_visitor = self.bytes_to_service, self.bytes_to_visitor
+        for reg in self.registrations.values():
+            for splice in reg.visitors:
+                to_service += splice.bytes_ab
+                to_visitor += splice.bytes_ba
+        return to_service, to_visitor
+
+    def reload_secrets(self) -> bool:
+        """
+        Re-read the secrets file (SIGHUP).  A file that cannot be read or
+        holds no secret is refused with a log line and the old secrets stay.
+        Sessions are untouched either way.
+        """
+        path = self.config.secrets_file
+        if path is None:
+            self.log.info("SIGHUP: no --secrets-file to reload")
+            return False
+        from tcprelay.tap import read_secrets
+
+        try:
+            fresh = read_secrets(path)
+        except (OSError, ValueError) as e:
+            self.log.warn(
+                "SIGHUP: secrets file {path} refused ({error}); keeping {count} old secrets",
+                path=path,
+                error=str(e),
+                count=len(self.secrets),
+            )
+            return False
+        self.secrets = list(self.config.secrets_inline) + fresh
+        self.log.info(
+            "SIGHUP: reloaded {count} secrets from {path}", count=len(self.secrets), path=path
+        )
+        return True
 
     def new_lease_token(self) -> str:
         """A fresh, unguessable lease token."""
@@ -631,18 +696,61 @@ class Relay(Service):
 
 class RelayService(MultiService):
     """
-    The relay daemon: named children ``control`` (the control endpoint
-    service), ``pool`` and ``public`` (the :class:`Relay`).  Stopping it
-    stops accepting sessions, then drains.
+    The relay daemon: named children ``pool``, ``public`` (the
+    :class:`Relay`), ``control`` (the control endpoint service), and when
+    configured ``metrics`` and ``systemd``.  Starting it raises the
+    open-files limit and installs the SIGHUP handler; stopping it stops
+    accepting sessions (control first), then drains.
     """
 
-    def __init__(self, relay: Relay, control: Service) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        relay: Relay,
+        control: Service,
+        metrics: Optional[Service] = None,
+        notifier: Optional[Service] = None,
+        log_observer: Optional[object] = None,
+    ) -> None:
         super().__init__()
         self.relay = relay
+        self.log_observer = log_observer
         relay.pool.setServiceParent(self)
         relay.setServiceParent(self)
+        if metrics is not None:
+            metrics.setName("metrics")
+            metrics.setServiceParent(self)
         control.setName("control")
         control.setServiceParent(self)
+        if notifier is not None:
+            notifier.setServiceParent(self)
+        self._previous_sighup: object = None
+
+    def setServiceParent(self, parent: object) -> None:  # type: ignore[override]
+        """
+        Attached to twistd's Application: hand it our log observer (twistd
+        uses an ILogObserver component of the application when present).
+        """
+        super().setServiceParent(parent)  # type: ignore[arg-type]
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+
+    def privilegedStartService(self) -> None:
+        raise_open_files_limit(self.log)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.relay.config.secrets_file is not None and hasattr(signal, "SIGHUP"):
+            reactor = self.relay.reactor
+
+            def on_hup(signum: int, frame: object) -> None:
+                reactor.callFromThread(self.relay.reload_secrets)  # type: ignore[attr-defined]
+
+            self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -650,6 +758,9 @@ class RelayService(MultiService):
         is a clean shutdown: forget the SIGTERM/SIGINT that twistd and twist
         would otherwise re-raise on exit, so the daemon exits 0.
         """
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)  # type: ignore[arg-type]
+            self._previous_sighup = None
         d: Deferred[None] = super().stopService()
         d.addCallback(self._clean_exit)
         return d
@@ -658,3 +769,25 @@ class RelayService(MultiService):
         reactor = self.relay.reactor
         if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             reactor._exitSignal = None  # type: ignore[attr-defined]
+
+
+def raise_open_files_limit(log: Logger) -> None:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; say so if it stays low."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open-files limit raised from {soft} to {limit}", soft=soft, limit=target)
+    except (ValueError, OSError) as e:
+        log.warn(
+            "cannot raise the open-files limit above {soft} (hard {hard}): {error}",
+            soft=soft,
+            hard=hard,
+            error=str(e),
+        )

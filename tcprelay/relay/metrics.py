@@ -1,0 +1,197 @@
+"""
+Operator views of a running relay: Prometheus ``/metrics`` and JSON
+``/status``, served by twisted.web on ``--metrics ENDPOINT``.
+
+Nothing is counted per chunk for these: the collector reads the relay's own
+counters and registrations when scraped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from tcprelay.mux.frames import error_name
+from tcprelay.relay.server import HANDSHAKE_BUCKETS, Relay
+
+__all__ = ["RelayCollector", "status", "metrics_site"]
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
+
+
+class RelayCollector(Collector):
+    """Builds every metric family from a :class:`Relay` at scrape time."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[Any]:
+        relay = self.relay
+        pool = relay.pool
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"tcprelay_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"tcprelay_{name}", doc, value=value)
+
+        yield gauge("sessions", "Service sessions connected.", len(relay.sessions))
+        yield gauge(
+            "services_registered", "Services holding a public port.", len(relay.registrations)
+        )
+        yield gauge("services_queued", "Services waiting for a free port.", pool.queued)
+        yield gauge("port_pool_size", "Public ports in the configured range.", pool.size)
+        yield gauge("port_pool_used", "Public ports handed out.", pool.in_use)
+        yield gauge("port_pool_free", "Public ports ready to hand out.", pool.free)
+        yield gauge(
+            "port_pool_quarantined", "Ports set aside after a failed bind.", pool.quarantined
+        )
+        yield gauge("port_leases_held", "Ports held for a lost agent's lease.", len(relay.leases))
+        yield gauge("visitors_connected", "Visitor connections open.", relay.visitor_count)
+        yield gauge("streams_open", "Mux streams open across sessions.", relay.stream_count)
+        yield counter(
+            "visitors_accepted", "Visitor connections accepted.", relay.visitors_accepted
+        )
+        yield counter(
+            "visitors_refused", "Visitor connections refused.", relay.visitors_refused
+        )
+        yield counter(
+            "services_refused",
+            "Services turned away (queue timeout, auth).",
+            relay.services_refused,
+        )
+        yield counter("auth_failures", "Failed authentications.", relay.auth_failures)
+        yield counter(
+            "heartbeat_timeouts",
+            "Sessions closed because heartbeats went unanswered.",
+            relay.heartbeat_timeouts,
+        )
+        to_service, to_visitor = relay.bytes_relayed()
+        relayed = CounterMetricFamily(
+            "tcprelay_bytes_relayed", "Payload bytes relayed.", labels=["direction"]
+        )
+        relayed.add_metric(["to_service"], to_service)
+        relayed.add_metric(["to_visitor"], to_visitor)
+        yield relayed
+        errors = CounterMetricFamily(
+            "tcprelay_protocol_errors",
+            "Sessions ended by a protocol error, by muxado error code.",
+            labels=["code"],
+        )
+        for code, count in sorted(relay.protocol_errors.items()):
+            errors.add_metric([error_name(code)], count)
+        yield errors
+        buckets = []
+        running = 0
+        for bound, count in zip(HANDSHAKE_BUCKETS, relay.handshake_buckets):
+            running += count
+            buckets.append((repr(float(bound)) if bound != float("inf") else "+Inf", running))
+        yield HistogramMetricFamily(
+            "tcprelay_handshake_duration_seconds",
+            "Time from a service's handshake to its public port (queueing included).",
+            buckets=buckets,
+            sum_value=relay.handshake_sum,
+        )
+
+
+def status(relay: Relay) -> dict[str, Any]:
+    """The JSON document served at ``/status``."""
+    pool = relay.pool
+    to_service, to_visitor = relay.bytes_relayed()
+    services = []
+    for port, reg in sorted(relay.registrations.items()):
+        bytes_in, bytes_out = reg.bytes_relayed()
+        peer = reg.session.transport.getPeer() if reg.session.transport else None
+        services.append(
+            {
+                "address": reg.address,
+                "port": port,
+                "peer": f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
+                "dialect": "extended" if reg.extended else "legacy",
+                "connected_since": _iso(reg.connected_since),
+                "open_streams": reg.session.session.stream_count,
+                "visitors": len(reg.visitors),
+                "bytes_to_service": bytes_in,
+                "bytes_to_visitor": bytes_out,
+            }
+        )
+    return {
+        "sessions": len(relay.sessions),
+        "services": services,
+        "queued": pool.queued,
+        "pool": {
+            "size": pool.size,
+            "used": pool.in_use,
+            "free": pool.free,
+            "quarantined": pool.quarantined,
+            "leases_held": len(relay.leases),
+        },
+        "visitors": {
+            "connected": relay.visitor_count,
+            "accepted": relay.visitors_accepted,
+            "refused": relay.visitors_refused,
+        },
+        "bytes_relayed": {"to_service": to_service, "to_visitor": to_visitor},
+        "services_refused": relay.services_refused,
+        "auth_failures": relay.auth_failures,
+        "heartbeat_timeouts": relay.heartbeat_timeouts,
+        "protocol_errors": {error_name(c): n for c, n in sorted(relay.protocol_errors.items())},
+        "draining": relay.draining,
+    }
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return generate_latest(self.registry)
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(status(self.relay), indent=2).encode("utf-8") + b"\n"
+
+
+class _QuietSite(Site):
+    """No access-log line per scrape."""
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def metrics_site(relay: Relay) -> Site:
+    """A twisted.web Site serving ``/metrics`` and ``/status``."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(RelayCollector(relay))
+    root = Resource()
+    root.putChild(b"metrics", _Metrics(registry))
+    root.putChild(b"status", _Status(relay))
+    site = _QuietSite(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
