@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 import time
 from secrets import token_hex
-from typing import Optional
+from typing import Optional, Sequence
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -33,7 +33,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -64,7 +64,7 @@ __all__ = [
 class RelayConfig:
     """Everything the relay needs to know, validated by the tap Options."""
 
-    ports: range
+    ports: Sequence[int]
     public_interface: str = ""
     public_host: str = "localhost"
     wait_timeout: float = 60.0
@@ -457,9 +457,9 @@ class RelaySession(MuxProtocol):
 
     def session_ended(self, event: ev.SessionEnded) -> None:
         relay = self.relay
-        relay.sessions.discard(self)
         relay.sessions_waiting.discard(self)
-        if event.error_code not in (None, ErrorCode.NO_ERROR):
+        refused_by_us = not event.remote and event.error_code == ErrorCode.REFUSED_STREAM
+        if event.error_code not in (None, ErrorCode.NO_ERROR) and not refused_by_us:
             relay.protocol_errors[event.error_code] = (
                 relay.protocol_errors.get(event.error_code, 0) + 1
             )
@@ -477,7 +477,12 @@ class RelaySession(MuxProtocol):
                 session=self.label,
             )
             reg.close(hold_lease=reg.extended)
-        relay.session_gone()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        """The socket is closed: only now is the session gone for good."""
+        super().connectionLost(reason)
+        self.relay.sessions.discard(self)
+        self.relay.session_gone()
 
 
 class ControlFactory(Factory):
