@@ -257,12 +257,16 @@ class MuxStream:
         self.disconnected = True
         self.disconnecting = True
         reason: Failure
-        if self._inbox and event.error_code is None:
-            # Clean end while paused: hand over what arrived first.
+        if event.error_code is None and (self._inbox or self._eof_pending):
+            # Clean end while paused: hand over what arrived first, then EOF.
             for data in self._inbox:
                 if self.protocol is not None:
                     self.protocol.dataReceived(data)
+            half = interfaces.IHalfCloseableProtocol(self.protocol, None)
+            if self._eof_pending and half is not None:
+                half.readConnectionLost()
         self._inbox = []
+        self._eof_pending = False
         if event.error_code is None:
             reason = Failure(error.ConnectionDone())
         else:
