@@ -114,6 +114,8 @@ class MuxStream:
         """Send bytes; ignored once the stream is closed for sending."""
         if self.disconnecting or not data:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # the session keeps what it queues: no aliasing
         mux = self.mux
         try:
             mux.session.send_data(self.stream_id, data)

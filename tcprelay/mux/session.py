@@ -302,7 +302,8 @@ class Session:
         Send ``data`` (any size) on a stream, and FIN after it when ``fin``.
 
         What the send window allows is framed now; the rest waits, in order,
-        for WNDINC.  :meth:`pending` tells how much waits, and
+        for WNDINC.  ``data`` is not copied: pass ``bytes`` (or a buffer you
+        will not change).  :meth:`pending` tells how much waits, and
         :class:`~tcprelay.mux.events.SendWindowOpened` when it has all gone.
         """
         st = self._get(stream_id)
@@ -318,7 +319,7 @@ class Session:
     def end_stream(self, stream_id: int) -> None:
         """Half-close: FIN after any queued data.  No-op if already sent."""
         st = self._streams.get(stream_id)
-        if st is None or st.fin_queued or st.state in (
+        if st is None or st.heartbeat is not _Heartbeat.NONE or st.fin_queued or st.state in (
             StreamState.HALF_CLOSED_LOCAL,
             StreamState.CLOSED,
         ):
@@ -332,7 +333,7 @@ class Session:
         ``StreamClosed`` follows once the FIN is out.
         """
         st = self._streams.get(stream_id)
-        if st is None:
+        if st is None or st.heartbeat is not _Heartbeat.NONE:
             return
         st.forget_on_fin = True
         if st.state in (StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED):

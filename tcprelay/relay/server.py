@@ -476,7 +476,9 @@ class RelaySession(MuxProtocol):
                 service_port=reg.port,
                 session=self.label,
             )
-            reg.close(hold_lease=reg.extended)
+            # The lease is for a *lost* session: a service that said GOAWAY
+            # before leaving (agent stopped on purpose) frees its port now.
+            reg.close(hold_lease=reg.extended and not self.session.remote_going_away)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""
