@@ -186,14 +186,32 @@ class Options(usage.Options):
         self["secret"] = []
 
     def opt_secret(self, value: str) -> None:
-        """A shared secret agents must prove they know (repeatable; prefer
-        --secrets-file: command lines are visible to other local users)."""
+        """A shared secret agents must prove they know (repeatable; prefer --secrets-file)."""
         if not value:
             raise usage.UsageError("--secret must not be empty")
         self["secret"].append(value.encode("utf-8"))
 
+    _failed = False
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """After a bad value, a one-line hint instead of the whole usage."""
+        if self._failed:
+            return "Run 'twistd tcprelay --help' for every option."
+        return super().getUsage(width)
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        """Parse; remember a failure so the usage shown is one line."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._failed = True
+            raise
+
     def postOptions(self) -> None:
         """Normalise shorthand and check every value; UsageError on bad input."""
+        self._check()
+
+    def _check(self) -> None:
         control = normalise_endpoint(self["control"])
         try:
             serverFromString(MemoryReactor(), control)
