@@ -1,0 +1,1 @@
+"""End-to-end tests: the real ``twistd tcprelay`` and real Go services as subprocesses."""
