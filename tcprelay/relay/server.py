@@ -758,6 +758,28 @@ class RelayService(MultiService):
                 reactor.callFromThread(self.relay.reload_secrets)  # type: ignore[attr-defined]
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
+        call_when_running = getattr(self.relay.reactor, "callWhenRunning", None)
+        if call_when_running is not None:
+            call_when_running(self._calm_repeated_signals)
+
+    def _calm_repeated_signals(self) -> None:
+        """
+        A second SIGTERM/SIGINT while draining is ignored (Twisted would log
+        a ReactorNotRunning traceback); the first one already started the
+        shutdown.
+        """
+        reactor = self.relay.reactor
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def handler(number: int, frame: object, previous=previous) -> None:  # type: ignore[no-untyped-def]
+                if getattr(reactor, "_stopped", False) or self.relay.draining:
+                    return
+                previous(number, frame)
+
+            signal.signal(signum, handler)
 
     def stopService(self) -> Deferred[None]:
         """
