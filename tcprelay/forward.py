@@ -51,6 +51,20 @@ class _PauseOnly:
         pass
 
 
+def _producer_done(transport: Any) -> None:
+    """
+    The side feeding ``transport`` has ended: unregister it as producer
+    before ``loseWriteConnection``/``loseConnection``.  A Twisted socket
+    transport whose streaming producer is paused, when its buffer drains,
+    resumes the producer instead of sending the FIN or closing, so a FIN
+    arriving while the writer is paused would otherwise never go out.
+    """
+    try:
+        transport.unregisterProducer()
+    except Exception:  # noqa: BLE001 - nothing registered
+        pass
+
+
 class Splice:
     """
     One spliced pair: ``a`` and ``b`` are the two protocols, each running
@@ -106,6 +120,7 @@ class _Side(Protocol):
             pending, self._pending = self._pending, []
             transport.writeSequence(pending)
         if self._pending_eof:
+            _producer_done(transport)
             transport.loseWriteConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -125,6 +140,7 @@ class _Side(Protocol):
         if peer.transport is None:
             peer._pending_eof = True
         elif not peer.lost:
+            _producer_done(peer.transport)
             peer.transport.loseWriteConnection()
         if self.write_done:
             self.transport.loseConnection()
@@ -146,6 +162,7 @@ class _Side(Protocol):
         if peer.transport is not None and not peer.lost:
             if reason.check(error.ConnectionDone):
                 # Clean end: let the peer finish sending what it has.
+                _producer_done(peer.transport)
                 peer.transport.loseConnection()
             else:
                 peer.transport.abortConnection()

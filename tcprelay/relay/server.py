@@ -480,6 +480,26 @@ class RelaySession(MuxProtocol):
             # before leaving (agent stopped on purpose) frees its port now.
             reg.close(hold_lease=reg.extended and not self.session.remote_going_away)
 
+    def goaway_received(self, event: ev.GoAwayReceived) -> None:
+        """
+        The service is going away: no new visitor can get a stream, so its
+        public port closes now (freed, or held for its lease), and the
+        session closes once its visitors are done.
+        """
+        relay = self.relay
+        reg = self.registration
+        if reg is not None and not reg.closed:
+            relay.registrations.pop(reg.port, None)
+            self.log.info(
+                "service {peer} at {address} is going away; public port closed",
+                peer=self.label,
+                address=reg.address,
+                service_port=reg.port,
+                session=self.label,
+            )
+            reg.close(hold_lease=reg.extended)
+        relay._close_when_quiet(self, "service went away")
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""
         super().connectionLost(reason)
@@ -667,23 +687,25 @@ class Relay(Service):
         idle.addBoth(done)
         return DeferredList([idle, *stops]).addCallback(lambda _: None)
 
-    def _close_when_quiet(self, session: RelaySession) -> None:
-        """Close ``session`` as soon as it has no streams left."""
+    def _close_when_quiet(
+        self, session: RelaySession, reason: str = "relay shutting down"
+    ) -> None:
+        """Close ``session`` as soon as it has no visitors left."""
         reg = session.registration
         if session.session.ended:
             return
         if reg is None or not reg.visitors:
-            session.close(ErrorCode.NO_ERROR, "relay shutting down")
+            session.close(ErrorCode.NO_ERROR, reason)
             return
         for splice in list(reg.visitors):
             previous = splice.on_done
 
-            def finished(s: Splice, previous=previous, session=session) -> None:  # type: ignore[no-untyped-def]
+            def finished(s: Splice, previous=previous) -> None:  # type: ignore[no-untyped-def]
                 if previous is not None:
                     previous(s)
                 r = session.registration
                 if r is not None and not r.visitors and not session.session.ended:
-                    session.close(ErrorCode.NO_ERROR, "relay shutting down")
+                    session.close(ErrorCode.NO_ERROR, reason)
 
             splice.on_done = finished
 

@@ -1,0 +1,647 @@
+"""
+In-process tests of the relay over real loopback sockets: the relay built by
+``tap.makeService`` on the real reactor, a legacy Python service (a
+client-role MuxProtocol that echoes) and plain TCP visitors.
+
+They cover what users rely on (design.md section 2): the legacy handshake,
+echo and half-close through the relay, the lifecycle when a service's
+session ends, backpressure both ways, no leaks under churn, isolation of a
+misbehaving session, and draining on stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import LoopingCall
+
+from tcprelay.forward import Splice
+from tcprelay.mux.frames import ErrorCode
+from tests.relay_helpers import (
+    SERVICE_CONFIG,
+    Cleanup,
+    EchoProtocol,
+    InProcessRelay,
+    LegacyService,
+    bounded,
+    connect_visitor,
+    echo_once,
+    fd_count,
+    wait_for,
+    wait_stable,
+)
+
+MB = 1024 * 1024
+SOCKET_BUFFER = 65536
+"""Twisted's transport bufferSize: a transport pauses its producer beyond this."""
+MAX_FRAME = 0x3FFF
+
+
+@pytest_twisted.async_yield_fixture
+async def env(reactor: Any):
+    """Everything a test opens, closed afterwards whatever happened."""
+    cleanup = Cleanup(reactor)
+    yield cleanup
+    await cleanup.close()
+
+
+def only_splice(relay: InProcessRelay, port: int) -> Splice:
+    """The single visitor splice of the service at ``port``."""
+    visitors = relay.registration(port).visitors
+    assert len(visitors) == 1
+    return next(iter(visitors))
+
+
+def transport_buffered(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds in its write buffer."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def inbox_size(stream: Any) -> int:
+    """Bytes a MuxStream holds for a paused reader."""
+    return sum(len(chunk) for chunk in stream._inbox)
+
+
+class Sampler:
+    """Samples a value every few milliseconds and keeps the maximum."""
+
+    def __init__(self, reactor: Any, value: Callable[[], int]) -> None:
+        self.value = value
+        self.max = value()
+        self._loop = LoopingCall(self._sample)
+        self._loop.clock = reactor
+        self._loop.start(0.002)
+
+    def _sample(self) -> None:
+        self.max = max(self.max, self.value())
+
+    def stop(self) -> None:
+        self._sample()
+        if self._loop.running:
+            self._loop.stop()
+
+
+async def refused(reactor: Any, port: int) -> bool:
+    """True if connecting to ``port`` is refused."""
+    try:
+        visitor = await connect_visitor(reactor, port, 1)
+    except ConnectionRefusedError:
+        return True
+    visitor.transport.abortConnection()  # type: ignore[union-attr]
+    await bounded(visitor.lost, reactor)
+    return False
+
+
+# -- handshake, echo, half-close --------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_gives_localhost_address(reactor: Any, env: Cleanup) -> None:
+    """A legacy service's first plain stream yields ``localhost:PORT`` with a pool port."""
+    relay = env.relay()
+    free = relay.pool.free
+    service = await env.service(relay)
+    assert service.address == f"localhost:{service.port}"
+    assert service.port == relay.public_ports.start
+    assert relay.pool.free == free - 1
+    assert set(relay.relay.registrations) == {service.port}
+    assert len(relay.relay.sessions) == 1
+    await wait_for(
+        reactor, lambda: relay.relay.stream_count == 0, 1, "the handshake stream to close"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_echo(reactor: Any, env: Cleanup) -> None:
+    """Bytes from a visitor reach the service and the service's reply reaches the visitor."""
+    relay = env.relay()
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"hello relay")
+    await bounded(visitor.wait_received(11), reactor)
+    assert bytes(visitor.received) == b"hello relay"
+    echo = await service.stream(0)
+    assert bytes(echo.received) == b"hello relay"
+    assert relay.relay.visitor_count == 1
+    assert relay.relay.visitors_accepted == 1
+    assert relay.relay.stream_count == 1
+
+
+class ReplyOnFin(EchoProtocol):
+    """Says nothing until the visitor's FIN, then replies and sends its own FIN."""
+
+    echo = False
+
+    def __init__(self, reply: Callable[[bytes], bytes] = lambda q: b"reply to " + q) -> None:
+        super().__init__()
+        self.reply = reply
+
+    def readConnectionLost(self) -> None:
+        self.got_eof = True
+        if not self.eof.called:
+            self.eof.callback(None)
+        self.send(self.reply(bytes(self.received)), fin=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_half_close_reply_still_arrives(reactor: Any, env: Cleanup) -> None:
+    """After the visitor's SHUT_WR the service's reply still arrives, followed by EOF."""
+    relay = env.relay()
+    service = await env.service(relay, ReplyOnFin)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"question", fin=True)
+    await bounded(visitor.eof, reactor)
+    assert bytes(visitor.received) == b"reply to question"
+    await bounded(visitor.lost, reactor)
+    await wait_for(reactor, lambda: relay.relay.visitor_count == 0, 1, "splice to finish")
+    assert relay.relay.stream_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_fin_gives_visitor_eof(reactor: Any, env: Cleanup) -> None:
+    """The service's FIN becomes the visitor's EOF while the visitor can still send."""
+    relay = env.relay()
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"ping")
+    await bounded(visitor.wait_received(4), reactor)
+    echo = await service.stream(0)
+    echo.echo = False  # type: ignore[misc]
+    echo.half_close()
+    await bounded(visitor.eof, reactor)
+    assert not visitor.lost.called, "only the service's direction is closed"
+    visitor.send(b"after eof")
+    await bounded(echo.wait_received(4 + 9), reactor)
+    assert bytes(echo.received) == b"pingafter eof"
+    visitor.half_close()
+    await bounded(visitor.lost, reactor)
+    await bounded(echo.lost, reactor)
+    await wait_for(reactor, lambda: relay.relay.visitor_count == 0, 1, "splice to finish")
+
+
+# -- lifecycle ----------------------------------------------------------------
+
+
+def end_clean(service: LegacyService) -> None:
+    service.mux.close()  # type: ignore[union-attr]
+
+
+def end_reset(service: LegacyService) -> None:
+    service.transport.abortConnection()
+
+
+def end_garbage(service: LegacyService) -> None:
+    service.transport.write(b"\xde\xad\xbe\xef" * 4)
+
+
+def end_silent(service: LegacyService) -> None:
+    service.transport.pauseProducing()
+
+
+HEARTBEAT_ARGS = ("--heartbeat-interval", "0.2", "--heartbeat-tolerance", "0.6")
+
+
+@pytest.mark.parametrize(
+    "end, args",
+    [
+        pytest.param(end_clean, (), id="clean-close"),
+        pytest.param(end_reset, (), id="tcp-reset"),
+        pytest.param(end_garbage, (), id="protocol-error"),
+        pytest.param(end_silent, HEARTBEAT_ARGS, id="heartbeat-timeout"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_session_end_closes_port_and_visitors(
+    reactor: Any, env: Cleanup, end: Callable[[LegacyService], None], args: tuple[str, ...]
+) -> None:
+    """However a session ends, its port refuses, its visitors close within 1 s and the port is free at once."""
+    relay = env.relay(*args, ports=1)
+    service = await env.service(relay)
+    port = service.port
+    session = relay.session_for(port)
+    visitors = [await env.visitor(port) for _ in range(2)]
+    for i, visitor in enumerate(visitors):
+        visitor.send(b"v%d" % i)
+        await bounded(visitor.wait_received(2), reactor)
+    assert relay.relay.visitor_count == 2
+    assert relay.pool.free == 0
+
+    end(service)
+    # A heartbeat timeout takes up to interval + tolerance to be noticed.
+    await wait_for(reactor, lambda: session.session.ended, 3 if args else 1, "session end")
+    ended = time.monotonic()
+    await bounded(DeferredList([v.lost for v in visitors]), reactor, 1.0)
+    await wait_for(reactor, lambda: relay.pool.free == 1, 1.0, "port back in the pool")
+    await wait_for(reactor, lambda: session not in relay.relay.sessions, 1.0, "session socket closed")
+    assert time.monotonic() - ended < 1.0
+    assert await refused(reactor, port)
+    assert relay.relay.registrations == {}
+    assert relay.relay.visitor_count == 0
+    assert relay.relay.stream_count == 0
+
+    if end is end_garbage:
+        assert relay.relay.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
+        await bounded(service.mux.socket_lost, reactor)  # type: ignore[union-attr]
+        assert [g.error_code for g in service.mux.goaways] == [ErrorCode.PROTOCOL_ERROR]  # type: ignore[union-attr]
+    if end is end_silent:
+        assert relay.relay.heartbeat_timeouts == 1
+
+    successor = await env.service(relay)
+    assert successor.port == port, "the freed port is handed to the next service"
+    assert bytes(await echo_once(reactor, port, b"again")) == b"again"
+
+
+# -- backpressure -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_not_reading_pauses_visitor(reactor: Any, env: Cleanup) -> None:
+    """A service that stops reading stops the visitor's upload, the relay buffers one window at most, and resuming delivers every byte."""
+    relay = env.relay()
+    window = relay.options["receive-window"]
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"x")
+    await bounded(visitor.wait_received(1), reactor)
+    echo = await service.stream(0)
+    splice = only_splice(relay, service.port)
+    relay_visitor = splice.a.transport
+    relay_stream = splice.b.transport
+    relay_session = relay_stream.mux.session
+    sid = relay_stream.stream_id
+
+    echo.pause_reading()
+    data = os.urandom(10 * MB)
+    pending = Sampler(reactor, lambda: relay_session.pending(sid))
+    service_inbox = Sampler(reactor, lambda: inbox_size(echo.stream))
+    try:
+        visitor.send(data, fin=True)
+        await wait_stable(reactor, lambda: visitor.bytes_sent, quiet=0.3, what="upload")
+        assert visitor.bytes_sent < len(data), "the relay must not swallow the whole upload"
+        assert visitor.write_blocked
+        assert relay_visitor not in reactor.getReaders(), "relay stopped reading the visitor"
+        assert 0 < relay_session.pending(sid) <= window + SOCKET_BUFFER
+        assert pending.max <= window + SOCKET_BUFFER
+        assert inbox_size(echo.stream) <= SERVICE_CONFIG.receive_window
+
+        echo.resume_reading()
+        await bounded(visitor.eof, reactor, 20)
+    finally:
+        pending.stop()
+        service_inbox.stop()
+    assert pending.max <= window + SOCKET_BUFFER
+    assert service_inbox.max <= SERVICE_CONFIG.receive_window
+    assert len(visitor.received) == len(data) + 1
+    assert hashlib.sha256(visitor.received).digest() == hashlib.sha256(b"x" + data).digest()
+    await bounded(visitor.lost, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_not_reading_pauses_service(reactor: Any, env: Cleanup) -> None:
+    """A visitor that stops reading stops the service's download, the relay buffers about one window plus one socket buffer, and the visitor then reads every byte."""
+    relay = env.relay()
+    window = relay.options["receive-window"]
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"x")
+    await bounded(visitor.wait_received(1), reactor)
+    echo = await service.stream(0)
+    echo.echo = False  # type: ignore[misc]
+    splice = only_splice(relay, service.port)
+    relay_visitor = splice.a.transport
+    relay_stream = splice.b.transport
+
+    def relay_buffered() -> int:
+        return transport_buffered(relay_visitor) + inbox_size(relay_stream)
+
+    visitor.pause_reading()
+    data = os.urandom(10 * MB)
+    sampler = Sampler(reactor, relay_buffered)
+    try:
+        echo.send(data, fin=True)
+        await wait_stable(reactor, lambda: echo.bytes_sent, quiet=0.3, what="download")
+        assert echo.bytes_sent < len(data), "the relay must not swallow the whole download"
+        assert echo.write_blocked
+        assert relay_stream._paused, "relay stopped reading the stream"
+        assert inbox_size(relay_stream) <= window
+        assert transport_buffered(relay_visitor) <= SOCKET_BUFFER + MAX_FRAME
+        assert sampler.max <= window + SOCKET_BUFFER + MAX_FRAME
+
+        visitor.resume_reading()
+        await bounded(visitor.eof, reactor, 20)
+    finally:
+        sampler.stop()
+    assert sampler.max <= window + SOCKET_BUFFER + MAX_FRAME
+    assert len(visitor.received) == len(data) + 1
+    assert hashlib.sha256(visitor.received).digest() == hashlib.sha256(b"x" + data).digest()
+    visitor.half_close()
+    await bounded(visitor.lost, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_fin_reaches_visitor_behind_full_buffer(reactor: Any, env: Cleanup) -> None:
+    """A service FIN that arrives while the relay has paused the stream for a slow visitor still becomes the visitor's EOF."""
+    relay = env.relay()
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"x")
+    await bounded(visitor.wait_received(1), reactor)
+    echo = await service.stream(0)
+    echo.echo = False  # type: ignore[misc]
+    splice = only_splice(relay, service.port)
+    relay_visitor = splice.a.transport
+    relay_stream = splice.b.transport
+    visitor.pause_reading()
+    sent = [1]
+    chunks: list[bytes] = [b"x"]
+
+    async def push(size: int) -> None:
+        data = os.urandom(size)
+        chunks.append(data)
+        await bounded(echo.send(data), reactor)
+        sent[0] += size
+        await wait_for(
+            reactor,
+            lambda: splice.bytes_ba + inbox_size(relay_stream) == sent[0],
+            what="the relay to take the chunk",
+        )
+
+    # Fill the kernel buffers towards the visitor with chunks that cannot
+    # overflow the relay's transport buffer on their own (4 frames < 64 KiB)...
+    for _ in range(1000):
+        await push(4 * MAX_FRAME)
+        try:
+            await wait_for(reactor, lambda: transport_buffered(relay_visitor) == 0, 0.1)
+        except AssertionError:
+            break
+    # ...then one frame at a time until the relay pauses the stream, so that
+    # nothing is held back in its inbox when the FIN comes.
+    for _ in range(1000):
+        if relay_stream._paused:
+            break
+        await push(MAX_FRAME)
+    assert relay_stream._paused and inbox_size(relay_stream) == 0
+
+    echo.half_close()
+    await wait_for(reactor, lambda: splice.b.read_done or relay_stream._eof_pending, what="FIN at the relay")
+    visitor.resume_reading()
+    await bounded(visitor.wait_received(sent[0]), reactor, 10)
+    await bounded(visitor.eof, reactor, 2)
+    assert bytes(visitor.received) == b"".join(chunks)
+    visitor.half_close()
+    await bounded(visitor.lost, reactor)
+    await wait_for(reactor, lambda: relay.relay.visitor_count == 0, 1, "splice to finish")
+
+
+# -- churn ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_churn_leaves_no_leaks(reactor: Any, env: Cleanup) -> None:
+    """100 service sessions and 1,000 visitors (some reset, some silent) leave counters, pool, descriptors and timers as they were."""
+    relay = env.relay(ports=8)
+    core = relay.relay
+    start = time.monotonic()
+    baseline = (len(core.sessions), len(core.registrations), core.stream_count, core.visitor_count)
+    free = relay.pool.free
+    fds = fd_count()
+    calls_before = set(reactor.getDelayedCalls())
+
+    async def reset_visitor(port: int) -> None:
+        """Echo once, then leave with a TCP reset."""
+        visitor = await connect_visitor(reactor, port)
+        visitor.send(b"reset me")
+        await bounded(visitor.wait_received(8), reactor)
+        visitor.transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(visitor.lost, reactor)
+
+    async def silent_visitor(port: int) -> None:
+        """Connect and close at once without a byte."""
+        visitor = await connect_visitor(reactor, port)
+        visitor.transport.loseConnection()  # type: ignore[union-attr]
+        await bounded(visitor.lost, reactor)
+
+    async def one_service(n: int) -> None:
+        service = LegacyService(reactor)
+        await service.connect(relay.control_port)
+        try:
+            payloads = [b"service %d visitor %d " % (n, i) * (i + 1) for i in range(8)]
+            replies = await gatherResults(
+                [Deferred.fromCoroutine(echo_once(reactor, service.port, p)) for p in payloads]
+                + [
+                    Deferred.fromCoroutine(reset_visitor(service.port)),
+                    Deferred.fromCoroutine(silent_visitor(service.port)),
+                ]
+            )
+            assert replies == payloads + [None, None]
+        finally:
+            if service.mux is not None and not service.mux.socket_lost.called:
+                await service.close()
+
+    async def worker(numbers: list[int]) -> None:
+        for n in numbers:
+            await one_service(n)
+
+    await gatherResults(
+        [Deferred.fromCoroutine(worker(list(range(k, 100, 4)))) for k in range(4)]
+    )
+    assert core.visitors_accepted == 1000
+
+    await wait_for(reactor, lambda: not core.sessions, 5, "sessions to end")
+    assert (len(core.sessions), len(core.registrations), core.stream_count, core.visitor_count) == baseline
+    await wait_for(reactor, lambda: relay.pool.free == free, 2, "ports to return")
+    await wait_for(reactor, lambda: fd_count() <= fds + 2, 5, "descriptors to close")
+    await wait_for(
+        reactor,
+        lambda: not (set(reactor.getDelayedCalls()) - calls_before),
+        2,
+        "timers to go",
+    )
+    assert time.monotonic() - start < 30
+
+
+# -- isolation ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_protocol_error_isolated_to_its_session(reactor: Any, env: Cleanup) -> None:
+    """A session that sends garbage gets GOAWAY and is closed; another service keeps working."""
+    relay = env.relay()
+    good = await env.service(relay)
+    visitor = await env.visitor(good.port)
+    visitor.send(b"before")
+    await bounded(visitor.wait_received(6), reactor)
+
+    bad = await env.service(relay)
+    bad.transport.write(b"\xff" * 32)
+    await bounded(bad.mux.socket_lost, reactor)  # type: ignore[union-attr]
+    assert [g.error_code for g in bad.mux.goaways] == [ErrorCode.PROTOCOL_ERROR]  # type: ignore[union-attr]
+    await wait_for(reactor, lambda: bad.port not in relay.relay.registrations, 1, "bad service gone")
+    assert relay.relay.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
+
+    visitor.send(b" after")
+    await bounded(visitor.wait_received(12), reactor)
+    assert bytes(visitor.received) == b"before after"
+    assert await echo_once(reactor, good.port, b"new visitor") == b"new visitor"
+    assert good.is_open
+    assert set(relay.relay.registrations) == {good.port}
+
+
+# -- drain on stop ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_drains_open_exchange(reactor: Any, env: Cleanup) -> None:
+    """Stopping the relay refuses new visitors and sessions, lets an open exchange finish, then fires."""
+    relay = env.relay()
+    service = await env.service(relay)
+    port = service.port
+    visitor = await env.visitor(port)
+    visitor.send(b"one")
+    await bounded(visitor.wait_received(3), reactor)
+    free = relay.pool.free
+
+    stopping = relay.service.stopService()
+    await wait_for(reactor, lambda: relay.pool.free == free + 1, 1, "public port closed")
+    await wait_for(reactor, lambda: not relay.control_listener.connected, 1, "control port closed")
+    assert await refused(reactor, port)
+    assert await refused(reactor, relay.control_port)
+    await wait_for(reactor, lambda: service.mux.goaways, 1, "GOAWAY to the service")  # type: ignore[union-attr]
+    assert not stopping.called
+
+    visitor.send(b" two")
+    await bounded(visitor.wait_received(7), reactor)
+    assert bytes(visitor.received) == b"one two"
+    assert not stopping.called, "an open exchange holds the stop"
+    visitor.half_close()
+    await bounded(visitor.eof, reactor)
+    await bounded(visitor.lost, reactor)
+    await bounded(stopping, reactor, 2)
+    assert not relay.relay.sessions
+    await bounded(service.mux.socket_lost, reactor)  # type: ignore[union-attr]
+    assert [g.error_code for g in service.mux.goaways] == [ErrorCode.NO_ERROR]  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_gives_up_after_drain_timeout(reactor: Any, env: Cleanup) -> None:
+    """With a visitor that never finishes, stop completes once the drain timeout passes."""
+    relay = env.relay("--drain-timeout", "0.5")
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"hang")
+    await bounded(visitor.wait_received(4), reactor)
+
+    started = time.monotonic()
+    stopping = relay.service.stopService()
+    await bounded(stopping, reactor, 2)
+    elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 1.5
+    await bounded(visitor.lost, reactor, 1)
+    await bounded(service.mux.socket_lost, reactor, 1)  # type: ignore[union-attr]
+    assert not relay.relay.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_reply_after_visitor_fin_to_slow_visitor(reactor: Any, env: Cleanup) -> None:
+    """A large reply to a visitor that already sent FIN and reads slowly arrives whole, then EOF and close."""
+    relay = env.relay()
+    data = os.urandom(4 * MB)
+    service = await env.service(relay, lambda: ReplyOnFin(lambda _: data))
+    visitor = await env.visitor(service.port)
+    visitor.pause_reading()
+    reply = await service.stream(0)
+    visitor.send(b"q", fin=True)
+    await bounded(reply.eof, reactor)
+    await wait_stable(reactor, lambda: reply.bytes_sent, quiet=0.3, what="reply")
+    visitor.resume_reading()
+    await bounded(visitor.eof, reactor, 20)
+    assert len(visitor.received) == len(data)
+    assert hashlib.sha256(visitor.received).digest() == hashlib.sha256(data).digest()
+    await bounded(visitor.lost, reactor, 1)
+    await wait_for(reactor, lambda: relay.relay.visitor_count == 0, 1, "splice to finish")
+
+
+# -- waiting for a port, bind failures -----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_waits_for_port_then_times_out(reactor: Any, env: Cleanup) -> None:
+    """With every port taken a service waits and gets the port its holder frees; one that waits too long is refused."""
+    relay = env.relay("--wait-timeout", "0.5", ports=1)
+    first = await env.service(relay)
+    waiting = LegacyService(reactor)
+    env.services.append(waiting)
+    handshake = Deferred.fromCoroutine(waiting.connect(relay.control_port))
+    await wait_for(reactor, lambda: relay.pool.queued == 1, 1, "second service queued")
+    assert not handshake.called
+    await first.close()
+    await bounded(handshake, reactor, 1)
+    assert waiting.port == first.port
+    assert bytes(await echo_once(reactor, waiting.port, b"hi")) == b"hi"
+
+    refused_service = LegacyService(reactor)
+    env.services.append(refused_service)
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        await refused_service.connect(relay.control_port, timeout=2)
+    assert 0.4 <= time.monotonic() - started < 1.5
+    await bounded(refused_service.mux.socket_lost, reactor, 1)  # type: ignore[union-attr]
+    assert [g.error_code for g in refused_service.mux.goaways] == [ErrorCode.REFUSED_STREAM]  # type: ignore[union-attr]
+    assert relay.relay.services_refused == 1
+    assert relay.pool.queued == 0
+    assert waiting.is_open
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_that_cannot_bind_is_skipped_and_quarantined(reactor: Any, env: Cleanup) -> None:
+    """A public port held by someone else is quarantined and the service gets the next port."""
+    relay = env.relay("--bind-retry", "0.3", ports=2)
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        squatter.bind(("127.0.0.1", relay.public_ports.start))
+        squatter.listen(1)
+        service = await env.service(relay)
+        assert service.port == relay.public_ports.start + 1
+        assert relay.pool.quarantined == 1
+    finally:
+        squatter.close()
+    await wait_for(reactor, lambda: relay.pool.quarantined == 0, 1, "quarantine to end")
+    assert relay.pool.free == 1
+    second = await env.service(relay)
+    assert second.port == relay.public_ports.start
+    assert bytes(await echo_once(reactor, second.port, b"ok")) == b"ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_goaway_closes_public_port_and_lets_visitors_finish(
+    reactor: Any, env: Cleanup
+) -> None:
+    """A service's GOAWAY closes its public port at once, frees the port, and the session ends when its visitors are done."""
+    relay = env.relay(ports=1)
+    service = await env.service(relay)
+    port = service.port
+    session = relay.session_for(port)
+    visitor = await env.visitor(port)
+    visitor.send(b"before")
+    await bounded(visitor.wait_received(6), reactor)
+
+    service.mux.go_away()  # type: ignore[union-attr]
+    await wait_for(reactor, lambda: relay.pool.free == 1, 1.0, "port back in the pool")
+    assert await refused(reactor, port)
+    assert relay.relay.registrations == {}
+    assert not session.session.ended, "the open visitor keeps the session up"
+
+    visitor.send(b" after")
+    await bounded(visitor.wait_received(12), reactor)
+    assert bytes(visitor.received) == b"before after"
+    visitor.half_close()
+    await bounded(visitor.lost, reactor)
+    await wait_for(reactor, lambda: session.session.ended, 1.0, "session closed once quiet")

@@ -1,0 +1,168 @@
+"""
+Tests for the twistd wiring (tcprelay.tap): Options normalisation and
+validation, and makeService composing named children without listening.
+
+makeService runs on a MemoryReactorClock: no sockets.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.python import usage
+
+from tcprelay import tap
+from tcprelay.relay.pool import PortPool
+from tcprelay.relay.server import Relay
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_bare_port_becomes_tcp_endpoint() -> None:
+    """A bare control port is normalised to a tcp: endpoint string."""
+    assert parse("--control", "9000")["control"] == "tcp:9000"
+
+
+def test_default_control_and_port_range() -> None:
+    """Without options the relay controls tcp:8080 and publishes ports 8081..8130."""
+    options = parse()
+    assert options["control"] == "tcp:8080"
+    assert options["ports"] == range(8081, 8131)
+
+
+def test_default_port_range_follows_control_port() -> None:
+    """The default public range is the 50 ports after the control port, whatever its form."""
+    assert parse("--control", "9000")["ports"] == range(9001, 9051)
+    assert parse("--control", "tcp:port=7000:interface=127.0.0.1")["ports"] == range(7001, 7051)
+    assert parse("-c", "tcp:6000")["ports"] == range(6001, 6051)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("20000-20009", range(20000, 20010)), ("30000", range(30000, 30001))],
+)
+def test_ports_option_parsed(value: str, expected: range) -> None:
+    """--ports takes LOW-HIGH or a single port and overrides the default range."""
+    assert parse("--control", "9000", "--ports", value)["ports"] == expected
+
+
+def test_unix_control_with_ports_is_accepted(tmp_path) -> None:
+    """A control endpoint without a TCP port is fine once --ports is given."""
+    options = parse("--control", f"unix:{tmp_path}/ctl.sock", "--ports", "20000-20004")
+    assert options["ports"] == range(20000, 20005)
+
+
+def test_numeric_options_converted() -> None:
+    """Numeric options are converted to numbers and carried into the RelayConfig."""
+    options = parse(
+        "--wait-timeout", "2.5",
+        "--drain-timeout", "7",
+        "--heartbeat-interval", "0.2",
+        "--heartbeat-tolerance", "0.6",
+        "--receive-window", "131072",
+        "--max-streams", "10",
+        "--public-interface", "127.0.0.1",
+        "--public-host", "relay.example",
+    )
+    config = options.relay_config()
+    assert (config.wait_timeout, config.drain_timeout) == (2.5, 7.0)
+    assert (config.public_interface, config.public_host) == ("127.0.0.1", "relay.example")
+    assert config.session.receive_window == 131072
+    assert config.session.max_streams == 10
+    assert (config.session.heartbeat_interval, config.session.heartbeat_tolerance) == (0.2, 0.6)
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--ports", "9-3"], "--ports"),
+        (["--ports", "abc"], "--ports"),
+        (["--ports", "0-10"], "--ports"),
+        (["--wait-timeout", "abc"], "--wait-timeout"),
+        (["--wait-timeout", "-1"], "--wait-timeout"),
+        (["--wait-timeout", "0"], "--wait-timeout"),
+        (["--drain-timeout", "x"], "--drain-timeout"),
+        (["--bind-retry", "-3"], "--bind-retry"),
+        (["--heartbeat-interval", "0"], "--heartbeat-interval"),
+        (["--heartbeat-tolerance", "never"], "--heartbeat-tolerance"),
+        (["--max-streams", "1.5"], "--max-streams"),
+        (["--max-streams", "0"], "--max-streams"),
+        (["--receive-window", "100"], "--receive-window"),
+        (["--receive-window", "4294967296"], "--receive-window"),
+        (["--receive-window", "big"], "--receive-window"),
+        (["--control", "bogus:1"], "--control"),
+        (["--control", "70000"], "port"),
+        (["--control", "unix:/tmp/tcprelay-test.sock"], "--ports"),
+        (["--control", "65500"], "--ports"),
+        (["--metrics", "bogus:1"], "--metrics"),
+    ],
+)
+def test_bad_values_raise_usage_error_naming_option(argv: list[str], named: str) -> None:
+    """Every bad option value raises UsageError whose message names the option."""
+    with pytest.raises(usage.UsageError) as info:
+        parse(*argv)
+    assert named in str(info.value)
+
+
+def test_make_service_children_and_no_listening_until_started() -> None:
+    """makeService returns a MultiService with control/pool/public children that listens only once started."""
+    reactor = MemoryReactorClock()
+    options = parse("--control", "tcp:9000:interface=127.0.0.1", "--ports", "20000-20004")
+    service = tap.makeService(options, reactor)
+    assert isinstance(service, MultiService)
+    assert IServiceCollection.providedBy(service)
+    names = {child.name for child in service}
+    assert {"control", "pool", "public"} <= names
+    assert "metrics" not in names, "no metrics listener unless asked for"
+    pool = service.getServiceNamed("pool")
+    relay = service.getServiceNamed("public")
+    assert isinstance(pool, PortPool)
+    assert isinstance(relay, Relay)
+    assert relay.pool is pool
+    assert pool.ports == list(range(20000, 20005))
+    assert reactor.tcpServers == []
+
+    service.startService()
+    try:
+        assert len(reactor.tcpServers) == 1
+        port, factory, _backlog, interface = reactor.tcpServers[0]
+        assert (port, interface) == (9000, "127.0.0.1")
+        assert factory is not None
+    finally:
+        stopped: list[object] = []
+        service.stopService().addBoth(stopped.append)
+    assert stopped == [None] or (
+        len(stopped) == 1 and isinstance(stopped[0], list) and all(ok for ok, _ in stopped[0])
+    ), stopped
+    assert not service.running
+    assert reactor.getDelayedCalls() == []
+
+
+def test_make_service_metrics_child_listens_only_when_started() -> None:
+    """With --metrics a named ``metrics`` child is added, and it too waits for startService."""
+    reactor = MemoryReactorClock()
+    options = parse("--control", "9000", "--metrics", "tcp:9100:interface=127.0.0.1")
+    service = tap.makeService(options, reactor)
+    assert {"control", "pool", "public", "metrics"} <= {child.name for child in service}
+    assert reactor.tcpServers == []
+    service.startService()
+    try:
+        assert sorted(entry[0] for entry in reactor.tcpServers) == [9000, 9100]
+    finally:
+        service.stopService()
+    assert not service.running
+
+
+def test_make_service_accepts_plain_memory_reactor() -> None:
+    """Building the service with a bare MemoryReactor composes it without listening."""
+    reactor = MemoryReactor()
+    service = tap.makeService(parse("--control", "9100"), reactor)
+    assert {"control", "pool", "public"} <= {child.name for child in service}
+    assert service.getServiceNamed("pool").ports == list(range(9101, 9151))
+    assert reactor.tcpServers == []
+    assert not service.running
