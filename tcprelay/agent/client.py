@@ -180,6 +180,13 @@ class AgentSession(MuxProtocol):
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
 
+    def leave(self) -> None:
+        """Stop for good: tell an extended relay to free the port, then close."""
+        control = getattr(self, "control", None)
+        if self.extended and control is not None and control.transport is not None:
+            control.transport.write(hs.encode_message("leave"))
+        self.close(ErrorCode.NO_ERROR, "agent stopping")
+
     def fail(self, reason: str, retry: bool) -> None:
         """End the session because of the handshake; the agent decides what next."""
         if self.failure is None:
@@ -336,7 +343,7 @@ class Agent(Service):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._done_waiters.append(d)
-        session.close(ErrorCode.NO_ERROR, "agent stopping")
+        session.leave()
         return d
 
     def when_ready(self) -> Deferred[str]:

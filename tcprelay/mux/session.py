@@ -88,7 +88,10 @@ _TRANSITIONS: Final[dict[tuple[StreamState, _StreamInput], StreamState]] = {
 }
 """Clean transitions.  RST, or the session ending, closes from any state."""
 
-_RECEIVING: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
+_OPEN: Final = StreamState.OPEN
+_HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
+# States in which the peer may still send (compared by identity: enum
+# hashing costs a Python call per frame).
 
 
 class SessionClosedError(Exception):
@@ -357,7 +360,7 @@ class Session:
         that much window back (coalesced into one WNDINC per half window).
         """
         st = self._streams.get(stream_id)
-        if st is None or size <= 0 or st.state not in _RECEIVING:
+        if st is None or size <= 0 or (st.state is not _OPEN and st.state is not _HALF_CLOSED_LOCAL):
             return
         st.recv_credit += size
         if st.recv_credit >= self._wndinc_threshold:
@@ -482,7 +485,7 @@ class Session:
                 # A bare FIN for it is harmless noise.
                 self._out.append(f.encode_rst(frame.stream_id, ErrorCode.STREAM_CLOSED))
             return
-        if st.state not in _RECEIVING:
+        if st.state is not _OPEN and st.state is not _HALF_CLOSED_LOCAL:
             if n:
                 self._out.append(f.encode_rst(st.id, ErrorCode.STREAM_CLOSED))
                 self._remove(st, ErrorCode.STREAM_CLOSED, True, "data after FIN")

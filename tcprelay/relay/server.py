@@ -218,6 +218,8 @@ class _Handshake(Protocol):
 
     log = Logger()
     extended = False
+    leaving = False
+    """The agent said it is leaving for good (its port is not held)."""
 
     def __init__(self, session: RelaySession) -> None:
         self.session = session
@@ -394,11 +396,15 @@ class ExtendedHandshake(_Handshake):
             self.refuse(f"bad handshake: {e}", ErrorCode.PROTOCOL_ERROR)
             return
         for message in messages:
-            if message.get("type") == "register" and not self._registered:
+            kind = message.get("type")
+            if kind == "register" and not self._registered:
                 self._registered = True
                 self._on_register(message)
                 if self.session.session.ended:
                     return
+            elif kind == "leave":
+                # The agent is stopping on purpose: its lease ends with it.
+                self.leaving = True
 
     def _on_register(self, message: dict[str, object]) -> None:
         relay = self.session.relay
@@ -476,15 +482,15 @@ class RelaySession(MuxProtocol):
                 service_port=reg.port,
                 session=self.label,
             )
-            # The lease is for a *lost* session: a service that said GOAWAY
-            # before leaving (agent stopped on purpose) frees its port now.
-            reg.close(hold_lease=reg.extended and not self.session.remote_going_away)
+            reg.close(hold_lease=self._holds_lease(reg))
 
     def goaway_received(self, event: ev.GoAwayReceived) -> None:
         """
         The service is going away: no new visitor can get a stream, so its
-        public port closes now (freed, or held for its lease), and the
-        session closes once its visitors are done.
+        public port closes now, and the session closes once its visitors are
+        done.  The port is held for an extended agent's lease unless the
+        agent said it is leaving for good (a GOAWAY alone may be an agent
+        whose heartbeat timed out and that will be back).
         """
         relay = self.relay
         reg = self.registration
@@ -497,8 +503,11 @@ class RelaySession(MuxProtocol):
                 service_port=reg.port,
                 session=self.label,
             )
-            reg.close(hold_lease=reg.extended)
+            reg.close(hold_lease=self._holds_lease(reg))
         relay._close_when_quiet(self, "service went away")
+
+    def _holds_lease(self, reg: Registration) -> bool:
+        return reg.extended and not (self.handshake is not None and self.handshake.leaving)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""
