@@ -15,7 +15,8 @@ messages over :data:`MAX_MESSAGE` bytes end the conversation::
     agent -> relay   register  {v, mac, port, lease, proxy}
     relay -> agent   queued    {v, position}            (zero or more)
     relay -> agent   ready     {v, address, host, port, lease, lease_seconds}
-                  or refused   {v, reason, code}
+                  or refused   {v, reason, code, retry}
+    agent -> relay   leave     {v}        (stopping for good: free the port)
 
 ``mac`` is HMAC-SHA256 under the shared secret of
 ``b"tcprelay-register-v1:" + nonce``, hex encoded; the secret itself never
