@@ -154,15 +154,21 @@ def _err(text: str) -> None:
     sys.stderr.flush()
 
 
-def run_expose(reactor: Any, options: ExposeOptions) -> Any:
+def endpoints(reactor: Any, options: ExposeOptions) -> tuple[Any, Any]:
+    """The relay and local client endpoints; ValueError/OSError on bad input."""
+    from tcprelay.agent.expose import client_endpoint
+
+    relay = client_endpoint(reactor, options["relay"], options["ca-file"])
+    local = client_endpoint(reactor, options["local"])
+    return relay, local
+
+
+def run_expose(reactor: Any, options: ExposeOptions, relay: Any, local: Any) -> Any:
     """Run the agent until stopped; the Deferred fires with the exit code."""
     from twisted.internet.defer import Deferred
 
     from tcprelay.agent.client import Agent, AgentConfig, AgentRefused
-    from tcprelay.agent.expose import LocalForwarder, client_endpoint
-
-    relay = client_endpoint(reactor, options["relay"], options["ca-file"])
-    local = client_endpoint(reactor, options["local"])
+    from tcprelay.agent.expose import LocalForwarder
     agent = Agent(
         relay,
         AgentConfig(
@@ -206,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.internet.error import ReactorNotRunning
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    try:
+        relay, local = endpoints(reactor, options.subOptions)
+    except (ValueError, OSError) as e:
+        _err(f"tcprelay: {e}")
+        return 2
+
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     code: list[int] = [0]
 
@@ -217,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
 
     def start() -> None:
-        run_expose(reactor, options.subOptions).addCallback(done)
+        run_expose(reactor, options.subOptions, relay, local).addCallback(done)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -8,7 +8,6 @@ parses the command line with :class:`Options`, then calls
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -24,7 +23,6 @@ from tcprelay.systemd import SystemdNotifier
 DEFAULT_POOL_SIZE = 50
 """Public ports after the control port, as the original's ``-max 50``."""
 
-_TCP_PORT = re.compile(r"^(?:tcp6?|ssl|tls):(?:port=)?(\d+)(?::|$)")
 
 
 def normalise_endpoint(description: str) -> str:
@@ -41,9 +39,18 @@ def normalise_endpoint(description: str) -> str:
 
 
 def control_port(description: str) -> Optional[int]:
-    """The TCP port number in a ``tcp:``/``ssl:`` endpoint string, if any."""
-    match = _TCP_PORT.match(description)
-    return int(match.group(1)) if match else None
+    """The TCP port number in a ``tcp:``/``tcp6:``/``ssl:`` endpoint string, if any."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    fields = rest.split(":")
+    for field in fields:
+        key, eq, value = field.partition("=")
+        if eq and key == "port" and value.isdigit():
+            return int(value)
+    if fields and fields[0].isdigit():
+        return int(fields[0])
+    return None
 
 
 def read_secrets(path: str) -> list[bytes]:
@@ -87,7 +94,8 @@ class Options(usage.Options):
             "c",
             "tcp:8080",
             "Endpoint string for the control port services connect to "
-            "(a bare port such as 8080 means tcp:8080; ssl:, tls:, systemd: work).",
+            "(a bare port such as 8080 means tcp:8080; ssl:, tls:, systemd: work; "
+            "give --ports unless it is tcp:PORT or ssl:PORT).",
         ],
         [
             "ports",

@@ -129,6 +129,8 @@ class _Control(Protocol):
         elif kind == "queued":
             position = message.get("position")
             if isinstance(position, int):
+                # Queued is an answer: the relay's own wait timeout applies now.
+                self.session.mark_ready(registered=False)
                 agent.observer.queued(position)
         elif kind == "ready":
             port = message.get("port")
@@ -175,8 +177,10 @@ class AgentSession(MuxProtocol):
             True,
         )
 
-    def mark_ready(self) -> None:
-        self.ready = True
+    def mark_ready(self, registered: bool = True) -> None:
+        """The relay answered: stop the handshake timer (and accept visitors)."""
+        if registered:
+            self.ready = True
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
 

@@ -57,7 +57,11 @@ def client_endpoint(
         from twisted.internet.ssl import Certificate, optionsForClientTLS
 
         with open(ca_file, "rb") as f:
-            authority = Certificate.loadPEM(f.read())
+            pem = f.read()
+        try:
+            authority = Certificate.loadPEM(pem)
+        except Exception as e:  # OpenSSL's own error types
+            raise ValueError(f"{ca_file} is not a PEM certificate: {e}") from None
         endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=authority), endpoint)
     return endpoint
 

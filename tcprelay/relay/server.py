@@ -782,7 +782,7 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self.relay.config.secrets_file is not None and hasattr(signal, "SIGHUP"):
+        if hasattr(signal, "SIGHUP"):
             reactor = self.relay.reactor
 
             def on_hup(signum: int, frame: object) -> None:

@@ -1,0 +1,229 @@
+"""Command line of ``python -m tcprelay.bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+from tcprelay.bench import gotools
+from tcprelay.bench.profile import find_py_spy
+from tcprelay.bench.procs import BenchError, Processes, raise_open_files_limit
+from tcprelay.bench.report import contention_notes, machine_info, ratios, table
+from tcprelay.bench.run import SCENARIOS, TESTS, Settings, run_benchmark
+
+__all__ = ["main", "parser"]
+
+EXIT_ERRORS = 1
+"""A scenario failed, or a measurement counted errors (the table is still printed)."""
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _csv(allowed: Sequence[str]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"choose from {', '.join(allowed)} (comma-separated), not {text!r}"
+            )
+        return items
+
+    return parse
+
+
+def _conns(text: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        items = ()
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated positive counts, not {text!r}")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tcprelay.bench",
+        description=(
+            "Benchmark tcprelay side by side with the original Go relay and a "
+            "direct echo, on loopback: echo throughput, connect latency, "
+            "connections per second, RSS per idle connection and CPU per GB. "
+            "Needs Go and Debian's muxado v1 sources (the load client and "
+            "reference programs are built from tests/interop/)."
+        ),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="shorter runs and fewer connections (under a minute; for CI)")
+    p.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
+    p.add_argument("--go-src", metavar="DIR",
+                   help="directory holding goload/, legacyrelay/ and echosvc/ "
+                        "(default: tests/interop of the source checkout)")
+    p.add_argument("--scenarios", type=_csv(SCENARIOS), default=SCENARIOS,
+                   help=f"stacks to run (default: {','.join(SCENARIOS)})")
+    p.add_argument("--tests", type=_csv(TESTS), default=TESTS,
+                   help=f"measurements to make (default: {','.join(TESTS)})")
+    p.add_argument("--conns", type=_conns, default=None,
+                   help="throughput connection counts (default: 1,8,64)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="seconds of sending per throughput run (default: 3; quick: 1)")
+    p.add_argument("--latency-n", type=int, default=None,
+                   help="sequential connections for latency (default: 1000; quick: 300)")
+    p.add_argument("--cps-seconds", type=float, default=None,
+                   help="seconds of the connections-per-second run (default: 3; quick: 1)")
+    p.add_argument("--hold", type=int, default=None, metavar="N",
+                   help="idle visitor connections to hold (default: 10000; quick: 2000)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
+    p.add_argument("--inherit-nofile", action="store_true",
+                   help="start tcprelay's relay with this process's raised open-files "
+                        "limit instead of the original one it must raise itself")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="keep the processes' output here (default: a temporary "
+                        "directory, removed unless something failed)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record py-spy profiles (collapsed stacks and a summary) of "
+                        "tcprelay's relay and agent during the throughput and cps "
+                        "phases into DIR (needs py-spy; skews those figures a little)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _settings(args: argparse.Namespace, original_nofile: tuple[int, int]) -> Settings:
+    quick = args.quick
+    return Settings(
+        scenarios=tuple(s for s in SCENARIOS if s in args.scenarios),
+        tests=args.tests,
+        conns=args.conns or (1, 8, 64),
+        throughput_seconds=args.seconds if args.seconds else (1.0 if quick else 3.0),
+        latency_n=args.latency_n or (300 if quick else 1000),
+        cps_seconds=args.cps_seconds or (1.0 if quick else 3.0),
+        hold_n=args.hold or (2000 if quick else 10000),
+        warmup=not args.no_warmup,
+        relay_nofile=None if args.inherit_nofile else original_nofile,
+        profile_dir=Path(args.profile).resolve() if args.profile else None,
+    )
+
+
+def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    started = time.monotonic()
+
+    def log(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    soft, raised, hard = raise_open_files_limit()
+    settings = _settings(args, (soft, hard))
+    programs: tuple[str, ...] = ("goload",)
+    if "go-relay" in settings.scenarios:
+        programs += ("legacyrelay",)
+    if {"go-relay", "tcprelay"} & set(settings.scenarios):
+        programs += ("echosvc",)
+    if "hold" in settings.tests and raised < settings.hold_n + 256:
+        log(
+            f"warning: open-files limit {raised} (hard {hard}) is low for holding "
+            f"{settings.hold_n} connections; expect errors"
+        )
+    try:
+        if settings.profile_dir is not None:
+            settings.py_spy = find_py_spy()
+            settings.profile_dir.mkdir(parents=True, exist_ok=True)
+        go = gotools.find_go()
+        src = gotools.find_sources(args.go_src, programs)
+        log(f"building {', '.join(programs)} from {src}")
+        binaries = gotools.build_all(go, src, programs)
+        go_version = gotools.go_version(go)
+    except BenchError as e:
+        print(f"tcprelay.bench: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tcprelay.bench: interrupted while building", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    if args.log_dir:
+        logdir = Path(args.log_dir).resolve()
+        logdir.mkdir(parents=True, exist_ok=True)
+    else:
+        logdir = Path(tempfile.mkdtemp(prefix="tcprelay-bench-"))
+    processes = Processes(logdir)
+    # SIGTERM and SIGHUP (terminal closed) stop the run like Ctrl-C does
+    previous = {sig: signal.signal(sig, _on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    results: dict[str, dict[str, Any]] = {}
+    interrupted = False
+    try:
+        results = run_benchmark(settings, binaries, processes, log)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        try:
+            processes.stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if interrupted:
+        print("tcprelay.bench: interrupted; every process it started is stopped", file=sys.stderr)
+        if not args.log_dir:
+            shutil.rmtree(logdir, ignore_errors=True)
+        return EXIT_INTERRUPTED
+
+    failed = any(r.get("failed") or r.get("errors") for r in results.values())
+    print(table(results, settings.conns, settings.hold_n))
+    for name, result in results.items():
+        for message in result.get("error_messages", []):
+            print(f"{name}: {message}")
+        if result.get("failed"):
+            print(f"{name}: FAILED: {result['failed']}")
+    for name, result in results.items():
+        limit = result.get("relay_nofile")
+        if name not in ("tcprelay", "expose") or limit is None:
+            continue
+        start = settings.relay_nofile[0] if settings.relay_nofile else raised
+        if "hold" in settings.tests and limit < settings.hold_n + 256:
+            print(f"note: {name}: the relay ran with an open-files soft limit of {limit}")
+        elif limit > start:
+            print(f"note: {name}: the relay raised its open-files soft limit {start} -> {limit}")
+    for line in contention_notes(results):
+        print(line)
+    elapsed = time.monotonic() - started
+    log(f"done in {elapsed:.0f}s")
+    if args.json:
+        document = {
+            "command": [
+                "python", "-m", "tcprelay.bench", *(argv if argv is not None else sys.argv[1:])
+            ],
+            "machine": machine_info(go_version),
+            "settings": {
+                "quick": args.quick,
+                "scenarios": list(settings.scenarios),
+                "tests": list(settings.tests),
+                "conns": list(settings.conns),
+                "throughput_seconds": settings.throughput_seconds,
+                "latency_n": settings.latency_n,
+                "cps_conns": settings.cps_conns,
+                "cps_seconds": settings.cps_seconds,
+                "hold_n": settings.hold_n,
+                "open_files": {"original_soft": soft, "raised_soft": raised, "hard": hard},
+            },
+            "seconds": elapsed,
+            "results": results,
+            "ratios": ratios(results, settings.conns, settings.hold_n),
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    if failed:
+        print(f"process output kept in {logdir}", file=sys.stderr)
+    elif not args.log_dir:
+        shutil.rmtree(logdir, ignore_errors=True)
+    return EXIT_ERRORS if failed else 0

@@ -1,0 +1,282 @@
+"""
+Subprocesses of a benchmark run, and what /proc says about them.
+
+Every process is started through :class:`Processes`, whose :meth:`stop_all`
+(called from a ``finally`` block) stops whatever is still running: SIGTERM
+(or EOF on stdin), then SIGKILL.  On Linux each child also asks to be sent
+SIGTERM if the benchmark dies without cleaning up (``PR_SET_PDEATHSIG``).
+Output goes to files in the run's log directory, never to pipes, so a
+process that logs a lot cannot block; readiness is found by polling those
+files for a line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import IO, Callable, Optional, Sequence
+
+__all__ = [
+    "BenchError",
+    "Process",
+    "Processes",
+    "cpu_seconds",
+    "fd_count",
+    "open_files_limit",
+    "raise_open_files_limit",
+    "rss_bytes",
+    "runqueue_wait",
+]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class BenchError(RuntimeError):
+    """A benchmark step could not be carried out (the message says why)."""
+
+
+def _deathsig_preexec(nofile: Optional[tuple[int, int]]) -> Callable[[], None]:
+    """A ``preexec_fn``: die with the parent; optionally set RLIMIT_NOFILE."""
+
+    def preexec() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except Exception:  # pragma: no cover - not Linux
+            pass
+        if nofile is not None:
+            try:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+            except Exception:  # pragma: no cover
+                pass
+
+    return preexec
+
+
+class Process:
+    """One subprocess; stdout and stderr go to ``<logdir>/<name>.out/.err``."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[object],
+        logdir: Path,
+        *,
+        stdin_pipe: bool = False,
+        env: Optional[dict[str, str]] = None,
+        nofile: Optional[tuple[int, int]] = None,
+    ) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.out_path = logdir / f"{name}.out"
+        self.err_path = logdir / f"{name}.err"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            try:
+                self.popen = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=logdir,
+                    env=env,
+                    preexec_fn=_deathsig_preexec(nofile),
+                )
+            except OSError as e:
+                raise BenchError(f"cannot start {name} ({self.argv[0]}): {e}") from e
+        self.pid = self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self, which: str = "out") -> str:
+        path = self.out_path if which == "out" else self.err_path
+        try:
+            return path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of stdout and stderr, for error messages."""
+        parts = []
+        for which in ("out", "err"):
+            text = self.output(which).rstrip().splitlines()[-lines:]
+            if text:
+                parts.append(f"--- {self.name} std{which} (last {len(text)} lines):")
+                parts.extend(text)
+        return "\n".join(parts) if parts else f"--- {self.name}: no output"
+
+    def wait_line(self, pattern: str, timeout: float, which: str = "out") -> re.Match[str]:
+        """Wait until a line of stdout (or stderr) matches; BenchError if not."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            found = regex.search(self.output(which))
+            if found:
+                return found
+            if not self.running():
+                # one last look: the line may have come with the exit
+                found = regex.search(self.output(which))
+                if found:
+                    return found
+                raise BenchError(
+                    f"{self.name} exited with status {self.popen.returncode} before "
+                    f"printing /{pattern}/\n{self.tail()}"
+                )
+            if time.monotonic() >= deadline:
+                raise BenchError(
+                    f"{self.name} did not print /{pattern}/ within {timeout:.0f}s\n{self.tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    def close_stdin(self) -> None:
+        stdin: Optional[IO[bytes]] = self.popen.stdin
+        if stdin is not None and not stdin.closed:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Close stdin, SIGTERM, wait up to ``grace`` seconds, then SIGKILL; reap."""
+        self.close_stdin()
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable
+            pass
+
+
+class Processes:
+    """Every subprocess of a run; :meth:`stop_all` stops them, newest first."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self._procs: list[Process] = []
+
+    def start(self, name: str, argv: Sequence[object], **kwargs: object) -> Process:
+        proc = Process(name, argv, self.logdir, **kwargs)  # type: ignore[arg-type]
+        self._procs.append(proc)
+        return proc
+
+    def running(self) -> list[Process]:
+        """The processes started and not yet stopped, oldest first."""
+        return list(self._procs)
+
+    def stop(self, proc: Process, grace: float = 3.0) -> None:
+        try:
+            proc.stop(grace)
+        finally:
+            if proc in self._procs:
+                self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        while self._procs:
+            proc = self._procs.pop()
+            try:
+                proc.stop()
+            except BaseException:  # keep stopping the others, even on Ctrl-C
+                try:
+                    proc.popen.kill()
+                except OSError:
+                    pass
+
+
+# ------------------------------------------------------------------ /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # the command name (field 2) may hold spaces and parentheses
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def runqueue_wait(pid: int) -> Optional[float]:
+    """Seconds the threads of a process have spent runnable but waiting for
+    a CPU (schedstat; None where the kernel does not keep it).
+
+    A large share of waiting during a measurement means the CPUs were busy
+    with other work, the benchmark's own processes included.
+    """
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / 1e9
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_files_limit(pid: int) -> Optional[tuple[int, int]]:
+    """(soft, hard) RLIMIT_NOFILE of a process, from /proc/PID/limits."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft, hard = line.split()[3:5]
+                    big = 1 << 62
+                    return (
+                        big if soft == "unlimited" else int(soft),
+                        big if hard == "unlimited" else int(hard),
+                    )
+    except OSError:
+        pass
+    return None
+
+
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit.
+
+    Returns (soft before, soft now, hard).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    return soft, max(soft, target), hard

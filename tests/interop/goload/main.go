@@ -1,0 +1,599 @@
+// Command goload is the load generator and the direct echo server of
+// “python -m tcprelay.bench“ (standard library only, builds in GOPATH mode):
+//
+//	goload echo       -listen 127.0.0.1:0
+//	goload throughput -addr H:P [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
+//	goload latency    -addr H:P [-n 1000] [-timeout 10s]
+//	goload cps        -addr H:P [-conns 8] [-seconds 3] [-timeout 10s]
+//	goload hold       -addr H:P [-n 10000] [-parallel 32] [-ping] [-timeout 120s]
+//
+// echo: listens, prints "LISTEN host:port", then echoes every connection
+// exactly (io.Copy); after the peer's FIN has been read and everything
+// echoed it half-closes, then closes. Runs until SIGTERM/SIGINT.
+//
+// throughput: opens -conns connections at once; each one writes a
+// pseudo-random byte stream (-bytes bytes, or for -seconds seconds, or
+// whichever ends first) while reading the echo concurrently and checking
+// every byte against what was sent. It never half-closes (the original Go
+// relay turns a visitor's half-close into a full close): it reads until all
+// sent bytes came back, then closes. One JSON line on stdout:
+//
+//	{"mbps":..,"bytes":..,"seconds":..,"conns":..,"errors":..,"error":".."}
+//
+// mbps is echoed bytes (one direction) per second, MB = 10^6 bytes.
+//
+// latency: -n times in a row: connect, write 1 byte, read it back, close;
+// prints {"n","errors","p50_us","p99_us","mean_us","max_us","min_us"}.
+//
+// cps: -conns goroutines each loop connect + 1-byte echo + close for
+// -seconds; prints {"cps","completed","errors","seconds"}.
+//
+// hold: opens -n connections (-parallel dials at a time), with -ping each
+// one echoes one byte first (so the whole path is known to be up), then
+// prints {"held","errors","seconds","error"} and holds them idle until
+// stdin reaches EOF or SIGTERM/SIGINT arrives; then closes them and exits 0.
+//
+// Exit status: 0 when the JSON line was printed (errors are counted in it),
+// 2 on bad usage.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/ioutil"
+	"math/rand"
+	"net"
+	"os"
+	"os/signal"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+const (
+	patternSize = 1 << 20 // bytes of the pseudo-random pattern
+	chunkSize   = 64 << 10
+)
+
+// pattern is the pseudo-random data every connection sends: connection i
+// starts at offset i*7919 and walks it cyclically.
+var pattern []byte
+
+func init() {
+	r := rand.New(rand.NewSource(20240605))
+	// chunkSize extra bytes so that any chunk starting inside the pattern
+	// can be taken as one slice (the tail repeats the head)
+	pattern = make([]byte, patternSize+chunkSize)
+	r.Read(pattern[:patternSize])
+	copy(pattern[patternSize:], pattern[:chunkSize])
+}
+
+// slice returns up to n expected bytes at stream offset off for a
+// connection starting at start (never more than chunkSize).
+func slice(start, off int64, n int) []byte {
+	if n > chunkSize {
+		n = chunkSize
+	}
+	p := (start + off) % patternSize
+	return pattern[p : p+int64(n)]
+}
+
+func emitJSON(v interface{}) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	os.Stdout.Write(append(b, '\n'))
+}
+
+func usage(format string, args ...interface{}) {
+	fmt.Fprintf(os.Stderr, "goload: "+format+"\n", args...)
+	os.Exit(2)
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage("usage: goload echo|throughput|latency|cps|hold [flags]")
+	}
+	cmd, args := os.Args[1], os.Args[2:]
+	switch cmd {
+	case "echo":
+		echoMain(args)
+	case "throughput":
+		throughputMain(args)
+	case "latency":
+		latencyMain(args)
+	case "cps":
+		cpsMain(args)
+	case "hold":
+		holdMain(args)
+	default:
+		usage("unknown command %q (echo, throughput, latency, cps, hold)", cmd)
+	}
+}
+
+func parse(fs *flag.FlagSet, args []string) {
+	if err := fs.Parse(args); err != nil {
+		os.Exit(2)
+	}
+	if fs.NArg() != 0 {
+		usage("%s: unexpected arguments %v", fs.Name(), fs.Args())
+	}
+}
+
+func exitOnSignal() {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-sigs
+		os.Exit(0)
+	}()
+}
+
+// ---------------------------------------------------------------- echo
+
+func echoMain(args []string) {
+	fs := flag.NewFlagSet("echo", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:0", "address to listen on")
+	parse(fs, args)
+	exitOnSignal()
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Printf("FAIL: listen %s: %v\n", *listen, err)
+		os.Exit(1)
+	}
+	fmt.Printf("LISTEN %s\n", ln.Addr())
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Temporary() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			fmt.Fprintf(os.Stderr, "goload echo: accept: %v\n", err)
+			os.Exit(1)
+		}
+		go func(c *net.TCPConn) {
+			defer c.Close()
+			if err := echo(c); err == nil {
+				c.CloseWrite()
+				// wait for the peer to close before closing ourselves
+				io.Copy(ioutil.Discard, c)
+			}
+		}(conn.(*net.TCPConn))
+	}
+}
+
+// echo copies c back to itself until EOF (nil) or an error. Plain read and
+// write, not io.Copy: TCPConn.ReadFrom would splice, and every blocked
+// splice holds a pipe (two more descriptors per idle connection). The
+// buffer starts small (idle connections are cheap) and grows to chunkSize
+// the first time a read fills it.
+func echo(c *net.TCPConn) error {
+	buf := make([]byte, 4096)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return werr
+			}
+			if n == len(buf) && len(buf) < chunkSize {
+				buf = make([]byte, chunkSize)
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// ---------------------------------------------------------- throughput
+
+type throughputResult struct {
+	MBps    float64 `json:"mbps"`
+	Bytes   int64   `json:"bytes"`
+	Seconds float64 `json:"seconds"`
+	Conns   int     `json:"conns"`
+	Errors  int     `json:"errors"`
+	Error   string  `json:"error,omitempty"`
+}
+
+type firstError struct {
+	mu  sync.Mutex
+	err error
+	n   int
+}
+
+func (f *firstError) add(err error) {
+	f.mu.Lock()
+	if f.err == nil {
+		f.err = err
+	}
+	f.n++
+	f.mu.Unlock()
+}
+
+func (f *firstError) text() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err == nil {
+		return ""
+	}
+	return f.err.Error()
+}
+
+func throughputMain(args []string) {
+	fs := flag.NewFlagSet("throughput", flag.ContinueOnError)
+	addr := fs.String("addr", "", "host:port to connect to")
+	conns := fs.Int("conns", 1, "concurrent connections")
+	nbytes := fs.Int64("bytes", 0, "bytes each connection sends (0: no limit, use -seconds)")
+	seconds := fs.Float64("seconds", 0, "stop sending after this long (0: no limit, use -bytes)")
+	timeout := fs.Duration("timeout", 60*time.Second, "give up on a connection after this long")
+	parse(fs, args)
+	if *addr == "" || *conns < 1 || (*nbytes <= 0 && *seconds <= 0) {
+		usage("throughput: need -addr, -conns >= 1 and -bytes or -seconds")
+	}
+	var errs firstError
+	var total int64
+	var ready, wg sync.WaitGroup
+	startGun := make(chan struct{})
+	// connect everything first, then start the clock
+	connsList := make([]net.Conn, *conns)
+	for i := range connsList {
+		c, err := net.DialTimeout("tcp", *addr, 10*time.Second)
+		if err != nil {
+			errs.add(fmt.Errorf("dial: %w", err))
+			continue
+		}
+		connsList[i] = c
+	}
+	var stopAt time.Time
+	for i, c := range connsList {
+		if c == nil {
+			continue
+		}
+		ready.Add(1)
+		wg.Add(1)
+		go func(i int, c net.Conn) {
+			defer wg.Done()
+			defer c.Close()
+			ready.Done()
+			<-startGun
+			deadline := time.Now().Add(*timeout)
+			c.SetDeadline(deadline)
+			n, err := echoStream(c, int64(i)*7919, *nbytes, stopAt, deadline)
+			atomic.AddInt64(&total, n)
+			if err != nil {
+				errs.add(err)
+			}
+		}(i, c)
+	}
+	ready.Wait()
+	start := time.Now()
+	if *seconds > 0 {
+		stopAt = start.Add(time.Duration(*seconds * float64(time.Second)))
+	}
+	close(startGun)
+	wg.Wait()
+	elapsed := time.Since(start).Seconds()
+	emitJSON(throughputResult{
+		MBps:    float64(total) / elapsed / 1e6,
+		Bytes:   total,
+		Seconds: elapsed,
+		Conns:   *conns,
+		Errors:  errs.n,
+		Error:   errs.text(),
+	})
+}
+
+// echoStream sends limit bytes (0: unlimited) or until stopAt (zero: never)
+// and reads the echo concurrently, verifying it; returns the bytes that
+// came back verified. deadline bounds the whole exchange.
+func echoStream(c net.Conn, start, limit int64, stopAt, deadline time.Time) (int64, error) {
+	var sent int64  // written by the writer before it sets wdone
+	var wdone int32 // 1 once the writer has finished
+	var werr error  // the writer's error, read after wdone
+	go func() {
+		var off int64
+		var err error
+		for limit <= 0 || off < limit {
+			if !stopAt.IsZero() && time.Now().After(stopAt) {
+				break
+			}
+			n := chunkSize
+			if limit > 0 && limit-off < int64(n) {
+				n = int(limit - off)
+			}
+			var w int
+			w, err = c.Write(slice(start, off, n))
+			off += int64(w)
+			if err != nil {
+				break
+			}
+		}
+		sent = off
+		werr = err
+		atomic.StoreInt32(&wdone, 1)
+		// wake the reader if it is blocked waiting for bytes that will
+		// never come (it resets the deadline and checks the total)
+		c.SetReadDeadline(time.Unix(1, 0))
+	}()
+	buf := make([]byte, chunkSize)
+	var got int64
+	for {
+		if atomic.LoadInt32(&wdone) == 1 {
+			if werr != nil {
+				return got, fmt.Errorf("write: %w", werr)
+			}
+			if got >= sent {
+				break
+			}
+		}
+		n, err := c.Read(buf)
+		if n > 0 {
+			if !bytes.Equal(buf[:n], slice(start, got, n)) {
+				c.Close()
+				return got, fmt.Errorf("echo differs from what was sent near offset %d", got)
+			}
+			got += int64(n)
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && atomic.LoadInt32(&wdone) == 1 && time.Now().Before(deadline) {
+				c.SetReadDeadline(deadline)
+				continue
+			}
+			c.Close()
+			return got, fmt.Errorf("read after %d bytes: %w", got, err)
+		}
+	}
+	if got > sent {
+		return got, fmt.Errorf("echo longer than what was sent (%d > %d)", got, sent)
+	}
+	return got, nil
+}
+
+// ------------------------------------------------------------- latency
+
+func ping(addr string, timeout time.Duration) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("write: %w", err)
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if b[0] != 'x' {
+		c.Close()
+		return nil, fmt.Errorf("echo returned %q, not 'x'", b[0])
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+type latencyResult struct {
+	N      int     `json:"n"`
+	Errors int     `json:"errors"`
+	P50    float64 `json:"p50_us"`
+	P99    float64 `json:"p99_us"`
+	Mean   float64 `json:"mean_us"`
+	Min    float64 `json:"min_us"`
+	Max    float64 `json:"max_us"`
+	Error  string  `json:"error,omitempty"`
+}
+
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	// nearest rank
+	i := int(p/100*float64(len(sorted))+0.999999) - 1
+	if i < 0 {
+		i = 0
+	}
+	if i >= len(sorted) {
+		i = len(sorted) - 1
+	}
+	return sorted[i]
+}
+
+func latencyMain(args []string) {
+	fs := flag.NewFlagSet("latency", flag.ContinueOnError)
+	addr := fs.String("addr", "", "host:port to connect to")
+	n := fs.Int("n", 1000, "connections, one after another")
+	timeout := fs.Duration("timeout", 10*time.Second, "give up on one connection after this long")
+	parse(fs, args)
+	if *addr == "" || *n < 1 {
+		usage("latency: need -addr and -n >= 1")
+	}
+	var errs firstError
+	samples := make([]float64, 0, *n)
+	var sum float64
+	for i := 0; i < *n; i++ {
+		t0 := time.Now()
+		c, err := ping(*addr, *timeout)
+		us := float64(time.Since(t0).Nanoseconds()) / 1e3
+		if err != nil {
+			errs.add(err)
+			continue
+		}
+		c.Close()
+		samples = append(samples, us)
+		sum += us
+	}
+	sort.Float64s(samples)
+	res := latencyResult{N: len(samples), Errors: errs.n, Error: errs.text()}
+	if len(samples) > 0 {
+		res.P50 = percentile(samples, 50)
+		res.P99 = percentile(samples, 99)
+		res.Mean = sum / float64(len(samples))
+		res.Min = samples[0]
+		res.Max = samples[len(samples)-1]
+	}
+	emitJSON(res)
+}
+
+// ----------------------------------------------------------------- cps
+
+type cpsResult struct {
+	CPS       float64 `json:"cps"`
+	Completed int64   `json:"completed"`
+	Errors    int     `json:"errors"`
+	Seconds   float64 `json:"seconds"`
+	Error     string  `json:"error,omitempty"`
+}
+
+func cpsMain(args []string) {
+	fs := flag.NewFlagSet("cps", flag.ContinueOnError)
+	addr := fs.String("addr", "", "host:port to connect to")
+	conns := fs.Int("conns", 8, "concurrent clients")
+	seconds := fs.Float64("seconds", 3, "how long to run")
+	timeout := fs.Duration("timeout", 10*time.Second, "give up on one connection after this long")
+	parse(fs, args)
+	if *addr == "" || *conns < 1 || *seconds <= 0 {
+		usage("cps: need -addr, -conns >= 1 and -seconds > 0")
+	}
+	var errs firstError
+	var done int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	stopAt := start.Add(time.Duration(*seconds * float64(time.Second)))
+	for i := 0; i < *conns; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stopAt) {
+				c, err := ping(*addr, *timeout)
+				if err != nil {
+					errs.add(err)
+					if errs.n > 1000 {
+						return
+					}
+					continue
+				}
+				c.Close()
+				atomic.AddInt64(&done, 1)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start).Seconds()
+	emitJSON(cpsResult{
+		CPS:       float64(done) / elapsed,
+		Completed: done,
+		Errors:    errs.n,
+		Seconds:   elapsed,
+		Error:     errs.text(),
+	})
+}
+
+// ---------------------------------------------------------------- hold
+
+type holdResult struct {
+	Held    int     `json:"held"`
+	Errors  int     `json:"errors"`
+	Seconds float64 `json:"seconds"`
+	Error   string  `json:"error,omitempty"`
+}
+
+func holdMain(args []string) {
+	fs := flag.NewFlagSet("hold", flag.ContinueOnError)
+	addr := fs.String("addr", "", "host:port to connect to")
+	n := fs.Int("n", 10000, "connections to open and hold")
+	parallel := fs.Int("parallel", 32, "dials in flight at once")
+	doPing := fs.Bool("ping", true, "echo one byte on each connection before holding it")
+	timeout := fs.Duration("timeout", 120*time.Second, "give up opening after this long")
+	parse(fs, args)
+	if *addr == "" || *n < 1 || *parallel < 1 {
+		usage("hold: need -addr, -n >= 1 and -parallel >= 1")
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	stdinEOF := make(chan struct{})
+	go func() {
+		io.Copy(ioutil.Discard, os.Stdin)
+		close(stdinEOF)
+	}()
+
+	var errs firstError
+	var mu sync.Mutex
+	held := make([]net.Conn, 0, *n)
+	deadline := time.Now().Add(*timeout)
+	jobs := make(chan struct{})
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < *parallel; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range jobs {
+				left := time.Until(deadline)
+				if left <= 0 {
+					errs.add(errors.New("timed out opening connections"))
+					continue
+				}
+				var c net.Conn
+				var err error
+				if *doPing {
+					c, err = ping(*addr, left)
+				} else {
+					c, err = net.DialTimeout("tcp", *addr, left)
+				}
+				if err != nil {
+					errs.add(err)
+					continue
+				}
+				mu.Lock()
+				held = append(held, c)
+				mu.Unlock()
+			}
+		}()
+	}
+	stopped := false
+feed:
+	for i := 0; i < *n; i++ {
+		select {
+		case jobs <- struct{}{}:
+		case <-sigs:
+			stopped = true
+			break feed
+		case <-stdinEOF:
+			stopped = true
+			break feed
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	emitJSON(holdResult{
+		Held:    len(held),
+		Errors:  errs.n,
+		Seconds: time.Since(start).Seconds(),
+		Error:   errs.text(),
+	})
+	if !stopped {
+		select {
+		case <-sigs:
+		case <-stdinEOF:
+		}
+	}
+	for _, c := range held {
+		c.Close()
+	}
+}

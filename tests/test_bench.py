@@ -1,0 +1,96 @@
+"""
+Regression guard for the data path: ``python -m tcprelay.bench`` in a narrow
+quick slice (1-connection echo throughput through the Go relay and through
+tcprelay, both with the Go echo service behind them, in the same run).
+
+It fails only on a gross slowdown: the ratio tcprelay / Go relay falling
+below a third of the ratio recorded in docs/benchmarks.rst.  The ratio is
+compared, never absolute MB/s, because other work on the machine moves both
+stacks alike; and a run below the threshold is repeated once before the
+test fails, so one unlucky burst of noise cannot fail it.
+
+Skipped only when Go (or Debian's muxado v1 sources) is missing, and then
+only outside CI (``require_go`` fails in CI instead).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.interop import gobuild
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+RECORDED_RATIO_1_CONN = 1.08
+"""tcprelay / Go relay echo throughput with 1 connection, from the full run
+recorded in docs/benchmarks.rst (row "echo MB/s, 1 conn", column "tcp/Go").
+Update both together."""
+
+SLOWDOWN_FACTOR = 3.0
+"""Fail only below RECORDED_RATIO_1_CONN / SLOWDOWN_FACTOR."""
+
+RUN_TIMEOUT = 120.0
+
+
+def _run_slice(tmp_path: Path, attempt: int) -> dict[str, Any]:
+    out = tmp_path / f"bench-{attempt}.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "tcprelay.bench",
+        "--quick",
+        "--scenarios",
+        "go-relay,tcprelay",
+        "--tests",
+        "throughput",
+        "--conns",
+        "1",
+        "--go-src",
+        str(REPO_ROOT / "tests" / "interop"),
+        "--json",
+        str(out),
+    ]
+    # Run from the checkout so that the code under test is the one measured.
+    proc = subprocess.run(
+        argv,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"benchmark failed (exit {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
+    document: dict[str, Any] = json.loads(out.read_text())
+    return document
+
+
+def test_tcprelay_throughput_is_not_grossly_slower_than_go_relay(tmp_path: Path) -> None:
+    """1-connection throughput ratio tcprelay / Go relay stays above a third of the recorded one."""
+    gobuild.require_go()
+    threshold = RECORDED_RATIO_1_CONN / SLOWDOWN_FACTOR
+    seen = []
+    for attempt in range(2):
+        document = _run_slice(tmp_path, attempt)
+        results = document["results"]
+        go = results["go-relay"]["throughput"]["1"]
+        ours = results["tcprelay"]["throughput"]["1"]
+        assert go["errors"] == 0 and ours["errors"] == 0, (go, ours)
+        assert go["bytes"] > 0 and ours["bytes"] > 0, (go, ours)
+        ratio = ours["mbps"] / go["mbps"]
+        seen.append(f"{ours['mbps']:.0f} / {go['mbps']:.0f} MB/s = {ratio:.2f}")
+        if ratio >= threshold:
+            return
+    pytest.fail(
+        f"tcprelay / Go relay 1-connection echo throughput fell below {threshold:.2f} "
+        f"(a third of the recorded {RECORDED_RATIO_1_CONN}, docs/benchmarks.rst) "
+        f"twice: {'; '.join(seen)}"
+    )
