@@ -159,7 +159,7 @@ def endpoints(reactor: Any, options: ExposeOptions) -> tuple[Any, Any]:
     from tcprelay.agent.expose import client_endpoint
 
     relay = client_endpoint(reactor, options["relay"], options["ca-file"])
-    local = client_endpoint(reactor, options["local"])
+    local = client_endpoint(reactor, options["local"], resolve_once=True)
     return relay, local
 
 
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from twisted.internet import reactor
     from twisted.internet.error import ReactorNotRunning
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
     try:
         relay, local = endpoints(reactor, options.subOptions)
@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    from tcprelay.relay.server import raise_open_files_limit
+
+    raise_open_files_limit(Logger("tcprelay.cli"))
     code: list[int] = [0]
 
     def done(value: int) -> None:

@@ -72,7 +72,14 @@ class Splice:
     closed.
     """
 
-    def __init__(self, on_done: Optional[Callable[[Splice], None]] = None) -> None:
+    def __init__(
+        self,
+        on_done: Optional[Callable[[Splice], None]] = None,
+        preamble: Optional[Callable[[Any], bytes]] = None,
+    ) -> None:
+        self.preamble = preamble
+        """Given side a's transport once it is connected, bytes to send to
+        side b before anything read from a (e.g. a PROXY header)."""
         self.a = _Side(self)
         self.b = _Side(self)
         self.a.peer = self.b
@@ -105,6 +112,10 @@ class _Side(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.peer
+        splice = self.splice
+        if self is splice.a and splice.preamble is not None and peer.transport is not None:
+            preamble, splice.preamble = splice.preamble, None
+            peer.transport.write(preamble(self.transport))
         if peer.transport is not None and not peer.lost:
             self._link()
             peer._link()

@@ -120,6 +120,14 @@ class MuxStream:
         try:
             mux.session.send_data(self.stream_id, data)
         except (StreamClosedError, SessionClosedError):
+            # The session has already closed this stream for sending (an RST
+            # in the batch being dispatched), but its StreamClosed event,
+            # which stops the producer, has not been dispatched yet.  Pause
+            # the producer meanwhile, or one that writes until paused spins.
+            producer = self._producer
+            if producer is not None and self._streaming and not self._producer_paused:
+                self._producer_paused = True
+                producer.pauseProducing()  # type: ignore[attr-defined]
             return
         if self._producer is not None:
             self._update_producer()

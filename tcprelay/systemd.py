@@ -75,7 +75,20 @@ class SystemdNotifier(Service):
         # _waitingForPort fires with the port; do not consume its result.
         ready: Deferred[Any] = Deferred()
         d.addBoth(lambda result: (ready.callback(None), result)[1])
-        ready.addCallback(lambda _: self._ready())
+        ready.addCallback(lambda _: self._when_running(self._ready))
+
+    def _when_running(self, f: Any) -> None:
+        """
+        Call ``f`` once the reactor runs.  twistd starts services (and the
+        control port listens) before ``reactor.run()`` installs the signal
+        handlers: a READY=1 sent then could be followed by a SIGTERM that
+        kills the relay outright instead of draining it.
+        """
+        call_when_running = getattr(self.clock, "callWhenRunning", None)
+        if call_when_running is None:
+            f()
+        else:
+            call_when_running(f)
 
     def _ready(self) -> None:
         if not self.running:

@@ -39,7 +39,7 @@ Trial::
 from __future__ import annotations
 
 import socket
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import interfaces
@@ -48,9 +48,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 
 from tcprelay.agent.client import AgentConfig
 from tcprelay.agent.endpoint import RelayListeningPort, RelayServerEndpoint
+from tcprelay.forward import Splice
 from tcprelay.mux.session import SessionConfig
 from tcprelay.relay.pool import PortPool
-from tcprelay.relay.server import Relay, RelayConfig, RelayService
+from tcprelay.relay.server import Registration, Relay, RelayConfig, RelayService
 
 __all__ = ["RelayFixture", "free_ports"]
 
@@ -154,10 +155,34 @@ class RelayFixture:
         """Stop every served factory, then the relay; fires when all is closed."""
 
         async def run() -> None:
+            # A session's registration is forgotten as it ends, but its
+            # visitor sockets may close a reactor turn later (an aborted
+            # TCP connection is lost from a callLater(0)): keep them to wait on.
+            registrations = set(self.relay.registrations.values())
             served, self._served = self._served, []
             await DeferredList([p.stopListening() for p in served])
+            registrations.update(self.relay.registrations.values())
             if self.service.running:
                 await self.service.stopService()
             await self.relay.when_idle()
+            await _visitors_closed(registrations)
 
         return ensureDeferred(run())
+
+
+def _visitors_closed(registrations: Iterable[Registration]) -> Deferred[None]:
+    """Fires once every visitor connection of ``registrations`` is closed."""
+    waits: list[Deferred[None]] = []
+    for reg in registrations:
+        for splice in list(reg.visitors):
+            closed: Deferred[None] = Deferred()
+            previous = splice.on_done
+
+            def done(s: Splice, previous: Any = previous, closed: Deferred[None] = closed) -> None:
+                if previous is not None:
+                    previous(s)
+                closed.callback(None)
+
+            splice.on_done = done
+            waits.append(closed)
+    return DeferredList(waits).addCallback(lambda _: None)

@@ -62,8 +62,9 @@ def test_control_endpoint_string_is_kept() -> None:
     options.parseOptions([])
     assert options["control"] == "tcp:8080"
     options = tap.Options()
-    options.parseOptions(["--control", "ssl:8443:privateKey=key.pem"])
-    assert options["control"] == "ssl:8443:privateKey=key.pem"
+    options.parseOptions(["--control", "tcp6:8443:interface=\\:\\:1"])
+    assert options["control"] == "tcp6:8443:interface=\\:\\:1"
+    assert options["ports"] == range(8444, 8494)
 
 
 def test_out_of_range_control_port_is_rejected() -> None:

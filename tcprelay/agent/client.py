@@ -58,7 +58,11 @@ class AgentConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     handshake_timeout: float = 30.0
-    session: SessionConfig = SessionConfig(receive_window=262144)
+    session: SessionConfig = SessionConfig(
+        receive_window=262144, max_streams=1 << 20, accept_backlog=1 << 20
+    )
+    """Visitor streams are opened by the relay, which enforces its own
+    per-service limit (``--max-streams``); the agent takes what it gets."""
 
 
 class AgentObserver(TypingProtocol):

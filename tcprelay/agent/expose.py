@@ -6,13 +6,23 @@ passed on as PROXY v1/v2 or dropped.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, Optional
 
 from twisted.internet import interfaces
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    clientFromString,
+    wrapClientTLS,
+)
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcprelay import handshake as hs
 from tcprelay.forward import Splice
@@ -28,12 +38,15 @@ def client_endpoint(
     description: str,
     ca_file: Optional[str] = None,
     default_host: str = "localhost",
+    resolve_once: bool = False,
 ) -> interfaces.IStreamClientEndpoint:
     """
     A client endpoint from ``PORT``, ``HOST:PORT`` or a Twisted client
     endpoint string (``tcp:``, ``tls:``, ``unix:`` ...).  With ``ca_file``,
     a ``HOST:PORT`` relay is reached over TLS and its certificate must be
-    issued by that CA for HOST.  ValueError for unusable input.
+    issued by that CA for HOST.  With ``resolve_once`` (the local service,
+    connected once per visitor) HOST is resolved now rather than per
+    connection.  ValueError for unusable input.
     """
     text = description.strip()
     if text.isdigit():
@@ -52,7 +65,11 @@ def client_endpoint(
                 raise ValueError(f"{description!r} is not PORT, HOST:PORT or an endpoint: {e}") from None
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
-    endpoint: interfaces.IStreamClientEndpoint = HostnameEndpoint(reactor, host, port)
+    endpoint: interfaces.IStreamClientEndpoint
+    if resolve_once and ca_file is None:
+        endpoint = ResolvedEndpoint(reactor, host, port)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port)
     if ca_file is not None:
         from twisted.internet.ssl import Certificate, optionsForClientTLS
 
@@ -64,6 +81,52 @@ def client_endpoint(
             raise ValueError(f"{ca_file} is not a PEM certificate: {e}") from None
         endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=authority), endpoint)
     return endpoint
+
+
+@implementer(interfaces.IStreamClientEndpoint)
+class ResolvedEndpoint:
+    """
+    HOST:PORT resolved once (at start): connects to the address that worked
+    last, trying the others in order when it fails.  Saves a thread-pool
+    name lookup per visitor.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int) -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise ValueError(f"cannot resolve {host}: {e}") from None
+        self.reactor = reactor
+        self.port = port
+        self.addresses: list[tuple[int, str]] = []
+        for family, _, _, _, sockaddr in infos:
+            entry = (family, str(sockaddr[0]))
+            if entry not in self.addresses:
+                self.addresses.append(entry)
+
+    def connect(self, factory: interfaces.IProtocolFactory) -> Deferred[Any]:
+        """Connect to the preferred address, falling back to the others."""
+        order = list(self.addresses)
+
+        def attempt(index: int) -> Deferred[Any]:
+            family, address = order[index]
+            cls = TCP6ClientEndpoint if family == socket.AF_INET6 else TCP4ClientEndpoint
+            d = cls(self.reactor, address, self.port).connect(factory)
+
+            def worked(protocol: Any) -> Any:
+                if index:
+                    self.addresses.remove(order[index])
+                    self.addresses.insert(0, order[index])
+                return protocol
+
+            def failed(failure: Failure) -> Any:
+                if index + 1 < len(order) and failure.check(ConnectError):
+                    return attempt(index + 1)
+                return failure
+
+            return d.addCallbacks(worked, failed)
+
+        return attempt(0)
 
 
 _PREFIXES = {"tcp", "tcp6", "ssl", "tls", "unix", "systemd", "tor", "onion"}

@@ -46,6 +46,9 @@ from tcprelay.mux.session import Role, SessionClosedError, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
 from tcprelay.relay.pool import PoolTimeout, PortPool
 
+PUBLIC_BACKLOG = 4096
+"""listen() backlog of public ports (the kernel caps it at somaxconn)."""
+
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
 """Upper bounds (seconds) of the handshake-duration histogram."""
 
@@ -123,21 +126,21 @@ class Registration:
         self.listener = self.relay.reactor.listenTCP(  # type: ignore[attr-defined]
             self.port,
             VisitorFactory(self),
+            backlog=PUBLIC_BACKLOG,
             interface=self.relay.config.public_interface,
         )
 
     def visitor_connected(self, addr: interfaces.IAddress) -> Optional[Splice]:
         """Open a stream for a new visitor; None if the session cannot."""
-        splice = Splice(on_done=self._visitor_done)
-        stream_type = hs.VISITOR_STREAM_TYPE if self.extended else 0
-        try:
-            stream = self.session.open_stream(splice.b, stream_type)
-        except SessionClosedError:
+        if len(self.visitors) >= self.relay.config.session.max_streams:
             return None
-        if self.proxy and self.listener is not None:
-            host = self.listener.getHost()
-            stream.write(
-                hs.encode_proxy_v2(
+        preamble = None
+        if self.proxy:
+
+            def preamble(transport: interfaces.ITransport) -> bytes:
+                # The address the visitor actually dialled, not the bound one.
+                host = transport.getHost()
+                return hs.encode_proxy_v2(
                     hs.ProxyHeader(
                         addr.host,  # type: ignore[attr-defined]
                         addr.port,  # type: ignore[attr-defined]
@@ -145,7 +148,13 @@ class Registration:
                         host.port,  # type: ignore[attr-defined]
                     )
                 )
-            )
+
+        splice = Splice(on_done=self._visitor_done, preamble=preamble)
+        stream_type = hs.VISITOR_STREAM_TYPE if self.extended else 0
+        try:
+            self.session.open_stream(splice.b, stream_type)
+        except SessionClosedError:
+            return None
         self.visitors.add(splice)
         self.relay.visitors_accepted += 1
         return splice
