@@ -24,6 +24,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcprelay._fastio import write_now
+
 __all__ = ["Splice", "SocketSide", "StreamSide"]
 
 
@@ -143,7 +145,7 @@ class _Side(Protocol):
         if peer.transport is None:
             peer._pending.append(data)
         elif not peer.lost:
-            peer.transport.write(data)
+            write_now(peer.transport, data)
 
     def readConnectionLost(self) -> None:
         self.read_done = True

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcprelay._fastio import write_now
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode, error_name
 from tcprelay.mux.session import (
@@ -449,7 +450,7 @@ class MuxProtocol(Protocol):
             while True:
                 out = session.data_to_send()
                 if out and self._connected:
-                    transport.write(out)  # type: ignore[union-attr]
+                    write_now(transport, out)
                 if events is None:
                     events = session.events()
                 if self._backlog:

@@ -187,7 +187,7 @@ class Session:
         self.role = role
         self.config = config
         self._streams: dict[int, _Stream] = {}
-        self._decoder = f.FrameDecoder()
+        self._decoder = f.FrameDecoder(merge_data=True)
         self._out: list[Buffer] = []
         self._events: list[Event] = []
         # Highest id used by us / seen from the peer.  Clients use odd ids

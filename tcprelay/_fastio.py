@@ -1,0 +1,46 @@
+"""
+Write-through for idle plain TCP transports (the relay's hottest path).
+
+Twisted's ``write`` always buffers, asks epoll for writability and sends on
+the next reactor pass: three ``epoll_ctl``/``epoll_wait`` round trips per
+send on a relay that forwards every chunk at once.  When a plain TCP
+transport has nothing queued, :func:`write_now` hands the bytes to the
+socket straight away and only queues what the kernel did not take, through
+the ordinary ``write`` (so producers, half-close and error handling stay
+Twisted's).  Anything else (TLS, a mux stream, a transport with data
+pending, a closing one) simply gets ``transport.write``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+__all__ = ["write_now"]
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sending at once when that is safe."""
+    if (
+        type(transport) in _PLAIN_TCP
+        and not transport.TLS
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # EAGAIN, or an error the regular path will report.
+            sent = 0
+        if sent == len(data):
+            return
+        if sent:
+            data = data[sent:]
+    transport.write(data)
