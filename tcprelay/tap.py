@@ -123,6 +123,13 @@ class Options(usage.Options):
             "Seconds a service may wait for a free port before it is refused.",
         ],
         [
+            "handshake-timeout",
+            None,
+            "30",
+            "Seconds a new session has to complete its handshake (ask for a "
+            "port) before it is closed.",
+        ],
+        [
             "drain-timeout",
             None,
             "30",
@@ -149,7 +156,7 @@ class Options(usage.Options):
         [
             "max-streams",
             None,
-            "1024",
+            "65536",
             "Most streams a service may open at once (visitor streams are "
             "opened by the relay and not counted).",
         ],
@@ -259,6 +266,7 @@ class Options(usage.Options):
             except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--secrets-file: {e}") from None
         for name in (
+            "handshake-timeout",
             "lease",
             "wait-timeout",
             "drain-timeout",
@@ -283,6 +291,7 @@ class Options(usage.Options):
             drain_timeout=self["drain-timeout"],
             bind_retry=self["bind-retry"],
             lease=self["lease"],
+            handshake_timeout=self["handshake-timeout"],
             secrets=tuple(self["secret"]),
             secrets_file=self["secrets-file"],
             secrets_inline=tuple(self["secret-inline"]),

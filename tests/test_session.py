@@ -1160,3 +1160,49 @@ def test_random_frames_never_raise(
     """Random well-formed frames on small ids never raise and keep the event order rules."""
     wire = b"".join(f.encode(fr) for fr in frames)
     run_garbage(fresh_target(role), split(wire, cuts), ticks)
+
+
+# ----------------------------------------------------------------------
+# Flood defences
+
+
+def test_refused_stream_flood_ends_the_session() -> None:
+    """Provoking more RSTs than reset_flood_limit within one heartbeat interval is a flood: GOAWAY(PROTOCOL_ERROR)."""
+    server = new_session(Role.SERVER, SessionConfig(heartbeat=False, reset_flood_limit=10))
+    server.go_away()
+    server.data_to_send()
+    for i in range(10):
+        feed(server, Syn(3 + 2 * i))
+    assert not server.ended
+    assert len(of_type(sent_frames(server), Rst)) == 10
+    feed(server, Syn(23))
+    assert_died(server, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_flood_budget_renews_every_interval() -> None:
+    """The RST budget is per heartbeat interval: the same rate spread over ticks is fine."""
+    server = new_session(Role.SERVER, SessionConfig(reset_flood_limit=10), now=0.0)
+    server.go_away()
+    sid = 3
+    for tick in range(1, 4):
+        for _ in range(10):
+            feed(server, Syn(sid))
+            sid += 2
+        server.on_timer(3.0 * tick)
+        assert not server.ended
+
+
+def test_peer_heartbeat_flood_ends_the_session() -> None:
+    """A peer that sends heartbeat bytes faster than it reads our echo cannot make us queue more than a window."""
+    client = new_session(Role.CLIENT, NO_HEARTBEAT)
+    feed(client, Syn(2, HB_PRIORITY, HB_TYPE))
+    chunk = b"\0" * 16000
+    for _ in range(4):
+        feed(client, Data(2, chunk))  # echoed: exhausts the 64 KiB send window
+        client.data_to_send()
+    assert not client.ended
+    for _ in range(5):
+        feed(client, Data(2, chunk))
+        if client.ended:
+            break
+    assert_died(client, ErrorCode.PROTOCOL_ERROR)

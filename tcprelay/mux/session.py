@@ -124,6 +124,9 @@ class SessionConfig:
     heartbeat_tolerance:
         Seconds an unanswered heartbeat may wait before the session is
         declared dead and closed.
+    reset_flood_limit:
+        RSTs the peer may provoke (refused streams, data for dead streams)
+        per heartbeat interval before the session is closed as a flood.
     """
 
     receive_window: int = INITIAL_WINDOW
@@ -132,6 +135,7 @@ class SessionConfig:
     heartbeat: bool = True
     heartbeat_interval: float = 3.0
     heartbeat_tolerance: float = 13.0
+    reset_flood_limit: int = 10000
 
     def __attrs_post_init__(self) -> None:
         if not INITIAL_WINDOW <= self.receive_window <= MAX_WINDOW:
@@ -199,6 +203,7 @@ class Session:
             self._local_last, self._remote_last = 0, 1
         self._remote_open = 0
         self._unaccepted = 0
+        self._replies = 0
         self._wndinc_threshold = config.receive_window // 2
         self.ended = False
         self.going_away = False
@@ -400,6 +405,7 @@ class Session:
 
     def on_timer(self, now: float) -> None:
         """Send a due heartbeat; end the session if one went unanswered."""
+        self._replies = 0
         if self.ended or self._hb_id is None:
             return
         cfg = self.config
@@ -483,11 +489,11 @@ class Session:
             if self._check_known("DATA", frame.stream_id) and n:
                 # A gone stream: tell the peer to stop (Go does the same).
                 # A bare FIN for it is harmless noise.
-                self._out.append(f.encode_rst(frame.stream_id, ErrorCode.STREAM_CLOSED))
+                self._reply_rst(frame.stream_id, ErrorCode.STREAM_CLOSED)
             return
         if st.state is not _OPEN and st.state is not _HALF_CLOSED_LOCAL:
             if n:
-                self._out.append(f.encode_rst(st.id, ErrorCode.STREAM_CLOSED))
+                self._reply_rst(st.id, ErrorCode.STREAM_CLOSED)
                 self._remove(st, ErrorCode.STREAM_CLOSED, True, "data after FIN")
             return
         if n > st.recv_window:
@@ -525,6 +531,12 @@ class Session:
         if st.heartbeat is _Heartbeat.THEIRS:
             if data:
                 self._write(st, data)
+                if st.pending_len > INITIAL_WINDOW:
+                    self._die(
+                        ErrorCode.PROTOCOL_ERROR,
+                        "flood: peer sends heartbeats faster than it reads the echo",
+                        remote=False,
+                    )
             return
         self._hb_echo += data
         while len(self._hb_echo) >= 4 and self._hb_sent_at is not None:
@@ -572,7 +584,7 @@ class Session:
             return
         self._remote_last = sid
         if self.going_away:
-            self._out.append(f.encode_rst(sid, ErrorCode.REFUSED_STREAM))
+            self._reply_rst(sid, ErrorCode.REFUSED_STREAM)
             return
         if frame.stream_type >= f.MIN_EXTENSION_TYPE:
             if frame.stream_type == f.HEARTBEAT_STREAM_TYPE and not any(
@@ -580,13 +592,13 @@ class Session:
             ):
                 self._add(sid, frame.stream_type, False, _Heartbeat.THEIRS)
             else:
-                self._out.append(f.encode_rst(sid, ErrorCode.STREAM_CLOSED))
+                self._reply_rst(sid, ErrorCode.STREAM_CLOSED)
             return
         if (
             self._remote_open >= self.config.max_streams
             or self._unaccepted >= self.config.accept_backlog
         ):
-            self._out.append(f.encode_rst(sid, ErrorCode.REFUSED_STREAM))
+            self._reply_rst(sid, ErrorCode.REFUSED_STREAM)
             return
         st = self._add(sid, frame.stream_type, False, _Heartbeat.NONE)
         st.accepted = False
@@ -668,6 +680,18 @@ class Session:
         st.recv_credit = 0
         st.recv_window += credit
         self._out.append(f.encode_wndinc(st.id, credit))
+
+    def _reply_rst(self, stream_id: int, error_code: int) -> None:
+        """An RST the peer's own frames made necessary; too many is a flood."""
+        self._out.append(f.encode_rst(stream_id, error_code))
+        self._replies += 1
+        if self._replies > self.config.reset_flood_limit:
+            self._die(
+                ErrorCode.PROTOCOL_ERROR,
+                f"flood: more than {self.config.reset_flood_limit} refused or "
+                "dead-stream frames within one heartbeat interval",
+                remote=False,
+            )
 
     def _write(self, st: _Stream, data: Buffer) -> None:
         """Send or queue, keeping order behind anything already queued."""
@@ -770,7 +794,8 @@ class Session:
         """End the session from our side, telling the peer why."""
         if self.ended:
             return
-        if not self.going_away:
+        if not self.going_away or error_code:
+            # A graceful GOAWAY may already be out; an error gets its own.
             self.going_away = True
             debug = reason.encode("utf-8", "replace") if error_code else b""
             self._out.append(f.encode_goaway(self.last_remote_id, error_code, debug))

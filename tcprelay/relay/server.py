@@ -73,6 +73,8 @@ class RelayConfig:
     wait_timeout: float = 60.0
     drain_timeout: float = 30.0
     bind_retry: float = 5.0
+    handshake_timeout: float = 30.0
+    """Seconds a new session has to ask for a port before it is closed."""
     lease: float = 60.0
     """Seconds a lost extended session's port stays reserved for its lease."""
     secrets: tuple[bytes, ...] = ()
@@ -240,6 +242,7 @@ class _Handshake(Protocol):
     def register(self, wanted: Optional[int] = None, lease: Optional[str] = None) -> None:
         """Find a port for the service and report it (or queue, or refuse)."""
         relay = self.session.relay
+        self.session.handshake_started()
         relay.sessions_waiting.add(self.session)
         self._started = relay.reactor.seconds()  # type: ignore[attr-defined]
         held = relay.resume_lease(lease) if lease else None
@@ -457,6 +460,7 @@ class RelaySession(MuxProtocol):
         self.handshake: Optional[_Handshake] = None
         self.queue_position = 0
         self.started = time.time()
+        self._handshake_deadline: Optional[IDelayedCall] = None
 
     def _accept_stream(self, stream: MuxStream) -> Optional[Protocol]:
         if self.handshake is not None or self.relay.draining:
@@ -469,9 +473,30 @@ class RelaySession(MuxProtocol):
 
     def session_started(self) -> None:
         self.relay.sessions.add(self)
+        self._handshake_deadline = self.clock.callLater(
+            self.relay.config.handshake_timeout, self._handshake_expired
+        )
+
+    def handshake_started(self) -> None:
+        """The service asked for a port: the handshake deadline is met."""
+        deadline, self._handshake_deadline = self._handshake_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_deadline = None
+        if self.session.ended:
+            return
+        self.log.warn(
+            "session {session} sent no handshake within {seconds:g}s; closing it",
+            session=self.label,
+            seconds=self.relay.config.handshake_timeout,
+        )
+        self.close(ErrorCode.PROTOCOL_ERROR, "no handshake in time")
 
     def session_ended(self, event: ev.SessionEnded) -> None:
         relay = self.relay
+        self.handshake_started()
         relay.sessions_waiting.discard(self)
         refused_by_us = not event.remote and event.error_code == ErrorCode.REFUSED_STREAM
         if event.error_code not in (None, ErrorCode.NO_ERROR) and not refused_by_us:
