@@ -82,6 +82,9 @@ class Splice:
         self.preamble = preamble
         """Given side a's transport once it is connected, bytes to send to
         side b before anything read from a (e.g. a PROXY header)."""
+        self.greeting_a = b""
+        """Bytes written to side a before anything read from b (set before
+        a connects; e.g. a PROXY header for a local service)."""
         self.a = _Side(self)
         self.b = _Side(self)
         self.a.peer = self.b
@@ -110,6 +113,8 @@ class _Side(Protocol):
         self.read_done = False
         self.write_done = False
         self._pending: list[bytes] = []
+        self._greeting = b""
+        """Written to this side's transport first, once linked."""
         self._pending_eof = False
 
     def connectionMade(self) -> None:
@@ -126,9 +131,14 @@ class _Side(Protocol):
 
     def _link(self) -> None:
         """Both transports exist: wire producers and flush early bytes."""
+        if self is self.splice.a:
+            self._greeting = self.splice.greeting_a
         transport = self.transport
         peer = self.peer
         transport.registerProducer(_PauseOnly(peer.transport), True)
+        if self._greeting:
+            greeting, self._greeting = self._greeting, b""
+            transport.write(greeting)
         if self._pending:
             pending, self._pending = self._pending, []
             transport.writeSequence(pending)

@@ -158,6 +158,10 @@ class LocalForwarder:
         self, stream: MuxStream, header: Optional[hs.ProxyHeader]
     ) -> Optional[interfaces.IProtocol]:
         splice = Splice(on_done=self._done)
+        if header is not None and self.proxy_mode == "v2":
+            splice.greeting_a = hs.encode_proxy_v2(header)
+        elif header is not None and self.proxy_mode == "v1":
+            splice.greeting_a = hs.encode_proxy_v1(header)
         self.active.add(splice)
         # Hold the visitor's bytes (and its window) until the local side is up.
         stream.pauseProducing()
@@ -166,12 +170,6 @@ class LocalForwarder:
         d = self.local.connect(factory)
 
         def connected(_: object) -> None:
-            transport = splice.a.transport
-            if header is not None and transport is not None:
-                if self.proxy_mode == "v2":
-                    transport.write(hs.encode_proxy_v2(header))
-                elif self.proxy_mode == "v1":
-                    transport.write(hs.encode_proxy_v1(header))
             stream.resumeProducing()
 
         def failed(failure: Failure) -> None:
