@@ -3,7 +3,9 @@ End-to-end tests of the agent side: the real ``tcprelay expose`` and the
 ``tcprelay:`` endpoint against the real ``twistd tcprelay`` (and the Go
 ``legacyrelay``), with plain-socket visitors and a local echo service.
 
-Helpers and fixtures come from :mod:`tests.e2e.agent_fixtures`.
+Helpers and fixtures come from :mod:`tests.e2e.support` (the fixtures
+through conftest.py), the test certificates from
+:mod:`tests.e2e.agent_fixtures`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 
 from tcprelay import handshake as hs
 from tcprelay.mux.frames import ErrorCode
-from tests.e2e.agent_fixtures import (  # noqa: F401 - fixtures are used by name
+from tests.e2e.agent_fixtures import make_pki
+from tests.e2e.support import (
     HOST,
     STARTUP,
     TWISTD,
@@ -32,11 +35,8 @@ from tests.e2e.agent_fixtures import (  # noqa: F401 - fixtures are used by name
     Procs,
     RawMuxClient,
     echo_round_trip,
-    echo_servers,
-    exit_name,
-    free_block,
-    make_pki,
-    procs,
+    exit_status_name,
+    free_port_block,
     recv_exactly,
     recv_to_eof,
     start_agent,
@@ -80,7 +80,7 @@ def test_expose_prints_address_and_echoes_with_half_close(procs: Procs, echo_ser
 
 def test_agent_reconnects_to_restarted_relay_on_the_same_port(procs: Procs, echo_servers: EchoFactory) -> None:
     """After the relay restarts, the agent reconnects by itself and gets the same public port back."""
-    relay = start_relay(procs, 3)
+    relay = start_relay(procs, pool=3)
     echo = echo_servers()
     # Another agent takes the first port, so ours is not simply the pool's first.
     other = start_agent(procs, echo.port, relay.address, "--backoff-max", "1", name="other")
@@ -94,7 +94,7 @@ def test_agent_reconnects_to_restarted_relay_on_the_same_port(procs: Procs, echo
     assert relay.proc.wait_exit(15) == 0, relay.proc.describe()
     agent.proc.wait_line(r"relay connection lost", 10, stream="err")
 
-    again = start_relay(procs, 3, control=relay.control)
+    again = start_relay(procs, pool=3, control=relay.control)
     again.proc.wait_line(rf"registered at localhost:{port}\b", 15)
     agent.proc.wait_line(rf"tunnel up at localhost:{port}\b", 10, stream="err", count=2)
     assert echo_round_trip(port, b"after") == b"after"
@@ -104,7 +104,7 @@ def test_agent_reconnects_to_restarted_relay_on_the_same_port(procs: Procs, echo
 
 def test_restarted_agent_gets_its_leased_port_back(procs: Procs, echo_servers: EchoFactory, tmp_path: Path) -> None:
     """A killed agent's port is held for its lease: another agent queues instead of taking it, and the restarted agent gets it."""
-    relay = start_relay(procs, 1, "--lease", "30")
+    relay = start_relay(procs, "--lease", "30", pool=1)
     (only,) = relay.ports
     echo = echo_servers()
     lease_a = tmp_path / "a-lease.json"
@@ -136,7 +136,7 @@ def test_wrong_secret_exits_3_once_and_right_secrets_register(
     """With auth on, a wrong secret ends the agent with exit 3 after one attempt, and either listed secret registers."""
     secrets = tmp_path / "secrets"
     secrets.write_text("# relay secrets\nfirst-secret\n\n  second-secret  \n")
-    relay = start_relay(procs, 3, "--secrets-file", secrets)
+    relay = start_relay(procs, "--secrets-file", secrets, pool=3)
     echo = echo_servers()
 
     wrong = start_agent(procs, echo.port, relay.address, "--secret", "not-it", "--backoff-max", "1", name="wrong")
@@ -167,12 +167,12 @@ def test_legacy_go_service_is_refused_when_auth_is_on(procs: Procs, tmp_path: Pa
 
     gobuild.require_go()
     legacyecho = gobuild.build("legacyecho")
-    relay = start_relay(procs, 2, "--secret", "s3cret")
+    relay = start_relay(procs, "--secret", "s3cret", pool=2)
     service = procs.start([legacyecho, "-relay", relay.address, "-timeout", "0"], "legacyecho")
     relay.proc.wait_line(r"refused: authentication required: untyped \(legacy\) handshake refused", 10)
     code = service.wait_exit(10)
     assert not service.matching(r"^ADDRESS ", "out"), service.describe()
-    assert code in (0, 1), exit_name(code)
+    assert code in (0, 1), exit_status_name(code)
     no_tracebacks(relay.proc.lines())
 
 
@@ -194,7 +194,7 @@ def test_tampered_handshake_is_refused_and_others_carry_on(
     procs: Procs, echo_servers: EchoFactory, attack: str
 ) -> None:
     """A register with a bad MAC or a broken message gets refused/GOAWAY, and a registered agent's visitors are unaffected."""
-    relay = start_relay(procs, 2, "--secret", "s3cret")
+    relay = start_relay(procs, "--secret", "s3cret", pool=2)
     echo = echo_servers()
     good = start_agent(procs, echo.port, relay.address, "--secret", "s3cret")
     good_port = good.port()
@@ -248,7 +248,7 @@ def test_tampered_handshake_is_refused_and_others_carry_on(
 
 def test_queued_agent_reports_position_then_gets_freed_port(procs: Procs, echo_servers: EchoFactory) -> None:
     """With the pool full, a second agent reports queue position 1 and gets the port once the first agent stops."""
-    relay = start_relay(procs, 1, "--wait-timeout", "20")
+    relay = start_relay(procs, "--wait-timeout", "20", pool=1)
     (only,) = relay.ports
     echo = echo_servers()
     a = start_agent(procs, echo.port, relay.address, name="agentA")
@@ -269,9 +269,9 @@ def test_queued_agent_reports_position_then_gets_freed_port(procs: Procs, echo_s
 def test_tls_control_port_with_ca_file(procs: Procs, echo_servers: EchoFactory, tmp_path: Path) -> None:
     """Over a TLS control endpoint the agent that trusts the relay's CA registers; one trusting another CA never does."""
     pki = make_pki(tmp_path)
-    control = free_block(3)
+    control = free_port_block(3)
     spec = f"ssl:{control}:interface={HOST}:privateKey={pki.key}:certKey={pki.cert}"
-    relay = start_relay(procs, 2, control=control, control_spec=spec)
+    relay = start_relay(procs, pool=2, control=control, control_spec=spec)
     echo = echo_servers()
 
     untrusting = start_agent(
@@ -294,7 +294,7 @@ def test_tls_control_port_with_ca_file(procs: Procs, echo_servers: EchoFactory, 
 
 def test_twistd_web_listens_through_the_relay(procs: Procs, tmp_path: Path) -> None:
     """`twistd web --listen tcprelay:...` serves a page to a visitor of the relay's public port."""
-    relay = start_relay(procs, 2)
+    relay = start_relay(procs, pool=2)
     site = tmp_path / "site"
     site.mkdir()
     content = b"served through tcprelay\n" * 10
@@ -328,7 +328,7 @@ async def test_server_endpoint_string_sees_public_port_and_visitor_address(react
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
     from twisted.internet.protocol import Factory, Protocol
 
-    relay = start_relay(procs, 2)
+    relay = start_relay(procs, pool=2)
     peers: Deferred[object] = Deferred()
 
     class Greeter(Protocol):
@@ -389,7 +389,7 @@ def test_agent_falls_back_to_legacy_go_relay(procs: Procs, echo_servers: EchoFac
 @pytest.mark.parametrize("mode", ["v2", "v1", "none"])
 def test_proxy_protocol_to_local_service(procs: Procs, echo_servers: EchoFactory, mode: str) -> None:
     """The local service gets the visitor's address as a PROXY v2 header, a v1 line, or nothing, as asked."""
-    relay = start_relay(procs, 2)
+    relay = start_relay(procs, pool=2)
     echo = echo_servers()
     agent = start_agent(procs, echo.port, relay.address, "--proxy-protocol", mode)
     port = agent.port()

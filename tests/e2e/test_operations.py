@@ -6,7 +6,8 @@ connection attempts, scraped over HTTP, logging JSON lines, and reloading
 its secrets on SIGHUP; and the shipped systemd units checked by
 ``systemd-analyze verify``.
 
-Fixtures and helpers are in ops_fixtures.py.
+Helpers are in support.py and, for what only these tests use,
+ops_fixtures.py; conftest.py provides the fixtures of both.
 """
 
 from __future__ import annotations
@@ -25,30 +26,25 @@ from pathlib import Path
 import pytest
 
 from tcprelay.mux.session import Role, Session, SessionConfig
-from tests.e2e.ops_fixtures import (  # noqa: F401 - fixtures
+from tests.e2e.ops_fixtures import (
+    NotifySocket,
+    legacy_handshake,
+    metric,
+    scrape,
+    scrape_until,
+    status,
+)
+from tests.e2e.support import (
     HOST,
     STARTUP,
     TWISTD,
-    NotifySocket,
-    OpProcs,
-    agent_port,
+    Procs,
     echo_round_trip,
-    echo_server,
-    free_block,
-    held_socket,
-    legacy_handshake,
-    metric,
-    notify_socket,
-    ops,
+    free_port_block,
     recv_exactly,
-    scrape,
-    scrape_until,
-    service_port,
     start_agent,
     start_go_service,
     start_relay,
-    status,
-    unix_dir,
     stop_relay,
     visit,
 )
@@ -146,12 +142,12 @@ def test_systemd_units_say_what_the_relay_needs() -> None:
     "spec", ["systemd:domain=INET:name=control", "systemd:domain=INET:index=0"]
 )
 def test_socket_activated_relay_serves_a_go_service_and_a_visitor(
-    ops: OpProcs, held_socket: socket.socket, spec: str
+    procs: Procs, held_socket: socket.socket, spec: str
 ) -> None:
     """A relay given an inherited listening socket (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES) registers a Go legacy service on it and relays a visitor's echo."""
-    relay = start_relay(ops, inherit=held_socket, control_spec=spec)
-    service = start_go_service(ops, "legacyecho", relay)
-    port = service_port(service)
+    relay = start_relay(procs, inherit=held_socket, control_spec=spec, public_host=HOST)
+    service = start_go_service(procs, "legacyecho", relay)
+    port = service.port()
     assert port in relay.ports
     with visit(port) as sock:
         sock.sendall(b"hello over an inherited socket")
@@ -161,13 +157,14 @@ def test_socket_activated_relay_serves_a_go_service_and_a_visitor(
 
 
 def test_notify_socket_gets_ready_watchdog_then_stopping(
-    ops: OpProcs, notify_socket: NotifySocket
+    procs: Procs, notify_socket: NotifySocket
 ) -> None:
     """NOTIFY_SOCKET receives READY=1 once the control port listens, WATCHDOG=1 repeatedly with WATCHDOG_USEC set, and STOPPING=1 last after SIGTERM."""
     relay = start_relay(
-        ops,
+        procs,
         env={"NOTIFY_SOCKET": notify_socket.env_value, "WATCHDOG_USEC": "200000"},
         wait=False,
+        public_host=HOST,
     )
     notify_socket.wait_for("READY=1", STARTUP)
     # READY=1 means listening: a connection is accepted at once.
@@ -184,12 +181,12 @@ def test_notify_socket_gets_ready_watchdog_then_stopping(
     assert messages.count("READY=1") == 1 and messages.count("STOPPING=1") == 1, messages
 
 
-def test_notify_without_watchdog_usec_sends_no_watchdog(ops: OpProcs, unix_dir: Path) -> None:
+def test_notify_without_watchdog_usec_sends_no_watchdog(procs: Procs, unix_dir: Path) -> None:
     """Without WATCHDOG_USEC the relay tells NOTIFY_SOCKET only READY=1 and then STOPPING=1."""
     path = unix_dir / "n.sock"
     notify = NotifySocket(str(path), str(path))
     try:
-        relay = start_relay(ops, env={"NOTIFY_SOCKET": str(path)})
+        relay = start_relay(procs, env={"NOTIFY_SOCKET": str(path)}, public_host=HOST)
         notify.wait_for("READY=1", STARTUP)
         assert stop_relay(relay) == 0, relay.proc.describe()
         assert notify.drain() == ["READY=1", "STOPPING=1"]
@@ -197,14 +194,18 @@ def test_notify_without_watchdog_usec_sends_no_watchdog(ops: OpProcs, unix_dir: 
         notify.close()
 
 
-def test_sigterm_right_after_ready_is_a_clean_stop(ops: OpProcs, unix_dir: Path) -> None:
+def test_sigterm_right_after_ready_is_a_clean_stop(procs: Procs, unix_dir: Path) -> None:
     """READY=1 goes out only once the relay handles signals: a SIGTERM sent the moment it arrives drains the relay and exits 0, every time."""
     path = unix_dir / "r.sock"
     for attempt in range(3):
         notify = NotifySocket(str(path), str(path))
         try:
             relay = start_relay(
-                ops, env={"NOTIFY_SOCKET": str(path)}, wait=False, name=f"relay-{attempt}"
+                procs,
+                env={"NOTIFY_SOCKET": str(path)},
+                wait=False,
+                name=f"relay-{attempt}",
+                public_host=HOST,
             )
             notify.wait_for("READY=1", STARTUP)
             assert stop_relay(relay) == 0, relay.proc.describe()
@@ -215,12 +216,12 @@ def test_sigterm_right_after_ready_is_a_clean_stop(ops: OpProcs, unix_dir: Path)
 
 
 def test_restart_with_socket_activation_refuses_no_connection(
-    ops: OpProcs, held_socket: socket.socket
+    procs: Procs, held_socket: socket.socket
 ) -> None:
     """Restarting a socket-activated relay under a stream of control connections refuses none: attempts made while no relay runs wait in the backlog and the new process serves them."""
     control = held_socket.getsockname()[1]
     clients = 4
-    first = start_relay(ops, inherit=held_socket, pool=8, name="relay-1")
+    first = start_relay(procs, inherit=held_socket, pool=8, name="relay-1", public_host=HOST)
     in_flight: set[int] = set()
     outcomes: dict[int, tuple[str, str]] = {}
     failures: list[str] = []
@@ -280,7 +281,9 @@ def test_restart_with_socket_activation_refuses_no_connection(
         wait_until(lambda: waiting() == clients, "every client waiting in the backlog", 10)
         with lock:
             backlog = set(in_flight)
-        second = start_relay(ops, inherit=held_socket, pool=8, name="relay-2")
+        second = start_relay(
+            procs, inherit=held_socket, pool=8, name="relay-2", public_host=HOST
+        )
         wait_until(lambda: len(served_by(second.ports)) >= 20, "20 handshakes served by relay 2", 20)
     finally:
         stop.set()
@@ -301,10 +304,12 @@ def test_restart_with_socket_activation_refuses_no_connection(
 # -- metrics and status ----------------------------------------------------------------
 
 
-def test_metrics_and_status_follow_a_service_and_its_visitors(ops: OpProcs) -> None:
+def test_metrics_and_status_follow_a_service_and_its_visitors(procs: Procs) -> None:
     """/metrics and /status report the session, the registered Go service, its visitors and bytes each way as traffic flows, and a garbage session as a PROTOCOL_ERROR."""
-    mport = free_block(1)
-    relay = start_relay(ops, "--metrics", f"tcp:{mport}:interface={HOST}", pool=3)
+    mport = free_port_block(1)
+    relay = start_relay(
+        procs, "--metrics", f"tcp:{mport}:interface={HOST}", pool=3, public_host=HOST
+    )
     before = scrape(mport)
     assert metric(before, "tcprelay_sessions") == 0
     assert metric(before, "tcprelay_services_registered") == 0
@@ -312,8 +317,8 @@ def test_metrics_and_status_follow_a_service_and_its_visitors(ops: OpProcs) -> N
     assert metric(before, "tcprelay_port_pool_used") == 0
     assert metric(before, "tcprelay_visitors_accepted_total") == 0
 
-    service = start_go_service(ops, "echosvc", relay)
-    port = service_port(service)
+    service = start_go_service(procs, "echosvc", relay)
+    port = service.port()
     registered = scrape(mport)
     assert metric(registered, "tcprelay_sessions") == 1
     assert metric(registered, "tcprelay_services_registered") == 1
@@ -383,8 +388,8 @@ def test_metrics_and_status_follow_a_service_and_its_visitors(ops: OpProcs) -> N
     assert status(mport)["protocol_errors"] == {"PROTOCOL_ERROR": 1}
 
     # The service leaves: its port goes back to the pool.
-    service.signal(signal.SIGTERM)
-    assert service.wait_exit() == 0
+    service.proc.signal(signal.SIGTERM)
+    assert service.proc.wait_exit() == 0
     gone = scrape_until(
         mport,
         lambda s: metric(s, "tcprelay_services_registered") == 0,
@@ -396,25 +401,32 @@ def test_metrics_and_status_follow_a_service_and_its_visitors(ops: OpProcs) -> N
     assert stop_relay(relay) == 0, relay.proc.describe()
 
 
-def test_metrics_count_auth_failures(ops: OpProcs, tmp_path: Path, echo_server) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_count_auth_failures(procs: Procs, tmp_path: Path, echo_server) -> None:  # type: ignore[no-untyped-def]
     """An agent with a wrong secret is refused (exit 3) and counted in auth_failures and services_refused; the right one registers."""
     good = tmp_path / "secrets"
     good.write_text("# relay secrets\nright-secret\n")
     wrong = tmp_path / "wrong"
     wrong.write_text("wrong-secret\n")
-    mport = free_block(1)
+    mport = free_port_block(1)
     relay = start_relay(
-        ops, "--secrets-file", good, "--metrics", f"tcp:{mport}:interface={HOST}"
+        procs,
+        "--secrets-file", good,
+        "--metrics", f"tcp:{mport}:interface={HOST}",
+        public_host=HOST,
     )
-    refused = start_agent(ops, echo_server.port, relay, wrong, name="wrong-agent")
-    assert refused.wait_exit(STARTUP) == 3, refused.describe()
+    refused = start_agent(
+        procs, echo_server.port, relay.address, "--secret-file", wrong, name="wrong-agent"
+    )
+    assert refused.proc.wait_exit(STARTUP) == 3, refused.proc.describe()
     samples = scrape(mport)
     assert metric(samples, "tcprelay_auth_failures_total") == 1
     assert metric(samples, "tcprelay_services_refused_total") == 1
     assert metric(samples, "tcprelay_services_registered") == 0
 
-    agent = start_agent(ops, echo_server.port, relay, good, name="good-agent")
-    port = agent_port(agent)
+    agent = start_agent(
+        procs, echo_server.port, relay.address, "--secret-file", good, name="good-agent"
+    )
+    port = agent.port()
     assert echo_round_trip(port, b"authenticated") == b"authenticated"
     samples = scrape(mport)
     assert metric(samples, "tcprelay_services_registered") == 1
@@ -424,14 +436,15 @@ def test_metrics_count_auth_failures(ops: OpProcs, tmp_path: Path, echo_server) 
     assert stop_relay(relay) == 0, relay.proc.describe()
 
 
-def test_metrics_count_heartbeat_timeouts(ops: OpProcs) -> None:
+def test_metrics_count_heartbeat_timeouts(procs: Procs) -> None:
     """A legacy service that stops answering heartbeats is closed, counted in heartbeat_timeouts, and its port returns to the pool."""
-    mport = free_block(1)
+    mport = free_port_block(1)
     relay = start_relay(
-        ops,
+        procs,
         "--metrics", f"tcp:{mport}:interface={HOST}",
         "--heartbeat-interval", "0.2",
         "--heartbeat-tolerance", "1",
+        public_host=HOST,
     )
     session = Session(Role.CLIENT, SessionConfig(heartbeat=False), time.monotonic())
     with socket.create_connection((HOST, relay.control), timeout=10) as mute:
@@ -465,14 +478,14 @@ def test_metrics_count_heartbeat_timeouts(ops: OpProcs) -> None:
 # -- JSON logs ----------------------------------------------------------------------
 
 
-def test_json_log_format_writes_only_json_lines(ops: OpProcs) -> None:
+def test_json_log_format_writes_only_json_lines(procs: Procs) -> None:
     """With --log-format json every line the relay writes through a whole run is one JSON object, and registration lines carry service_port, peer and session."""
-    relay = start_relay(ops, "--log-format", "json")
-    service = start_go_service(ops, "echosvc", relay)
-    port = service_port(service)
+    relay = start_relay(procs, "--log-format", "json", public_host=HOST)
+    service = start_go_service(procs, "echosvc", relay)
+    port = service.port()
     assert echo_round_trip(port, b"log me") == b"log me"
-    service.signal(signal.SIGTERM)
-    assert service.wait_exit() == 0
+    service.proc.signal(signal.SIGTERM)
+    assert service.proc.wait_exit() == 0
     relay.proc.wait_line(r"left", STARTUP, stream="out")
     assert stop_relay(relay) == 0, relay.proc.describe()
 
@@ -513,7 +526,7 @@ def _replace(path: Path, text: str) -> None:
 
 
 def test_sighup_reloads_secrets_without_dropping_sessions(
-    ops: OpProcs, tmp_path: Path, echo_server
+    procs: Procs, tmp_path: Path, echo_server
 ) -> None:  # type: ignore[no-untyped-def]
     """SIGHUP swaps secret A for B without dropping A's live session; an empty or missing file is refused with a log line and B stays."""
     secrets = tmp_path / "secrets"
@@ -522,10 +535,12 @@ def test_sighup_reloads_secrets_without_dropping_sessions(
     file_a.write_text("secret-A\n")
     file_b = tmp_path / "b"
     file_b.write_text("secret-B\n")
-    relay = start_relay(ops, "--secrets-file", secrets, pool=4)
+    relay = start_relay(procs, "--secrets-file", secrets, pool=4, public_host=HOST)
 
-    agent_a = start_agent(ops, echo_server.port, relay, file_a, name="agent-a")
-    port_a = agent_port(agent_a)
+    agent_a = start_agent(
+        procs, echo_server.port, relay.address, "--secret-file", file_a, name="agent-a"
+    )
+    port_a = agent_a.port()
     assert echo_round_trip(port_a, b"before") == b"before"
 
     _replace(secrets, "# rotated\nsecret-B\n")
@@ -533,11 +548,15 @@ def test_sighup_reloads_secrets_without_dropping_sessions(
     relay.proc.wait_line(r"SIGHUP: reloaded 1 secrets", STARTUP)
     assert echo_round_trip(port_a, b"still here") == b"still here"
 
-    agent_b = start_agent(ops, echo_server.port, relay, file_b, name="agent-b")
-    port_b = agent_port(agent_b)
+    agent_b = start_agent(
+        procs, echo_server.port, relay.address, "--secret-file", file_b, name="agent-b"
+    )
+    port_b = agent_b.port()
     assert echo_round_trip(port_b, b"with B") == b"with B"
-    late_a = start_agent(ops, echo_server.port, relay, file_a, name="late-agent-a")
-    assert late_a.wait_exit(STARTUP) == 3, late_a.describe()
+    late_a = start_agent(
+        procs, echo_server.port, relay.address, "--secret-file", file_a, name="late-agent-a"
+    )
+    assert late_a.proc.wait_exit(STARTUP) == 3, late_a.proc.describe()
 
     _replace(secrets, "# nothing here yet\n\n")
     relay.proc.signal(signal.SIGHUP)
@@ -546,12 +565,14 @@ def test_sighup_reloads_secrets_without_dropping_sessions(
     relay.proc.signal(signal.SIGHUP)
     relay.proc.wait_line(r"SIGHUP: secrets file \S+ refused", STARTUP, count=2)
 
-    agent_b2 = start_agent(ops, echo_server.port, relay, file_b, name="agent-b2")
-    port_b2 = agent_port(agent_b2)
+    agent_b2 = start_agent(
+        procs, echo_server.port, relay.address, "--secret-file", file_b, name="agent-b2"
+    )
+    port_b2 = agent_b2.port()
     assert echo_round_trip(port_b2, b"B survives") == b"B survives"
     assert echo_round_trip(port_a, b"A's session too") == b"A's session too"
     assert len({port_a, port_b, port_b2}) == 3
-    assert relay.proc.running and agent_a.running
-    assert not agent_a.matching(r"connection lost"), agent_a.describe()
+    assert relay.proc.running and agent_a.proc.running
+    assert not agent_a.proc.matching(r"connection lost"), agent_a.proc.describe()
     assert not relay.proc.matching(r"\bleft\b"), relay.proc.describe()
     assert stop_relay(relay) == 0, relay.proc.describe()

@@ -16,14 +16,15 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import (
+from tests.e2e.support import (
     HOST,
     TWISTD,
-    RelayFactory,
-    ServiceFactory,
+    Procs,
     exit_status_name,
     recv_exactly,
     recv_to_eof,
+    start_go_service,
+    start_relay,
     visit,
     wait_refused,
 )
@@ -41,33 +42,27 @@ def no_tracebacks(lines: list[str]) -> None:
 # -- handshake ---------------------------------------------------------------
 
 
-def test_legacy_handshake_gives_first_port_of_range(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_legacy_handshake_gives_first_port_of_range(procs: Procs) -> None:
     """A Go service written like echoserver.go is told ``localhost:<first port of the range>``."""
-    relay = relays.start(3)
-    service = services.start("legacyecho", relay)
+    relay = start_relay(procs, pool=3)
+    service = start_go_service(procs, "legacyecho", relay)
     assert service.address() == f"localhost:{relay.ports[0]}"
 
 
-def test_public_host_is_written_into_the_address(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_public_host_is_written_into_the_address(procs: Procs) -> None:
     """With ``--public-host relay.example`` the address given to a service names that host."""
-    relay = relays.start(3, "--public-host", "relay.example")
-    service = services.start("legacyecho", relay)
+    relay = start_relay(procs, "--public-host", "relay.example", pool=3)
+    service = start_go_service(procs, "legacyecho", relay)
     assert service.address() == f"relay.example:{relay.ports[0]}"
 
 
 # -- data path ---------------------------------------------------------------
 
 
-def test_legacy_echo_is_padded_to_256_byte_blocks(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_legacy_echo_is_padded_to_256_byte_blocks(procs: Procs) -> None:
     """Bytes reach the original-style Go echo and its NUL-padded 256-byte blocks come back exactly."""
-    relay = relays.start(3)
-    port = services.start("legacyecho", relay).port()
+    relay = start_relay(procs, pool=3)
+    port = start_go_service(procs, "legacyecho", relay).port()
     with visit(port) as sock:
         sock.sendall(b"hello")
         assert recv_exactly(sock, 256) == b"hello" + b"\0" * 251
@@ -78,12 +73,10 @@ def test_legacy_echo_is_padded_to_256_byte_blocks(
         assert recv_to_eof(sock) == b""
 
 
-def test_fifty_concurrent_visitors_are_echoed_byte_exact(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_fifty_concurrent_visitors_are_echoed_byte_exact(procs: Procs) -> None:
     """Fifty visitors at once, 200 KB each, all get their own bytes back exactly."""
-    relay = relays.start(3)
-    port = services.start("echosvc", relay).port()
+    relay = start_relay(procs, pool=3)
+    port = start_go_service(procs, "echosvc", relay).port()
     count, size = 50, 200 * 1024
     payloads = [os.urandom(size) for _ in range(count)]
     results: list[object] = [None] * count
@@ -119,12 +112,10 @@ def test_fifty_concurrent_visitors_are_echoed_byte_exact(
         assert result == payloads[index], f"visitor {index}: bytes differ"
 
 
-def test_half_close_still_delivers_the_whole_echo(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_half_close_still_delivers_the_whole_echo(procs: Procs) -> None:
     """A visitor's SHUT_WR reaches the service as FIN and the full echo still arrives, then EOF."""
-    relay = relays.start(3)
-    port = services.start("echosvc", relay).port()
+    relay = start_relay(procs, pool=3)
+    port = start_go_service(procs, "echosvc", relay).port()
     data = os.urandom(300 * 1024)
     with visit(port) as sock:
         sock.sendall(data)
@@ -136,13 +127,11 @@ def test_half_close_still_delivers_the_whole_echo(
 # -- lifecycle and pool --------------------------------------------------------
 
 
-def test_killed_service_frees_its_port_at_once(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_killed_service_frees_its_port_at_once(procs: Procs) -> None:
     """After kill -9 of a service its visitors and public port close within 1 s and the port goes to the next service."""
-    relay = relays.start(1)
+    relay = start_relay(procs, pool=1)
     port = relay.ports[0]
-    first = services.start("legacyecho", relay)
+    first = start_go_service(procs, "legacyecho", relay)
     assert first.port() == port
     with visit(port, timeout=1.0) as sock:
         sock.sendall(b"x")
@@ -155,30 +144,28 @@ def test_killed_service_frees_its_port_at_once(
             pass
         assert time.monotonic() - killed < 1.0
     assert wait_refused(port, timeout=1.0) < 1.0
-    second = services.start("legacyecho", relay)
+    second = start_go_service(procs, "legacyecho", relay)
     assert second.address(timeout=1.0) == f"localhost:{port}"
     with visit(port) as sock:
         sock.sendall(b"again")
         assert recv_exactly(sock, 256) == b"again" + b"\0" * 251
 
 
-def test_waiting_service_gets_the_port_and_late_one_is_refused(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_waiting_service_gets_the_port_and_late_one_is_refused(procs: Procs) -> None:
     """With the pool empty a service waits for the next free port, and one that waits past --wait-timeout is closed and logged as refused."""
-    relay = relays.start(1, "--wait-timeout", "2")
+    relay = start_relay(procs, "--wait-timeout", "2", pool=1)
     port = relay.ports[0]
     queued = r"queued for a public port at position (\d+)"
-    a = services.start("legacyecho", relay)
+    a = start_go_service(procs, "legacyecho", relay)
     assert a.port() == port
-    b = services.start("legacyecho", relay)
-    assert relay.proc.wait_for(queued, 5).group(1) == "1"
-    assert not b.proc.matching("^ADDRESS"), b.proc.output
+    b = start_go_service(procs, "legacyecho", relay)
+    assert relay.proc.wait_line(queued, 5).group(1) == "1"
+    assert not b.proc.matching("^ADDRESS"), b.proc.describe()
     a.proc.kill()
     assert b.address(timeout=2.0) == f"localhost:{port}"
 
-    c = services.start("legacyecho", relay)
-    assert relay.proc.wait_for(queued, 5, count=2).group(1) == "1"
+    c = start_go_service(procs, "legacyecho", relay)
+    assert relay.proc.wait_line(queued, 5, count=2).group(1) == "1"
     started = time.monotonic()
     # legacyecho is still reading its handshake stream when the relay ends
     # the session, so it reports the closed session there (and exits 1);
@@ -186,11 +173,11 @@ def test_waiting_service_gets_the_port_and_late_one_is_refused(
     code = c.proc.wait_exit(6)
     waited = time.monotonic() - started
     assert 1.5 < waited < 4.0, f"refused after {waited:.1f}s"
-    assert code == 1, c.proc.output
-    assert c.proc.matching("^FAIL: read handshake stream: Session closed$"), c.proc.output
-    assert not c.proc.matching("^ADDRESS"), c.proc.output
+    assert code == 1, c.proc.describe()
+    assert c.proc.matching("^FAIL: read handshake stream: Session closed$"), c.proc.describe()
+    assert not c.proc.matching("^ADDRESS"), c.proc.describe()
     refused = relay.proc.matching(r"refused")
-    assert len(refused) == 1, relay.proc.output
+    assert len(refused) == 1, relay.proc.describe()
     assert "no free port within 2s" in refused[0]
     # the registered service was not disturbed
     with visit(port) as sock:
@@ -198,44 +185,40 @@ def test_waiting_service_gets_the_port_and_late_one_is_refused(
         assert recv_exactly(sock, 256) == b"b" + b"\0" * 255
 
 
-def test_service_that_leaves_the_queue_is_forgotten(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_service_that_leaves_the_queue_is_forgotten(procs: Procs) -> None:
     """A waiting service that disconnects leaves the FIFO queue: the next waiter takes its place and gets the freed port."""
-    relay = relays.start(1, "--wait-timeout", "10")
+    relay = start_relay(procs, "--wait-timeout", "10", pool=1)
     port = relay.ports[0]
     queued = r"queued for a public port at position (\d+)"
-    holder = services.start("legacyecho", relay)
+    holder = start_go_service(procs, "legacyecho", relay)
     assert holder.port() == port
-    quitter = services.start("legacyecho", relay)
-    assert relay.proc.wait_for(queued, 5).group(1) == "1"
+    quitter = start_go_service(procs, "legacyecho", relay)
+    assert relay.proc.wait_line(queued, 5).group(1) == "1"
     quitter.proc.kill()
-    nxt = services.start("legacyecho", relay)
+    nxt = start_go_service(procs, "legacyecho", relay)
     # Had the quitter stayed in the queue, this one would be second.
-    assert relay.proc.wait_for(queued, 5, count=2).group(1) == "1"
+    assert relay.proc.wait_line(queued, 5, count=2).group(1) == "1"
     holder.proc.kill()
     assert nxt.address(timeout=2.0) == f"localhost:{port}"
     with visit(port) as sock:
         sock.sendall(b"next")
         assert recv_exactly(sock, 256) == b"next" + b"\0" * 252
-    no_tracebacks(relay.log)
+    no_tracebacks(relay.proc.lines())
 
 
 # -- shutdown ------------------------------------------------------------------
 
 
-def test_sigterm_drains_open_streams_then_exits_zero(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_sigterm_drains_open_streams_then_exits_zero(procs: Procs) -> None:
     """On SIGTERM the relay stops accepting, lets an open visitor finish its exchange, then exits 0."""
-    relay = relays.start(3, "--drain-timeout", "20")
-    service = services.start("echosvc", relay)
+    relay = start_relay(procs, "--drain-timeout", "20", pool=3)
+    service = start_go_service(procs, "echosvc", relay)
     port = service.port()
     head, tail = os.urandom(64 * 1024), os.urandom(256 * 1024)
     with visit(port) as sock:
         sock.sendall(head)
         assert recv_exactly(sock, len(head)) == head
-        relay.proc.send_signal(signal.SIGTERM)
+        relay.proc.signal(signal.SIGTERM)
         assert wait_refused(relay.control, timeout=2.0) < 2.0
         assert wait_refused(port, timeout=2.0) < 2.0
         sock.sendall(tail)
@@ -243,29 +226,29 @@ def test_sigterm_drains_open_streams_then_exits_zero(
         assert recv_exactly(sock, len(tail)) == tail
         assert sock.recv(1) == b""
     code = relay.proc.wait_exit(5)
-    assert code == 0, f"{exit_status_name(code)}\n{relay.proc.output}"
-    service.proc.wait_for("^SESSION_END", 5)
-    no_tracebacks(relay.log)
+    assert code == 0, f"{exit_status_name(code)}\n{relay.proc.describe()}"
+    service.proc.wait_line("^SESSION_END", 5)
+    no_tracebacks(relay.proc.lines())
 
 
-def test_drain_timeout_bounds_shutdown(relays: RelayFactory, services: ServiceFactory) -> None:
+def test_drain_timeout_bounds_shutdown(procs: Procs) -> None:
     """A visitor that never finishes cannot hold the relay past --drain-timeout: it still exits 0."""
-    relay = relays.start(3, "--drain-timeout", "1")
-    port = services.start("echosvc", relay).port()
+    relay = start_relay(procs, "--drain-timeout", "1", pool=3)
+    port = start_go_service(procs, "echosvc", relay).port()
     with visit(port) as sock:
         sock.sendall(b"unfinished")
         assert recv_exactly(sock, 10) == b"unfinished"
-        relay.proc.send_signal(signal.SIGTERM)
+        relay.proc.signal(signal.SIGTERM)
         signalled = time.monotonic()
         code = relay.proc.wait_exit(4)
         took = time.monotonic() - signalled
-        assert code == 0, f"{exit_status_name(code)}\n{relay.proc.output}"
+        assert code == 0, f"{exit_status_name(code)}\n{relay.proc.describe()}"
         assert 0.9 < took < 3.5, f"exited {took:.2f}s after SIGTERM"
         try:
             assert sock.recv(1) == b""
         except ConnectionResetError:
             pass
-    no_tracebacks(relay.log)
+    no_tracebacks(relay.proc.lines())
 
 
 # -- bad input -------------------------------------------------------------------
@@ -284,12 +267,10 @@ def read_frames(sock: socket.socket) -> list[tuple[int, int, int, bytes]]:
     return frames
 
 
-def test_garbage_frame_closes_only_that_session(
-    relays: RelayFactory, services: ServiceFactory
-) -> None:
+def test_garbage_frame_closes_only_that_session(procs: Procs) -> None:
     """An unknown frame type gets that session GOAWAY(PROTOCOL_ERROR) and closed, one log line, and other services keep working."""
-    relay = relays.start(3)
-    port = services.start("legacyecho", relay).port()
+    relay = start_relay(procs, pool=3)
+    port = start_go_service(procs, "legacyecho", relay).port()
     with visit(port) as sock:
         sock.sendall(b"before")
         assert recv_exactly(sock, 256) == b"before" + b"\0" * 250
@@ -306,10 +287,10 @@ def test_garbage_frame_closes_only_that_session(
     with visit(port) as sock:
         sock.sendall(b"after")
         assert recv_exactly(sock, 256) == b"after" + b"\0" * 251
-    about = relay.proc.wait_for(rf"{label}\b", 5)
-    assert len(relay.proc.matching(rf"{label}\b")) == 1, relay.proc.output
+    about = relay.proc.wait_line(rf"{label}\b", 5)
+    assert len(relay.proc.matching(rf"{label}\b")) == 1, relay.proc.describe()
     assert "type 31" in about.string, about.string
-    no_tracebacks(relay.log)
+    no_tracebacks(relay.proc.lines())
 
 
 # -- bad options -------------------------------------------------------------------

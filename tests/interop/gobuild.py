@@ -3,12 +3,12 @@
 The programs use Debian's muxado v1 (``golang-github-inconshreveable-muxado-dev``)
 from ``/usr/share/gocode`` and are compiled in GOPATH mode, exactly like::
 
-    GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=... \\
-        go build -o OUT ./tests/interop/NAME
+    cd tests/interop && GO111MODULE=off GOPATH=/usr/share/gocode go build -o OUT ./NAME
 
-(run from the repository root). Each program is built at most once per
-process; the binaries go to ``build/interop/`` under the repository root
-(gitignored), or to a temporary directory if that is not writable. Set
+The build itself is :func:`tcprelay.bench.gotools.build_all`, the one the
+benchmark builds the same programs with. Each program is built at most
+once per process; the binaries go to ``build/interop/`` under the repository
+root (gitignored), or to a temporary directory if that is not writable. Set
 ``TCPRELAY_INTEROP_BUILD_DIR`` to choose another output directory.
 
 Typical use in a fixture::
@@ -26,11 +26,12 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import shutil
-import subprocess
 import tempfile
 import threading
 from typing import NoReturn
+
+from tcprelay.bench import gotools
+from tcprelay.bench.procs import BenchError
 
 __all__ = [
     "GOPATH",
@@ -47,15 +48,12 @@ __all__ = [
 
 #: ``tests/interop/`` (this file's directory): one Go program per subdirectory.
 INTEROP_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent
-#: The repository root (``go build`` runs here, with ``./tests/interop/NAME``).
+#: The repository root (the binaries go to ``build/interop/`` under it).
 REPO_ROOT: pathlib.Path = INTEROP_DIR.parent.parent
 #: GOPATH holding Debian's Go sources.
-GOPATH: str = "/usr/share/gocode"
+GOPATH: str = gotools.DEFAULT_GOPATH
 #: muxado v1 sources the programs import.
 MUXADO_SRC: pathlib.Path = pathlib.Path(GOPATH, "src/github.com/inconshreveable/muxado")
-
-#: Seconds one ``go build`` may take before it is considered hung.
-BUILD_TIMEOUT: float = 300.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _lock = threading.Lock()
@@ -72,13 +70,10 @@ def go_binary() -> str | None:
 
     Looks on ``PATH`` first, then at Debian's default location.
     """
-    found = shutil.which("go")
-    if found:
-        return found
-    for candidate in ("/usr/lib/go/bin/go", "/usr/local/go/bin/go"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    try:
+        return gotools.find_go()
+    except BenchError:
+        return None
 
 
 def missing_reason() -> str | None:
@@ -118,18 +113,6 @@ def _skip_or_fail(message: str) -> NoReturn:
     pytest.skip(message)
 
 
-def _gocache() -> pathlib.Path:
-    """A GOCACHE directory: under ``$XDG_CACHE_HOME`` if set, else the temp dir."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        base = pathlib.Path(xdg) / "tcprelay-go-build"
-    else:
-        uid = os.getuid() if hasattr(os, "getuid") else "user"
-        base = pathlib.Path(tempfile.gettempdir()) / f"tcprelay-gocache-{uid}"
-    base.mkdir(parents=True, exist_ok=True)
-    return base
-
-
 def _output_dir() -> pathlib.Path:
     """The directory the binaries are written to (created on first use)."""
     global _out_dir
@@ -148,16 +131,6 @@ def _output_dir() -> pathlib.Path:
             return candidate
     _out_dir = pathlib.Path(tempfile.mkdtemp(prefix="tcprelay-interop-"))
     return _out_dir
-
-
-def _build_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["GO111MODULE"] = "off"
-    env["GOPATH"] = GOPATH
-    env["GOCACHE"] = str(_gocache())
-    # module-mode flags (e.g. -mod=vendor) make GOPATH-mode builds fail
-    env.pop("GOFLAGS", None)
-    return env
 
 
 def build(name: str) -> pathlib.Path:
@@ -184,33 +157,9 @@ def build(name: str) -> pathlib.Path:
         go = go_binary()
         if go is None:
             raise GoBuildError(f"cannot build {name}: {missing_reason()}")
-        out_dir = _output_dir()
-        target = out_dir / name
-        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
-        cmd = [go, "build", "-o", str(tmp), f"./tests/interop/{name}"]
         try:
-            proc = subprocess.run(
-                cmd,
-                cwd=REPO_ROOT,
-                env=_build_env(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            tmp.unlink(missing_ok=True)
-            raise GoBuildError(f"go build {name} timed out after {BUILD_TIMEOUT:.0f}s") from exc
-        except OSError as exc:
-            raise GoBuildError(f"could not run {go}: {exc}") from exc
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise GoBuildError(
-                f"go build of tests/interop/{name} failed (exit {proc.returncode}):\n"
-                f"$ GO111MODULE=off GOPATH={GOPATH} {' '.join(cmd)}\n"
-                f"{proc.stderr.strip() or proc.stdout.strip()}"
-            )
-        os.replace(tmp, target)
+            target = gotools.build_all(go, INTEROP_DIR, (name,), _output_dir())[name]
+        except BenchError as exc:
+            raise GoBuildError(str(exc)) from exc
         _built[name] = target
         return target
