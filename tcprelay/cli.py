@@ -234,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def start() -> None:
         run_expose(reactor, options.subOptions, relay, local).addCallback(done)
 
+    from tcprelay._signals import calm_repeated_signals
+
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(calm_repeated_signals, reactor)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return code[0]
 

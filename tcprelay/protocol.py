@@ -535,6 +535,8 @@ class MuxProtocol(Protocol):
         if self._connected:
             transport = self.transport
             assert transport is not None
+            # A TLS transport waits for its producer to go before it closes.
+            transport.unregisterProducer()  # type: ignore[attr-defined]
             transport.loseConnection()
             # Some transports call connectionLost from loseConnection itself;
             # then there is nothing left to abort (and no timer may linger).

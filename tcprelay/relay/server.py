@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
+from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
@@ -828,23 +829,8 @@ class RelayService(MultiService):
             call_when_running(self._calm_repeated_signals)
 
     def _calm_repeated_signals(self) -> None:
-        """
-        A second SIGTERM/SIGINT while draining is ignored (Twisted would log
-        a ReactorNotRunning traceback); the first one already started the
-        shutdown.
-        """
-        reactor = self.relay.reactor
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(signum)
-            if not callable(previous):
-                continue
-
-            def handler(number: int, frame: object, previous=previous) -> None:  # type: ignore[no-untyped-def]
-                if getattr(reactor, "_stopped", False) or self.relay.draining:
-                    return
-                previous(number, frame)
-
-            signal.signal(signum, handler)
+        """A second SIGTERM/SIGINT while draining is ignored."""
+        calm_repeated_signals(self.relay.reactor, lambda: self.relay.draining)
 
     def stopService(self) -> Deferred[None]:
         """
