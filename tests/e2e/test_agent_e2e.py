@@ -15,6 +15,7 @@ import json
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -287,6 +288,13 @@ def test_tls_control_port_with_ca_file(procs: Procs, echo_servers: EchoFactory, 
     assert untrusting.proc.running
     assert untrusting.proc.matching(r"relay connection lost .*certificate verify failed", "err")
     assert len(relay.proc.matching(r"registered at")) == 1
+
+    # Leaving over TLS is prompt (the close does not wait for an abort timer)
+    # and frees the port at once.
+    stopped = time.monotonic()
+    trusting.proc.signal(signal.SIGTERM)
+    assert trusting.proc.wait_exit(5) == 0
+    assert time.monotonic() - stopped < 3
 
 
 # -- tcprelay: endpoint -------------------------------------------------------------
