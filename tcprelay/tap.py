@@ -231,6 +231,11 @@ class Options(usage.Options):
         try:
             serverFromString(MemoryReactor(), control)
         except Exception as e:
+            if control.startswith("systemd:"):
+                raise usage.UsageError(
+                    f"--control {control!r}: no such socket was passed by systemd "
+                    "(LISTEN_FDS/LISTEN_FDNAMES); run it from a .socket unit"
+                ) from None
             raise usage.UsageError(f"--control {control!r}: {e}") from None
         self["control"] = control
         if self["metrics"] is not None:

@@ -18,6 +18,7 @@ Pieces, from the outside in:
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from secrets import token_hex
 from typing import Optional, Sequence
@@ -812,10 +813,18 @@ class RelayService(MultiService):
             parent.setComponent(ILogObserver, self.log_observer)
 
     def privilegedStartService(self) -> None:
+        """Listen (control, metrics): a failure is one line on stderr and exit 1."""
         raise_open_files_limit(self.log)
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:  # noqa: BLE001 - any listen failure, reported plainly
+            what = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+            sys.stderr.write(f"tcprelay: cannot listen ({what})\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
+        raise_open_files_limit(self.log)  # ``twist`` skips privilegedStartService
         super().startService()
         if hasattr(signal, "SIGHUP"):
             reactor = self.relay.reactor
