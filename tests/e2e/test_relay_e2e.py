@@ -315,3 +315,24 @@ def test_bad_option_fails_fast_with_clear_error(tmp_path, option: str, value: st
     errors = [line for line in output.splitlines() if option in line and value in line]
     assert errors, output
     assert "Traceback" not in output, output
+
+
+def test_control_port_in_use_is_one_line_and_exit_1(tmp_path) -> None:
+    """A control port that is already taken ends the relay at once with one plain line, no traceback."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(TWISTD), "-n", "--pidfile=", "tcprelay",
+             "--control", f"tcp:{port}:interface={HOST}", "--ports", "40000-40001"],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert [line for line in output.splitlines() if "cannot listen" in line and "in use" in line], output
