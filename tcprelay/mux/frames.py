@@ -304,24 +304,34 @@ class FrameDecoder:
         """
         Append the frames found in ``src``; return how far it got.
 
-        With ``merge_data``, consecutive DATA frames of one stream (a peer
-        splits writes into 16383-byte frames) come out as one Data value:
-        one copy of the payload and one event instead of one per frame.  A
-        FIN ends the run.  Frame boundaries carry no meaning in muxado, so
-        the session uses this; tests that inspect frames do not.
+        With ``merge_data``, the DATA frames of each stream found in one
+        read come out as one Data value per stream (a peer splits its writes
+        into 16383-byte frames and interleaves streams): one copy of the
+        payload and one event per stream and read instead of one per frame.
+        A stream's data is emitted in order, before that stream's FIN, RST
+        or SYN and before any GOAWAY; streams are independent, so their
+        relative order does not matter.  Frame boundaries carry no meaning
+        in muxado; the session uses this, tests that inspect frames do not.
         """
         merge = self.merge_data
         pos = 0
         end = len(src)
         unpack_header = _HEADER.unpack_from
         append = frames.append
-        run: list[memoryview] = []
-        run_sid = -1
+        runs: dict[int, list[memoryview]] = {}
 
-        def flush_run(fin: bool = False) -> None:
+        def flush_run(sid: int, fin: bool = False) -> None:
+            run = runs.pop(sid, None)
+            if run is None:
+                if fin:
+                    append(Data(sid, b"", True))
+                return
             data = bytes(run[0]) if len(run) == 1 else b"".join(run)
-            append(Data(run_sid, data, fin))
-            run.clear()
+            append(Data(sid, data, fin))
+
+        def flush_all() -> None:
+            for sid in list(runs):
+                flush_run(sid)
 
         while end - pos >= HEADER_SIZE:
             length, flags, ftype, sid = unpack_header(src, pos)
@@ -336,15 +346,20 @@ class FrameDecoder:
                 if not merge:
                     append(Data(sid, bytes(view[body:pos]), bool(flags & 1)))
                     continue
-                if run and run_sid != sid:
-                    flush_run()
-                run_sid = sid
-                run.append(view[body:pos])
+                run = runs.get(sid)
+                if run is None:
+                    runs[sid] = [view[body:pos]]
+                else:
+                    run.append(view[body:pos])
                 if flags & 1:
-                    flush_run(True)
+                    flush_run(sid, True)
                 continue
-            if run:
-                flush_run()
+            if runs and ftype != FrameType.WNDINC:
+                # WNDINC concerns the other direction: it splits no run.
+                if ftype == FrameType.GOAWAY or ftype not in (FrameType.SYN, FrameType.RST):
+                    flush_all()
+                else:
+                    flush_run(sid)
             if ftype == FrameType.GOAWAY:
                 if length < 8:
                     raise FrameError(
@@ -383,8 +398,8 @@ class FrameDecoder:
                 append(Rst(sid, _U32.unpack_from(src, body)[0]))
             # PRI (5): defined but unimplemented upstream; skipped whole.
             pos = body + length
-        if run:
-            flush_run()
+        if runs:
+            flush_all()
         return pos
 
     @staticmethod
