@@ -20,16 +20,16 @@ from typing import Any, Callable, Optional, Protocol as TypingProtocol
 import attrs
 from twisted.application.service import Service
 from twisted.internet import error, interfaces
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from tcprelay import handshake as hs
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
-from tcprelay.mux.session import Role, SessionClosedError, SessionConfig
+from tcprelay.mux.session import Role, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
 
 __all__ = ["Agent", "AgentConfig", "AgentObserver", "AgentRefused", "VisitorHandler"]
@@ -238,8 +238,6 @@ class _HeaderReader(Protocol):
             return
         header = self.reader.header
         if header is not None:
-            from twisted.internet.address import IPv4Address, IPv6Address
-
             cls = IPv6Address if header.ipv6 else IPv4Address
             stream.peer_address = cls("TCP", header.source_host, header.source_port)
             stream.host_address = cls("TCP", header.dest_host, header.dest_port)

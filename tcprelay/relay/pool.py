@@ -101,17 +101,12 @@ class PortPool(Service):
         self,
         timeout: Optional[float],
         on_position: Optional[PositionCallback] = None,
-        wanted: Optional[int] = None,
     ) -> Deferred[int]:
         """
         A Deferred firing with a port, or failing with :class:`PoolTimeout`.
         ``on_position`` is told the 1-based queue position whenever it
-        changes.  ``wanted`` asks for a particular free port if it is free
-        (otherwise any port is given).
+        changes.  :meth:`take` asks for one particular port.
         """
-        if wanted is not None and wanted in self._free:
-            self._free.remove(wanted)
-            return succeed(wanted)
         if self._free and not self._waiters:
             return succeed(self._free.popleft())
         waiter = _Waiter(Deferred(lambda d: self._cancel(waiter)), on_position)
