@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["write_now"]
+__all__ = ["write_now", "read_now"]
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -44,3 +44,20 @@ def write_now(transport: Any, data: bytes) -> None:
         if sent:
             data = data[sent:]
     transport.write(data)
+
+
+def read_now(transport: Any, protocol: Any) -> None:
+    """
+    Hand ``protocol`` whatever a just-accepted plain TCP socket already holds
+    (a visitor that writes at once), without waiting for the next reactor
+    pass.  End-of-file and errors are left for the reactor, which sees them
+    again on its own read.
+    """
+    if type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected:
+        return
+    try:
+        data = transport.socket.recv(transport.bufferSize)
+    except OSError:
+        return
+    if data:
+        protocol.dataReceived(data)

@@ -82,6 +82,8 @@ class Splice:
         self.preamble = preamble
         """Given side a's transport once it is connected, bytes to send to
         side b before anything read from a (e.g. a PROXY header)."""
+        self.connected: Optional[Callable[[_Side], None]] = None
+        """Called with side a at the end of its connectionMade."""
         self.greeting_a = b""
         """Bytes written to side a before anything read from b (set before
         a connects; e.g. a PROXY header for a local service)."""
@@ -128,6 +130,9 @@ class _Side(Protocol):
             peer._link()
         elif peer.lost:
             self.transport.loseConnection()
+        connected, splice.connected = splice.connected, None
+        if self is splice.a and connected is not None:
+            connected(self)
 
     def _link(self) -> None:
         """Both transports exist: wire producers and flush early bytes."""

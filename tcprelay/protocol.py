@@ -393,17 +393,20 @@ class MuxProtocol(Protocol):
     # -- API -----------------------------------------------------------------
 
     def open_stream(
-        self, protocol: interfaces.IProtocol, stream_type: int = 0
+        self, protocol: interfaces.IProtocol, stream_type: int = 0, flush: bool = True
     ) -> MuxStream:
         """
         Open a stream to the peer and run ``protocol`` on it.
         Raises :class:`SessionClosedError` if the session cannot open one.
+        With ``flush=False`` the SYN waits for the caller's next
+        :meth:`flush` (so that it can leave with the stream's first bytes).
         """
         sid = self.session.open_stream(stream_type)
         stream = MuxStream(self, sid, stream_type)
         self.streams[sid] = stream
         stream.attach(protocol)
-        self.flush()
+        if flush:
+            self.flush()
         return stream
 
     def go_away(self, error_code: int = ErrorCode.NO_ERROR) -> None:

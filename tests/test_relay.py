@@ -688,3 +688,41 @@ async def test_session_without_handshake_is_closed_after_the_deadline(
     assert relay.relay.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
     service = await env.service(relay)
     assert service.address.endswith(f":{service.port}"), "a service that does handshake is unaffected"
+
+
+class Greeter(EchoProtocol):
+    """A service that speaks first (like SMTP or SSH): greets every visitor."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.write(b"220 hello\r\n")  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_visitor_still_gets_a_stream(reactor: Any, env: Cleanup) -> None:
+    """A visitor that sends nothing still gets its stream at once, so a service that speaks first is heard."""
+    relay = env.relay()
+    service = await env.service(relay, Greeter)
+    visitor = await env.visitor(service.port)
+    await bounded(visitor.wait_received(11), reactor, 1.0)
+    assert bytes(visitor.received) == b"220 hello\r\n"
+    visitor.send(b"QUIT\r\n")
+    await bounded(visitor.wait_received(17), reactor, 1.0)
+    assert bytes(visitor.received) == b"220 hello\r\nQUIT\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_that_writes_at_once_gets_syn_and_data_together(
+    reactor: Any, env: Cleanup
+) -> None:
+    """Bytes a visitor sent before the relay accepted it reach the service intact, right behind the stream's SYN."""
+    relay = env.relay()
+    service = await env.service(relay)
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        sock.sendall(b"early bytes")
+        echo = await service.stream(0)
+        await bounded(echo.wait_received(11), reactor, 2.0)
+        assert bytes(echo.received) == b"early bytes"
+    finally:
+        sock.close()

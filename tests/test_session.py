@@ -1206,3 +1206,15 @@ def test_peer_heartbeat_flood_ends_the_session() -> None:
         if client.ended:
             break
     assert_died(client, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_data_before_a_new_stream_is_delivered_before_it() -> None:
+    """Within one read, data on one stream stays ahead of a SYN that followed it (the agent's 'ready' before its first visitor)."""
+    client = new_session(Role.CLIENT, NO_HEARTBEAT)
+    sid = client.open_stream()
+    client.data_to_send()
+    wire = f.encode(Data(sid, b"ready")) + f.encode(Data(sid, b"!")) + f.encode(Syn(2))
+    events = client.receive_data(wire)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["DataReceived", "StreamOpened"], events
+    assert events[0] == DataReceived(sid, b"ready!")

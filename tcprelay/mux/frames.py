@@ -308,9 +308,9 @@ class FrameDecoder:
         read come out as one Data value per stream (a peer splits its writes
         into 16383-byte frames and interleaves streams): one copy of the
         payload and one event per stream and read instead of one per frame.
-        A stream's data is emitted in order, before that stream's FIN, RST
-        or SYN and before any GOAWAY; streams are independent, so their
-        relative order does not matter.  Frame boundaries carry no meaning
+        Data is emitted before any SYN, RST, GOAWAY or PRI that followed it
+        (only WNDINC, which concerns the other direction, is passed over),
+        and a stream's FIN ends its run.  Frame boundaries carry no meaning
         in muxado; the session uses this, tests that inspect frames do not.
         """
         merge = self.merge_data
@@ -355,11 +355,11 @@ class FrameDecoder:
                     flush_run(sid, True)
                 continue
             if runs and ftype != FrameType.WNDINC:
-                # WNDINC concerns the other direction: it splits no run.
-                if ftype == FrameType.GOAWAY or ftype not in (FrameType.SYN, FrameType.RST):
-                    flush_all()
-                else:
-                    flush_run(sid)
+                # WNDINC concerns the other direction and splits no run.  Any
+                # other frame keeps its place after the data before it: a
+                # new stream (SYN) may depend on what another stream said
+                # first (the agent's "ready" before the first visitor).
+                flush_all()
             if ftype == FrameType.GOAWAY:
                 if length < 8:
                     raise FrameError(

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
+from tcprelay._fastio import read_now
 from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
@@ -155,10 +156,20 @@ class Registration:
 
         splice = Splice(on_done=self._visitor_done, preamble=preamble)
         stream_type = hs.VISITOR_STREAM_TYPE if self.extended else 0
+        session = self.session
         try:
-            self.session.open_stream(splice.b, stream_type)
+            # The SYN waits for the visitor's socket: if the visitor already
+            # wrote (most clients speak first), SYN and its first bytes
+            # leave in one write.
+            session.open_stream(splice.b, stream_type, flush=False)
         except SessionClosedError:
             return None
+
+        def connected(side: Protocol) -> None:
+            read_now(side.transport, side)
+            session.flush()
+
+        splice.connected = connected
         self.visitors.add(splice)
         self.relay.visitors_accepted += 1
         return splice

@@ -646,6 +646,8 @@ def wait_refused(port: int, timeout: float) -> float:
                 pass
         except ConnectionRefusedError:
             return time.monotonic() - start
+        except ConnectionResetError:
+            pass  # queued just as the listener closed: poll again
         if time.monotonic() >= deadline:
             pytest.fail(f"port {port} still accepts connections after {timeout}s")
         time.sleep(0.02)
