@@ -130,8 +130,8 @@ class _Side(Protocol):
             peer._link()
         elif peer.lost:
             self.transport.loseConnection()
-        connected, splice.connected = splice.connected, None
-        if self is splice.a and connected is not None:
+        if self is splice.a and splice.connected is not None:
+            connected, splice.connected = splice.connected, None
             connected(self)
 
     def _link(self) -> None:

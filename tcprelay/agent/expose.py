@@ -19,7 +19,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -104,6 +104,34 @@ class ResolvedEndpoint:
             if entry not in self.addresses:
                 self.addresses.append(entry)
 
+    def connect_protocol(
+        self, protocol: Protocol, failed: Callable[[Failure], None]
+    ) -> None:
+        """
+        Connect ``protocol`` itself (``reactor.connectTCP``, no wrapping
+        protocol on the data path), trying the addresses like ``connect``;
+        ``failed`` hears about it when none works.
+        """
+        order = list(self.addresses)
+
+        def attempt(index: int) -> None:
+            _, address = order[index]
+
+            def next_or_fail(reason: Failure) -> None:
+                if index + 1 < len(order) and reason.check(ConnectError):
+                    attempt(index + 1)
+                else:
+                    failed(reason)
+
+            def worked() -> None:
+                if index:
+                    self.addresses.remove(order[index])
+                    self.addresses.insert(0, order[index])
+
+            self.reactor.connectTCP(address, self.port, _OneShot(protocol, worked, next_or_fail))
+
+        attempt(0)
+
     def connect(self, factory: interfaces.IProtocolFactory) -> Deferred[Any]:
         """Connect to the preferred address, falling back to the others."""
         order = list(self.addresses)
@@ -127,6 +155,27 @@ class ResolvedEndpoint:
             return d.addCallbacks(worked, failed)
 
         return attempt(0)
+
+
+class _OneShot(ClientFactory):
+    """A client factory for exactly one protocol instance."""
+
+    noisy = False
+
+    def __init__(
+        self, protocol: Protocol, worked: Callable[[], None], failed: Callable[[Failure], None]
+    ) -> None:
+        self.protocol_instance = protocol
+        self.worked = worked
+        self.failed = failed
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.worked()
+        self.protocol_instance.factory = self
+        return self.protocol_instance
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failed(reason)
 
 
 _PREFIXES = {"tcp", "tcp6", "ssl", "tls", "unix", "systemd", "tor", "onion"}
@@ -165,12 +214,6 @@ class LocalForwarder:
         self.active.add(splice)
         # Hold the visitor's bytes (and its window) until the local side is up.
         stream.pauseProducing()
-        factory = Factory.forProtocol(lambda: splice.a)
-        factory.noisy = False
-        d = self.local.connect(factory)
-
-        def connected(_: object) -> None:
-            stream.resumeProducing()
 
         def failed(failure: Failure) -> None:
             self.log.warn(
@@ -180,7 +223,17 @@ class LocalForwarder:
             self.active.discard(splice)
             stream.abortConnection()
 
-        d.addCallbacks(connected, failed)
+        local = self.local
+        if isinstance(local, ResolvedEndpoint):
+            # The common case: straight to connectTCP, no endpoint wrapper
+            # between the socket and the splice.
+            splice.connected = lambda side: stream.resumeProducing()
+            local.connect_protocol(splice.a, failed)
+            return splice.b
+        factory = Factory.forProtocol(lambda: splice.a)
+        factory.noisy = False
+        d = local.connect(factory)
+        d.addCallbacks(lambda _: stream.resumeProducing(), failed)
         return splice.b
 
     def _done(self, splice: Splice) -> None:
