@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from tcprelay._fastio import write_now
 
-__all__ = ["Splice", "SocketSide", "StreamSide"]
+__all__ = ["Splice"]
 
 
 @implementer(interfaces.IPushProducer)
@@ -115,8 +115,6 @@ class _Side(Protocol):
         self.read_done = False
         self.write_done = False
         self._pending: list[bytes] = []
-        self._greeting = b""
-        """Written to this side's transport first, once linked."""
         self._pending_eof = False
 
     def connectionMade(self) -> None:
@@ -136,13 +134,12 @@ class _Side(Protocol):
 
     def _link(self) -> None:
         """Both transports exist: wire producers and flush early bytes."""
-        if self is self.splice.a:
-            self._greeting = self.splice.greeting_a
         transport = self.transport
         peer = self.peer
+        splice = self.splice
         transport.registerProducer(_PauseOnly(peer.transport), True)
-        if self._greeting:
-            greeting, self._greeting = self._greeting, b""
+        if self is splice.a and splice.greeting_a:
+            greeting, splice.greeting_a = splice.greeting_a, b""
             transport.write(greeting)
         if self._pending:
             pending, self._pending = self._pending, []
@@ -196,6 +193,3 @@ class _Side(Protocol):
                 peer.transport.abortConnection()
         self.splice._side_done()
 
-
-SocketSide = _Side
-StreamSide = _Side
