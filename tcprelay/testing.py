@@ -38,6 +38,7 @@ Trial::
 
 from __future__ import annotations
 
+import random
 import socket
 from typing import Any, Iterable, Optional, Sequence
 
@@ -53,7 +54,7 @@ from tcprelay.mux.session import SessionConfig
 from tcprelay.relay.pool import PortPool
 from tcprelay.relay.server import Registration, Relay, RelayConfig, RelayService
 
-__all__ = ["RelayFixture", "free_ports"]
+__all__ = ["RelayFixture", "free_port_block", "free_ports"]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -68,6 +69,42 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 300) -> int:
+    """
+    The first of ``count`` consecutive ports that all bind on ``host`` just
+    now, chosen below the kernel's ephemeral range so that client sockets
+    cannot take one of them meanwhile (for a relay's ``--ports`` range in a
+    test).  RuntimeError when none is found.
+    """
+    top = _ephemeral_low() - count
+    if top <= 20000 + count:
+        top = 60000 - count
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, top)
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports on {host}")
 
 
 class RelayFixture:

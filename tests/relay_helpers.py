@@ -24,10 +24,7 @@ Every wait is bounded: :func:`bounded` puts a timeout on a Deferred and
 
 from __future__ import annotations
 
-import errno
 import os
-import random
-import socket
 import time
 from typing import Any, Callable, Optional, TypeVar
 
@@ -39,7 +36,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay import tap
+from tcprelay import tap, testing
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
@@ -122,36 +119,10 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def free_port_block(size: int, attempts: int = 200) -> range:
-    """
-    A block of ``size`` consecutive loopback TCP ports that could be bound
-    just now, below the kernel's ephemeral range (so client sockets do not
-    take them meanwhile).
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral_low = int(f.read().split()[0])
-    except OSError:
-        ephemeral_low = 32768
-    high_limit = max(ephemeral_low, 20000 + size + 1)
-    rng = random.Random()
-    for _ in range(attempts):
-        low = rng.randrange(20000, high_limit - size)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(low, low + size):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return range(low, low + size)
-    raise RuntimeError(f"no block of {size} free ports found")
+def free_port_block(size: int) -> range:
+    """A block of ``size`` consecutive loopback ports free just now."""
+    base = testing.free_port_block(size)
+    return range(base, base + size)
 
 
 # -- the relay ------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from typing import Any, Optional
 import attrs
 
 from tcprelay.bench.profile import Profiler
+from tcprelay.testing import free_port_block
 
 from tcprelay.bench.procs import (
     BenchError,
@@ -66,30 +65,6 @@ class Settings:
 
 
 Log = Callable[[str], None]
-
-
-def _free_port_block(count: int) -> int:
-    """A port P such that P .. P+count-1 are free on 127.0.0.1.
-
-    Chosen below the ephemeral range (32768+) so that the many client
-    sockets of a run cannot take them between this check and the bind.
-    """
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise BenchError(f"no block of {count} free ports found on {HOST}")
 
 
 def _port_of(address: str) -> int:
@@ -157,7 +132,7 @@ class Runner:
         return self.echo_address
 
     def start_tcprelay(self, tag: str) -> tuple[Process, int]:
-        control = _free_port_block(5)
+        control = free_port_block(5)
         argv = [
             sys.executable,
             "-c",
@@ -184,7 +159,7 @@ class Runner:
         if name == "direct":
             return Stack(name, self.start_echo())
         if name == "go-relay":
-            control = _free_port_block(5)
+            control = free_port_block(5)
             relay = self.processes.start(
                 "go-relay-relay",
                 [self.bin["legacyrelay"], "-listen", f"{HOST}:{control}", "-max", "4",

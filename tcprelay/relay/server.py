@@ -518,18 +518,7 @@ class RelaySession(MuxProtocol):
             )
         if self.session.heartbeat_timed_out:
             relay.heartbeat_timeouts += 1
-        reg = self.registration
-        if reg is not None:
-            relay.registrations.pop(reg.port, None)
-            self.log.info(
-                "service {peer} at {address} left: {reason}",
-                peer=self.label,
-                address=reg.address,
-                reason=event.reason,
-                service_port=reg.port,
-                session=self.label,
-            )
-            reg.close(hold_lease=self._holds_lease(reg))
+        self._unregister(f"left: {event.reason}", reason=event.reason)
 
     def goaway_received(self, event: ev.GoAwayReceived) -> None:
         """
@@ -539,22 +528,32 @@ class RelaySession(MuxProtocol):
         agent said it is leaving for good (a GOAWAY alone may be an agent
         whose heartbeat timed out and that will be back).
         """
-        relay = self.relay
         reg = self.registration
         if reg is not None and not reg.closed:
-            relay.registrations.pop(reg.port, None)
-            self.log.info(
-                "service {peer} at {address} is going away; public port closed",
-                peer=self.label,
-                address=reg.address,
-                service_port=reg.port,
-                session=self.label,
-            )
-            reg.close(hold_lease=self._holds_lease(reg))
-        relay._close_when_quiet(self, "service went away")
+            self._unregister("is going away; public port closed")
+        self.relay._close_when_quiet(self, "service went away")
 
-    def _holds_lease(self, reg: Registration) -> bool:
-        return reg.extended and not (self.handshake is not None and self.handshake.leaving)
+    def _unregister(self, what: str, **fields: object) -> None:
+        """
+        Log ``what`` happened to the service and close its public port
+        (idempotent): the port is freed, or held for an extended agent's
+        lease unless the agent said it is leaving.
+        """
+        reg = self.registration
+        if reg is None:
+            return
+        self.relay.registrations.pop(reg.port, None)
+        self.log.info(
+            "service {peer} at {address} {what}",
+            peer=self.label,
+            address=reg.address,
+            what=what,
+            service_port=reg.port,
+            session=self.label,
+            **fields,
+        )
+        leaving = self.handshake is not None and self.handshake.leaving
+        reg.close(hold_lease=reg.extended and not leaving)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""

@@ -19,7 +19,6 @@ import the helpers explicitly.  Nothing here is autouse.
 from __future__ import annotations
 
 import os
-import random
 import re
 import select
 import signal
@@ -37,6 +36,7 @@ import pytest
 from tcprelay import handshake as hs
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, Session, SessionConfig
+from tcprelay.testing import free_port_block
 from tests.interop import gobuild
 
 HOST = "127.0.0.1"
@@ -280,39 +280,6 @@ def exit_status_name(code: Optional[int]) -> str:
 
 
 # -- ports -----------------------------------------------------------------------
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port_block(count: int) -> int:
-    """
-    The first of ``count`` consecutive ports that all bind on 127.0.0.1 now,
-    chosen below the ephemeral range when possible, so that no client socket
-    of the test can take one of them later.
-    """
-    top = _ephemeral_low() - count
-    if top <= 20000 + count:
-        top = 60000 - count
-    for _ in range(300):
-        base = random.randrange(20000, top)
-        held: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                held.append(sock)
-                sock.bind((HOST, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError(f"no block of {count} free ports")
 
 
 # -- relays ----------------------------------------------------------------------
