@@ -85,6 +85,11 @@ def test_tcprelay_throughput_is_not_grossly_slower_than_go_relay(tmp_path: Path)
         ours = results["tcprelay"]["throughput"]["1"]
         assert go["errors"] == 0 and ours["errors"] == 0, (go, ours)
         assert go["bytes"] > 0 and ours["bytes"] > 0, (go, ours)
+        for run in (go, ours):
+            # every process of the stack is accounted for, and the machine
+            cpu = run["cpu_seconds"]
+            assert cpu["relay"] > 0 and cpu["service"] > 0 and cpu["load"] > 0, run
+            assert run["machine_cpu_seconds"]["busy"] >= cpu["relay"], run
         ratio = ours["mbps"] / go["mbps"]
         seen.append(f"{ours['mbps']:.0f} / {go['mbps']:.0f} MB/s = {ratio:.2f}")
         if ratio >= threshold:

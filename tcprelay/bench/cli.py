@@ -17,7 +17,7 @@ from typing import Any, Optional
 from tcprelay.bench import gotools
 from tcprelay.bench.profile import find_py_spy
 from tcprelay.bench.procs import BenchError, Processes, raise_open_files_limit
-from tcprelay.bench.report import contention_notes, machine_info, ratios, table
+from tcprelay.bench.report import contention_notes, cpu_notes, machine_info, ratios, table
 from tcprelay.bench.run import SCENARIOS, TESTS, Settings, run_benchmark
 
 __all__ = ["main", "parser"]
@@ -195,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"note: {name}: the relay ran with an open-files soft limit of {limit}")
         elif limit > start:
             print(f"note: {name}: the relay raised its open-files soft limit {start} -> {limit}")
+    for line in cpu_notes(results, settings.conns):
+        print(line)
     for line in contention_notes(results):
         print(line)
     elapsed = time.monotonic() - started

@@ -25,7 +25,9 @@ __all__ = [
     "Process",
     "Processes",
     "cpu_seconds",
+    "children_cpu_seconds",
     "fd_count",
+    "machine_cpu_seconds",
     "open_files_limit",
     "raise_open_files_limit",
     "rss_bytes",
@@ -209,6 +211,32 @@ def cpu_seconds(pid: int) -> float:
     # the command name (field 2) may hold spaces and parentheses
     fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """utime + stime of this process's finished (waited-for) children."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_cpu_seconds() -> Optional[tuple[float, float, float]]:
+    """(busy, idle, softirq) CPU seconds of the whole machine since boot,
+    summed over its CPUs (from /proc/stat; None where there is none).
+
+    Busy counts user, nice, system, irq, softirq and steal time; idle counts
+    idle and iowait.  The kernel's packet processing on loopback shows up
+    partly as softirq, which no process is charged for.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy / _CLK_TCK, (idle + iowait) / _CLK_TCK, softirq / _CLK_TCK
 
 
 def runqueue_wait(pid: int) -> Optional[float]:

@@ -8,7 +8,16 @@ import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
-__all__ = ["RATIOS", "contention_notes", "machine_info", "ratios", "rows", "table"]
+__all__ = [
+    "RATIOS",
+    "contention_notes",
+    "cpu_bound",
+    "cpu_notes",
+    "machine_info",
+    "ratios",
+    "rows",
+    "table",
+]
 
 Results = dict[str, dict[str, Any]]
 
@@ -52,6 +61,16 @@ def rows(conns: tuple[int, ...], hold_n: int) -> list[Row]:
         label = f"echo MB/s, {n} conn{'s' if n > 1 else ''}"
         found.append((f"throughput_{n}_mbps", label, mbps(n), "{:.0f}"))
 
+    def busy(n: int) -> Callable[[dict[str, Any]], Optional[float]]:
+        def get(r: dict[str, Any]) -> Optional[float]:
+            machine = _get(r, "throughput", str(n), "machine_cpu_seconds", "busy")
+            idle = _get(r, "throughput", str(n), "machine_cpu_seconds", "idle")
+            if machine is None or idle is None or machine + idle <= 0:
+                return None
+            return 100 * machine / (machine + idle)
+
+        return get
+
     def ms(key: str) -> Callable[[dict[str, Any]], Optional[float]]:
         def get(r: dict[str, Any]) -> Optional[float]:
             us = _get(r, "latency", key)
@@ -78,9 +97,18 @@ def rows(conns: tuple[int, ...], hold_n: int) -> list[Row]:
         ("agent_kib_per_conn", "agent RSS KiB/idle conn", kib("agent"), "{:.1f}"),
         ("relay_cpu_s_per_gb", "relay CPU s/GB relayed", top("relay_cpu_s_per_gb"), "{:.2f}"),
         ("agent_cpu_s_per_gb", "agent CPU s/GB relayed", top("agent_cpu_s_per_gb"), "{:.2f}"),
-        ("errors", "errors", lambda r: _get(r, "errors"), "{:.0f}"),
+        ("service_cpu_s_per_gb", "service CPU s/GB relayed", top("service_cpu_s_per_gb"), "{:.2f}"),
+        ("load_cpu_s_per_gb", "load client CPU s/GB", top("load_cpu_s_per_gb"), "{:.2f}"),
     ]
+    for n in conns:
+        label = f"CPUs busy %, {n} conn{'s' if n > 1 else ''}"
+        found.append((f"throughput_{n}_busy_pct", label, busy(n), "{:.0f}"))
+    found.append(("errors", "errors", lambda r: _get(r, "errors"), "{:.0f}"))
     return found
+
+
+NOT_RATIOS = ("errors", "idle_held")
+"""Rows whose ratio between stacks means nothing."""
 
 
 Figures = dict[str, dict[str, Optional[float]]]
@@ -108,7 +136,7 @@ def ratios(results: Results, conns: tuple[int, ...], hold_n: int) -> Figures:
                 else None
             )
             for key, *_ in rows(conns, hold_n)
-            if key not in ("errors", "idle_held")
+            if key not in NOT_RATIOS and not key.endswith("_busy_pct")
         }
     return found
 
@@ -174,6 +202,67 @@ def contention_notes(results: Results, threshold: float = 0.2) -> list[str]:
             f"load average during the run: {min(loads):.1f} to {max(loads):.1f} "
             f"on {os.cpu_count()} CPUs"
         )
+    return notes
+
+
+CPU_BOUND_SHARE = 0.9
+"""A throughput run counts as CPU-bound when the machine was this busy."""
+
+
+def cpu_bound(result: dict[str, Any], n: int) -> Optional[dict[str, float]]:
+    """
+    What the CPU time of the ``n``-connection throughput run of a relay stack
+    says about its limits, or None where it was not measured.
+
+    ``relay_share``: the relay path's (relay + agent) share of the CPU time
+    the whole machine spent.  ``busy``: the machine's busy share.
+    ``no_relay_mbps``: the throughput the same stack would reach if the relay
+    path cost no CPU at all and everything else cost what it did per byte
+    (measured MB/s x busy / (busy - relay path)); meaningful only when the
+    run was CPU-bound (busy >= 90%), when throughput is the CPU the machine
+    has divided by the CPU each byte costs.
+    """
+    run = result.get("throughput", {}).get(str(n))
+    if not run or "machine_cpu_seconds" not in run or not run.get("mbps"):
+        return None
+    machine = run["machine_cpu_seconds"]
+    cpu = run.get("cpu_seconds", {})
+    busy, idle = machine["busy"], machine["idle"]
+    relay_path = cpu.get("relay", 0.0) + cpu.get("agent", 0.0)
+    if busy <= 0 or relay_path <= 0 or busy - relay_path <= 0:
+        return None
+    return {
+        "busy": busy / (busy + idle),
+        "relay_share": relay_path / busy,
+        "no_relay_mbps": run["mbps"] * busy / (busy - relay_path),
+    }
+
+
+def cpu_notes(results: Results, conns: tuple[int, ...]) -> list[str]:
+    """
+    For each CPU-bound throughput run: how much of the machine the relay
+    used, and the most a relay costing nothing could have reached, against
+    the Go relay's measured figure.
+    """
+    notes = []
+    go = results.get("go-relay", {})
+    for n in conns:
+        go_mbps = _get(go, "throughput", str(n), "mbps")
+        for name in ("go-relay", "tcprelay"):
+            if name not in results:
+                continue
+            bound = cpu_bound(results[name], n)
+            if bound is None or bound["busy"] < CPU_BOUND_SHARE:
+                continue
+            line = (
+                f"cpu: {name}, {n} conn{'s' if n > 1 else ''}: CPUs {100 * bound['busy']:.0f}% "
+                f"busy, the relay used {100 * bound['relay_share']:.0f}% of that; "
+                f"with a relay costing no CPU this stack would reach at most "
+                f"{bound['no_relay_mbps']:.0f} MB/s"
+            )
+            if go_mbps:
+                line += f" = {bound['no_relay_mbps'] / go_mbps:.2f}x the Go relay's {go_mbps:.0f}"
+            notes.append(line)
     return notes
 
 

@@ -28,8 +28,10 @@ from tcprelay.bench.procs import (
     BenchError,
     Process,
     Processes,
+    children_cpu_seconds,
     cpu_seconds,
     fd_count,
+    machine_cpu_seconds,
     open_files_limit,
     rss_bytes,
     runqueue_wait,
@@ -79,14 +81,24 @@ class Stack:
     address: str
     relay: Optional[Process] = None
     agent: Optional[Process] = None
+    #: the echo service behind the relay (or the echo server itself)
+    service: Optional[Process] = None
     procs: list[Process] = attrs.Factory(list)
 
     def watched(self) -> dict[str, Process]:
+        """The relay path's processes (relay, agent): RSS, fds, profiles."""
         found = {}
         if self.relay is not None:
             found["relay"] = self.relay
         if self.agent is not None:
             found["agent"] = self.agent
+        return found
+
+    def cpu_watched(self) -> dict[str, Process]:
+        """Every long-running process of the stack whose CPU time counts."""
+        found = self.watched()
+        if self.service is not None:
+            found["service"] = self.service
         return found
 
 
@@ -157,7 +169,7 @@ class Runner:
 
     def start_stack(self, name: str) -> Stack:
         if name == "direct":
-            return Stack(name, self.start_echo())
+            return Stack(name, self.start_echo(), service=self.echo)
         if name == "go-relay":
             control = free_port_block(5)
             relay = self.processes.start(
@@ -171,7 +183,10 @@ class Runner:
                 [self.bin["echosvc"], "-relay", f"{HOST}:{control}", "-timeout", "0"],
             )
             address = service.wait_line(r"^ADDRESS (\S+)$", STARTUP_TIMEOUT).group(1)
-            return Stack(name, f"{HOST}:{_port_of(address)}", relay=relay, procs=[service, relay])
+            return Stack(
+                name, f"{HOST}:{_port_of(address)}", relay=relay, service=service,
+                procs=[service, relay],
+            )
         if name == "tcprelay":
             relay, control = self.start_tcprelay(name)
             service = self.processes.start(
@@ -179,7 +194,10 @@ class Runner:
                 [self.bin["echosvc"], "-relay", f"{HOST}:{control}", "-timeout", "0"],
             )
             address = service.wait_line(r"^ADDRESS (\S+)$", STARTUP_TIMEOUT).group(1)
-            return Stack(name, f"{HOST}:{_port_of(address)}", relay=relay, procs=[service, relay])
+            return Stack(
+                name, f"{HOST}:{_port_of(address)}", relay=relay, service=service,
+                procs=[service, relay],
+            )
         if name == "expose":
             echo = self.start_echo()
             relay, control = self.start_tcprelay(name)
@@ -192,7 +210,8 @@ class Runner:
             )
             address = agent.wait_line(r"^(\S+:\d+)$", STARTUP_TIMEOUT).group(1)
             return Stack(
-                name, f"{HOST}:{_port_of(address)}", relay=relay, agent=agent, procs=[agent, relay]
+                name, f"{HOST}:{_port_of(address)}", relay=relay, agent=agent,
+                service=self.echo, procs=[agent, relay],
             )
         raise ValueError(f"unknown scenario {name!r}")
 
@@ -309,29 +328,41 @@ class Runner:
     def throughput(
         self, stack: Stack, out: dict[str, Any], note_errors: Callable[[str, dict[str, Any]], None]
     ) -> None:
-        """Echo throughput per connection count, and CPU per GB over all of them."""
+        """
+        Echo throughput per connection count, with the CPU time of every
+        process of the stack (relay, agent, service, load client) and of the
+        whole machine during each run, and CPU per GB over all of them.
+        """
         s = self.settings
-        watched = stack.watched()
-        totals = {role: 0.0 for role in watched}
+        watched = stack.cpu_watched()
+        roles = [*watched, "load"]
+        totals = {role: 0.0 for role in roles}
         total_bytes = 0
         out["throughput"] = {}
         for n in s.conns:
             before = {role: cpu_seconds(p.pid) for role, p in watched.items()}
-            waited = {role: runqueue_wait(p.pid) for role, p in watched.items()}
+            before["load"] = children_cpu_seconds()
+            machine_before = machine_cpu_seconds()
+            waited = {role: runqueue_wait(p.pid) for role, p in stack.watched().items()}
             result = self.goload(
                 ["throughput", "-addr", stack.address, "-conns", str(n),
                  "-seconds", f"{s.throughput_seconds:g}",
                  "-timeout", f"{s.throughput_seconds + 60:g}s"],
                 s.throughput_seconds + 120,
             )
+            machine_after = machine_cpu_seconds()
             after = {role: cpu_seconds(p.pid) for role, p in watched.items()}
-            result["cpu_seconds"] = {role: after[role] - before[role] for role in watched}
+            after["load"] = children_cpu_seconds()
+            result["cpu_seconds"] = {role: after[role] - before[role] for role in roles}
+            if machine_before is not None and machine_after is not None:
+                busy, idle, softirq = (a - b for a, b in zip(machine_after, machine_before))
+                result["machine_cpu_seconds"] = {"busy": busy, "idle": idle, "softirq": softirq}
             result["runqueue_wait_seconds"] = {}
-            for role, proc in watched.items():
+            for role, proc in stack.watched().items():
                 now, then = runqueue_wait(proc.pid), waited[role]
                 if now is not None and then is not None:
                     result["runqueue_wait_seconds"][role] = now - then
-            for role in watched:
+            for role in roles:
                 totals[role] += after[role] - before[role]
             total_bytes += result["bytes"]
             out["throughput"][str(n)] = result
@@ -340,7 +371,7 @@ class Runner:
         if total_bytes:
             # bytes cross the relay twice: visitor -> service and back
             relayed_gb = 2 * total_bytes / 1e9
-            for role in watched:
+            for role in roles:
                 out[f"{role}_cpu_s_per_gb"] = totals[role] / relayed_gb
         out["throughput_bytes"] = total_bytes
 

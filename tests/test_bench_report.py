@@ -1,0 +1,91 @@
+"""
+The benchmark's arithmetic on synthetic results (no processes): the CPU
+bound of a throughput run and the notes and rows built from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tcprelay.bench.report import cpu_bound, cpu_notes, figures, ratios, table
+
+
+def _run(mbps: float, busy: float, idle: float, **cpu: float) -> dict[str, Any]:
+    return {
+        "mbps": mbps,
+        "bytes": int(mbps * 1e6 * 3),
+        "errors": 0,
+        "cpu_seconds": cpu,
+        "machine_cpu_seconds": {"busy": busy, "idle": idle, "softirq": 0.5},
+    }
+
+
+def _results() -> dict[str, dict[str, Any]]:
+    return {
+        "go-relay": {
+            "errors": 0,
+            "throughput": {"8": _run(200.0, busy=5.8, idle=0.2, relay=2.9, service=1.9, load=0.5)},
+        },
+        "tcprelay": {
+            "errors": 0,
+            "throughput": {
+                "8": _run(300.0, busy=6.0, idle=0.0, relay=2.0, service=2.4, load=0.9),
+                "1": _run(250.0, busy=3.0, idle=3.0, relay=1.0, service=1.0, load=0.3),
+            },
+        },
+    }
+
+
+def test_cpu_bound_scales_throughput_by_the_cpu_left_without_the_relay() -> None:
+    bound = cpu_bound(_results()["tcprelay"], 8)
+    assert bound is not None
+    assert bound["busy"] == pytest.approx(1.0)
+    assert bound["relay_share"] == pytest.approx(2.0 / 6.0)
+    # 6 CPU seconds bought 300 MB/s; without the relay's 2, 4 would buy it
+    assert bound["no_relay_mbps"] == pytest.approx(450.0)
+
+
+def test_cpu_bound_counts_the_agent_as_part_of_the_relay_path() -> None:
+    result = {"throughput": {"8": _run(100.0, busy=4.0, idle=0.0, relay=1.0, agent=1.0)}}
+    bound = cpu_bound(result, 8)
+    assert bound is not None
+    assert bound["no_relay_mbps"] == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {},
+        {"throughput": {"8": {"mbps": 100.0, "cpu_seconds": {"relay": 1.0}}}},
+        {"throughput": {"8": _run(100.0, busy=2.0, idle=0.0, service=2.0)}},
+        {"throughput": {"8": _run(100.0, busy=1.0, idle=1.0, relay=1.0)}},
+    ],
+    ids=["not-run", "no-machine-figures", "no-relay", "relay-was-everything"],
+)
+def test_cpu_bound_is_none_without_the_figures_it_needs(result: dict[str, Any]) -> None:
+    assert cpu_bound(result, 8) is None
+
+
+def test_cpu_notes_only_for_cpu_bound_runs_and_against_the_go_relay() -> None:
+    notes = cpu_notes(_results(), (1, 8))
+    # the 1-connection run was 50% busy: latency-bound, no note
+    assert len(notes) == 2
+    go, ours = notes
+    assert go.startswith("cpu: go-relay, 8 conns: CPUs 97% busy, the relay used 50%")
+    assert ours.startswith("cpu: tcprelay, 8 conns: CPUs 100% busy, the relay used 33%")
+    assert ours.endswith("at most 450 MB/s = 2.25x the Go relay's 200")
+
+
+def test_busy_rows_are_shown_but_not_divided() -> None:
+    results = _results()
+    figs = figures(results, (1, 8), 10000)
+    assert figs["tcprelay"]["throughput_1_busy_pct"] == pytest.approx(50.0)
+    assert figs["tcprelay"]["service_cpu_s_per_gb"] is None  # only set by a real run
+    rats = ratios(results, (1, 8), 10000)
+    assert "throughput_8_busy_pct" not in rats["tcprelay/go-relay"]
+    assert rats["tcprelay/go-relay"]["throughput_8_mbps"] == pytest.approx(1.5)
+    text = table(results, (1, 8), 10000)
+    busy_line = next(line for line in text.splitlines() if line.startswith("CPUs busy %, 8 conns"))
+    assert busy_line.split()[-3:] == ["97", "100", "-"]
