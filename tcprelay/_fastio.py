@@ -9,6 +9,9 @@ socket straight away and only queues what the kernel did not take, through
 the ordinary ``write`` (so producers, half-close and error handling stay
 Twisted's).  Anything else (TLS, a mux stream, a transport with data
 pending, a closing one) simply gets ``transport.write``.
+
+:func:`nodelay` turns Nagle's algorithm off on the TCP sockets the relay and
+the agent forward on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["write_now", "read_now"]
+__all__ = ["nodelay", "write_now", "read_now"]
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -61,3 +64,17 @@ def read_now(transport: Any, protocol: Any) -> None:
         return
     if data:
         protocol.dataReceived(data)
+
+
+def nodelay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on a TCP transport (``TCP_NODELAY``); other
+    transports are left alone.  A socket already reset by its peer is left
+    for the reactor to report.
+    """
+    set_nodelay = getattr(transport, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        try:
+            set_nodelay(True)
+        except OSError:
+            pass

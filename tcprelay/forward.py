@@ -12,7 +12,11 @@ service).  Each side's protocol holds the other's transport:
 - a FIN on one side becomes a FIN on the other (``loseWriteConnection``);
   the connection is done when both directions are;
 - an abnormal end of one side aborts the other (RST for a stream,
-  ``abortConnection`` for a socket).
+  ``abortConnection`` for a socket);
+- a TCP socket side gets ``TCP_NODELAY`` (as Go sets on every TCP
+  connection): each read is forwarded as one write already, and Nagle's
+  algorithm would only hold back the tail of a reply until the peer's
+  (possibly delayed) ACK.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import write_now
+from tcprelay._fastio import nodelay, write_now
 
 __all__ = ["Splice"]
 
@@ -120,6 +124,7 @@ class _Side(Protocol):
     def connectionMade(self) -> None:
         peer = self.peer
         splice = self.splice
+        nodelay(self.transport)
         if self is splice.a and splice.preamble is not None and peer.transport is not None:
             preamble, splice.preamble = splice.preamble, None
             peer.transport.write(preamble(self.transport))

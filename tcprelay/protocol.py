@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import write_now
+from tcprelay._fastio import nodelay, write_now
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode, error_name
 from tcprelay.mux.session import (
@@ -339,12 +339,7 @@ class MuxProtocol(Protocol):
         if not self.label:
             peer = transport.getPeer()
             self.label = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+        nodelay(transport)
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.session_started()
         self.flush()

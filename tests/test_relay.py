@@ -726,3 +726,17 @@ async def test_visitor_that_writes_at_once_gets_syn_and_data_together(
         assert bytes(echo.received) == b"early bytes"
     finally:
         sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_socket_has_nagle_off(reactor: Any, env: Cleanup) -> None:
+    """The relay's end of a visitor connection has TCP_NODELAY, as Go's relay has: no reply tail waits for an ACK."""
+    relay = env.relay()
+    service = await env.service(relay)
+    visitor = await env.visitor(service.port)
+    visitor.send(b"x")
+    await bounded(visitor.wait_received(1), reactor)
+    side = only_splice(relay, service.port).a
+    assert side.transport.getTcpNoDelay()
+    # the visitor's own socket was left as it was (Nagle on by default)
+    assert not visitor.transport.getTcpNoDelay()  # type: ignore[union-attr]
