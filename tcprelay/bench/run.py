@@ -3,8 +3,9 @@ The benchmark itself: start each stack, measure it with ``goload``, stop it.
 
 Order within a stack: a short warm-up, then the idle-connection hold (first,
 so the relay's RSS baseline is that of a fresh process), then throughput
-with 1, 8 and 64 connections (relay CPU time is read from /proc around each
-run), then sequential connect latency, then connections per second.
+with 1, 8 and 64 connections (the CPU time of every process of the stack and
+of the machine is read around each run), then sequential connect latency,
+then connections per second.
 """
 
 from __future__ import annotations
