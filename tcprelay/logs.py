@@ -17,12 +17,12 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Optional, Union
 
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import provider
 
-__all__ = ["json_lines_observer", "event_as_dict"]
+__all__ = ["event_as_dict", "json_lines_observer", "json_log_stream"]
 
 _SKIP = {"format", "time", "message", "isError", "system", "printed", "why", "failure"}
 
@@ -59,6 +59,36 @@ def event_as_dict(event: dict[str, Any]) -> dict[str, Any]:
             continue
         out[key] = _jsonable(value)
     return out
+
+
+def json_log_stream(logfile: Optional[str], nodaemon: bool) -> Union[IO[str], Any]:
+    """
+    Where twistd would have written its text log, for the JSON lines: the
+    same rules as twistd's own (``--logfile -`` or ``-n`` without
+    ``--logfile``: standard output; otherwise ``--logfile``, by default
+    ``twistd.log``, rotated by size like twistd's and on SIGUSR1).
+
+    twistd hands its log file only to the observer it builds itself; the
+    JSON observer replaces that one, so it opens the file the same way.
+    """
+    if logfile == "-" or (nodaemon and not logfile):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    log_file = LogFile.fromFullPath(logfile or "twistd.log")
+    try:
+        import signal
+    except ImportError:  # pragma: no cover - every POSIX Python has it
+        return log_file
+    if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: object) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return log_file
 
 
 def json_lines_observer(stream: IO[str] | None = None) -> Callable[[dict[str, Any]], None]:

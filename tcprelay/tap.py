@@ -8,6 +8,7 @@ parses the command line with :class:`Options`, then calls
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -247,6 +248,15 @@ class Options(usage.Options):
             self["metrics"] = metrics
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
+        if self["log-format"] == "json":
+            twistd = self.twistd_options()
+            if twistd.get("syslog"):
+                raise usage.UsageError(
+                    "--log-format json cannot go to syslog: drop twistd's --syslog "
+                    "(use --logfile, or -n and let systemd collect standard output)"
+                )
+            if twistd.get("logfile") == "-" and not twistd.get("nodaemon"):
+                raise usage.UsageError("daemons cannot log to stdout: add -n or give --logfile")
         if self["ports"] is None:
             port = control_port(control)
             if not port:
@@ -285,6 +295,14 @@ class Options(usage.Options):
         if not 65536 <= window <= 0x7FFFFFFF:
             raise usage.UsageError("--receive-window must be between 65536 and 2147483647")
         self["receive-window"] = window
+
+    def twistd_options(self) -> dict[str, Any]:
+        """twistd's own options (``--logfile``, ``-n``, ``--syslog``) when run
+        by twistd; empty otherwise (``twist``, or built directly)."""
+        parent = getattr(self, "parent", None)
+        if parent is None or "nodaemon" not in parent:
+            return {}
+        return {key: parent.get(key) for key in ("logfile", "nodaemon", "syslog")}
 
     def relay_config(self) -> RelayConfig:
         """The :class:`RelayConfig` these options describe."""
@@ -335,8 +353,18 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         metrics._raiseSynchronously = True
     log_observer = None
     if options["log-format"] == "json":
-        from tcprelay.logs import json_lines_observer
+        from tcprelay.logs import json_lines_observer, json_log_stream
 
-        log_observer = json_lines_observer()
+        twistd = options.twistd_options()
+        if twistd:
+            try:
+                stream = json_log_stream(twistd.get("logfile"), bool(twistd.get("nodaemon")))
+            except OSError as e:
+                sys.stderr.write(f"tcprelay: cannot open the log file ({e})\n")
+                sys.stderr.flush()
+                raise SystemExit(1) from None
+            log_observer = json_lines_observer(stream)
+        else:
+            log_observer = json_lines_observer()
     notifier = SystemdNotifier(reactor, control)
     return RelayService(relay, control, metrics, notifier, log_observer)

@@ -7,9 +7,13 @@ makeService runs on a MemoryReactorClock: no sockets.
 
 from __future__ import annotations
 
+import json
+import signal
+
 import pytest
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 from tcprelay import tap
@@ -166,3 +170,103 @@ def test_make_service_accepts_plain_memory_reactor() -> None:
     assert service.getServiceNamed("pool").ports == list(range(9101, 9151))
     assert reactor.tcpServers == []
     assert not service.running
+
+
+# -- --log-format json and twistd's own log options ---------------------------
+
+
+def parse_under_twistd(twistd: dict[str, object], *argv: str) -> tap.Options:
+    """Parse as twistd does for its subcommand: ``parent`` holds twistd's options."""
+    options = tap.Options()
+    options.parent = twistd  # type: ignore[attr-defined]
+    options.parseOptions(list(argv))
+    return options
+
+
+def _emit(service: object, text: str) -> None:
+    observer = service.log_observer  # type: ignore[attr-defined]
+    observer(
+        {
+            "log_format": "{what}",
+            "what": text,
+            "log_level": LogLevel.info,
+            "log_namespace": "test",
+            "log_time": 0.0,
+        }
+    )
+
+
+@pytest.fixture
+def sigusr1_restored():
+    """Leave SIGUSR1 as it was (the JSON log file installs a rotate handler)."""
+    previous = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_json_logs_go_to_twistds_logfile_with_a_rotate_handler(tmp_path, sigusr1_restored) -> None:
+    """twistd --logfile F with --log-format json: JSON lines in F (not stdout), and a SIGUSR1 handler like twistd's (the e2e test rotates for real)."""
+    path = tmp_path / "relay.log"
+    options = parse_under_twistd(
+        {"nodaemon": True, "logfile": str(path), "syslog": 0}, "--control", "9000",
+        "--log-format", "json",
+    )
+    service = tap.makeService(options, MemoryReactor())
+    _emit(service, "first")
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line)["message"] == "first"
+    handler = signal.getsignal(signal.SIGUSR1)
+    assert callable(handler)
+
+
+def test_json_logs_go_to_stdout_with_n_and_no_logfile(capsys) -> None:
+    """twistd -n without --logfile (and twistd --logfile -): JSON lines on standard output."""
+    for twistd in ({"nodaemon": True, "logfile": None, "syslog": 0},
+                   {"nodaemon": True, "logfile": "-", "syslog": 0}):
+        service = tap.makeService(
+            parse_under_twistd(twistd, "--control", "9000", "--log-format", "json"),
+            MemoryReactor(),
+        )
+        _emit(service, "to stdout")
+        out = capsys.readouterr().out
+        assert json.loads(out)["message"] == "to stdout"
+
+
+def test_json_logs_without_twistd_go_to_stdout(capsys) -> None:
+    """Built without twistd (``twist``, or directly): standard output, no file created."""
+    service = tap.makeService(parse("--control", "9000", "--log-format", "json"), MemoryReactor())
+    _emit(service, "plain")
+    assert json.loads(capsys.readouterr().out)["message"] == "plain"
+
+
+@pytest.mark.parametrize(
+    "twistd, named",
+    [
+        ({"nodaemon": True, "logfile": None, "syslog": 1}, "syslog"),
+        ({"nodaemon": False, "logfile": "-", "syslog": 0}, "stdout"),
+    ],
+    ids=["syslog", "daemon-to-stdout"],
+)
+def test_json_logs_refuse_destinations_twistd_would_not_take(
+    twistd: dict[str, object], named: str
+) -> None:
+    """JSON lines cannot go to syslog, and a daemon cannot log to stdout: a usage error, not silence."""
+    with pytest.raises(usage.UsageError) as info:
+        parse_under_twistd(twistd, "--control", "9000", "--log-format", "json")
+    assert named in str(info.value)
+    # text logs keep twistd's own handling of these options
+    parse_under_twistd(twistd, "--control", "9000")
+
+
+def test_json_log_file_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path, capsys) -> None:
+    """An unwritable --logfile with --log-format json: one line on stderr naming the problem, exit status 1."""
+    options = parse_under_twistd(
+        {"nodaemon": True, "logfile": str(tmp_path / "missing-dir" / "relay.log"), "syslog": 0},
+        "--control", "9000", "--log-format", "json",
+    )
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(options, MemoryReactor())
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tcprelay: cannot open the log file (") and err.count("\n") == 1

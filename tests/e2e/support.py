@@ -310,10 +310,12 @@ def start_relay(
     env: Optional[dict[str, str]] = None,
     wait: bool = True,
     name: str = "relay",
+    twistd_args: tuple[object, ...] = (),
 ) -> RelayProc:
     """
-    Start ``twistd -n --pidfile= tcprelay ... EXTRA`` with ``pool`` public
-    ports on 127.0.0.1 (and ``--public-host public_host`` if given).
+    Start ``twistd -n --pidfile= TWISTD_ARGS tcprelay ... EXTRA`` with
+    ``pool`` public ports on 127.0.0.1 (and ``--public-host public_host`` if
+    given).
 
     By default the relay listens on ``tcp:CONTROL`` itself, its public ports
     right after the control port; ``control`` reuses a port block (a
@@ -341,7 +343,7 @@ def start_relay(
         ports = range(control + 1, control + 1 + pool)
         spec = control_spec or f"tcp:{control}:interface={HOST}"
     argv: list[object] = [
-        TWISTD, "-n", "--pidfile=", "tcprelay",
+        TWISTD, "-n", "--pidfile=", *twistd_args, "tcprelay",
         "--control", spec,
         "--ports", f"{ports[0]}-{ports[-1]}",
         "--public-interface", HOST,

@@ -515,6 +515,49 @@ def test_json_log_format_writes_only_json_lines(procs: Procs) -> None:
     assert any("Server Shut Down" in r["message"] for r in records)
 
 
+def test_json_logs_follow_twistd_logfile_and_rotate_on_sigusr1(procs: Procs, tmp_path: Path) -> None:
+    """twistd --logfile F --log-format json: every line in F is JSON, nothing on stdout, and SIGUSR1 rotates F to F.1 with later lines in a new F."""
+    log = tmp_path / "relay.log"
+    relay = start_relay(
+        procs, "--log-format", "json", public_host=HOST, wait=False,
+        twistd_args=("--logfile", log),
+    )
+
+    def records(path: Path) -> list[dict[str, object]]:
+        if not path.exists():
+            return []
+        lines = path.read_bytes().split(b"\n")
+        assert lines[-1] == b"", lines[-1]  # whole lines only
+        return [json.loads(line) for line in lines[:-1]]
+
+    def wait_record(path: Path, text: str) -> None:
+        deadline = time.monotonic() + STARTUP
+        while not any(text in str(r["message"]) for r in records(path)):
+            assert time.monotonic() < deadline, (text, records(path), relay.proc.describe())
+            time.sleep(0.05)
+
+    wait_record(log, f"starting on {relay.control}")
+    relay.proc.signal(signal.SIGUSR1)
+    rotated = tmp_path / "relay.log.1"
+    deadline = time.monotonic() + STARTUP
+    while not rotated.exists():
+        assert time.monotonic() < deadline, relay.proc.describe()
+        time.sleep(0.05)
+    service = start_go_service(procs, "echosvc", relay)
+    port = service.port()
+    assert echo_round_trip(port, b"log me") == b"log me"
+    wait_record(log, "registered at")
+    assert stop_relay(relay) == 0, relay.proc.describe()
+
+    assert b"".join(relay.proc.raw_stdout) == b""
+    before, after = records(rotated), records(log)
+    assert any("starting on" in str(r["message"]) for r in before)
+    assert not any("registered at" in str(r["message"]) for r in before)
+    registered = [r for r in after if "registered at" in str(r["message"])]
+    assert len(registered) == 1 and registered[0]["service_port"] == port, after
+    assert any("Server Shut Down" in str(r["message"]) for r in after)
+
+
 # -- SIGHUP ----------------------------------------------------------------------------
 
 
