@@ -11,7 +11,8 @@ Twisted's).  Anything else (TLS, a mux stream, a transport with data
 pending, a closing one) simply gets ``transport.write``.
 
 :func:`nodelay` turns Nagle's algorithm off on the TCP sockets the relay and
-the agent forward on.
+the agent forward on; :func:`read_size` sets how much one read of a plain
+TCP transport may take.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["nodelay", "write_now", "read_now"]
+__all__ = ["nodelay", "read_size", "write_now", "read_now"]
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -78,3 +79,10 @@ def nodelay(transport: Any) -> None:
             set_nodelay(True)
         except OSError:
             pass
+
+
+def read_size(transport: Any, size: int) -> None:
+    """How many bytes each read of a plain TCP transport asks for (Twisted's
+    ``bufferSize``, 64 KiB by default); other transports are left alone."""
+    if type(transport) in _PLAIN_TCP and transport.bufferSize != size:
+        transport.bufferSize = size

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import nodelay, write_now
+from tcprelay._fastio import nodelay, read_size, write_now
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode, error_name
 from tcprelay.mux.session import (
@@ -292,6 +292,22 @@ class MuxStream:
             self.protocol.connectionLost(reason)
 
 
+READ_SIZE_PER_STREAM = 65536
+MAX_READ_STREAMS = 4
+"""
+A session socket reads 64 KiB (Twisted's default) per open stream, up to
+256 KiB.  A peer interleaves its streams' frames (16 KiB at most each), so
+one 64 KiB read holds a frame or so per stream and every stream's chunk
+becomes its own small write; a read that grows with the number of streams
+carries several frames of each, which the decoder joins into one chunk per
+stream (fewer, larger writes to visitors, fewer reads).  With 8 busy
+streams behind the Go echo service this took throughput from about 290 to
+about 390 MB/s and the relay's CPU per GB from 1.2-1.8 to 0.9-1.0 s in
+alternating runs; 1 MiB reads were slower again (cache), and a single
+stream keeps 64 KiB.
+"""
+
+
 @implementer(interfaces.IPushProducer)
 class MuxProtocol(Protocol):
     """
@@ -349,6 +365,13 @@ class MuxProtocol(Protocol):
         """Feed the session; dispatch what it reports."""
         events = self.session.receive_data(data)
         self.flush(events)
+        streams = len(self.streams)
+        # never 0: a read of 0 bytes would look like end-of-file
+        read_size(
+            self.transport,
+            READ_SIZE_PER_STREAM * (streams if 0 < streams < MAX_READ_STREAMS
+                                    else MAX_READ_STREAMS if streams else 1),
+        )
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         """The socket is gone: every stream ends, then the session."""

@@ -42,6 +42,7 @@ from tcprelay.mux.frames import (
 )
 from tcprelay.mux.session import INITIAL_WINDOW, Role, SessionClosedError, SessionConfig
 from tcprelay.protocol import CLOSE_TIMEOUT, MuxProtocol, MuxStream, StreamResetError
+from tests.relay_helpers import wait_for
 
 from tests.adapter_helpers import (
     Acceptor,
@@ -1103,5 +1104,41 @@ async def test_loopback_bulk_transfer_with_half_close(reactor) -> None:
         assert proto.read_lost == 1
         assert producer.resumes >= 1
         assert bytes(acceptor.protocols[0].received) == data
+    finally:
+        await _teardown(reactor, port, factory, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_read_size_grows_with_open_streams(reactor) -> None:
+    """A session socket reads 64 KiB per open stream, never less than 64 KiB (a 0-byte read would be EOF) nor more than 256 KiB."""
+    acceptor = Acceptor(Recorder)
+    port, factory, client = await _loopback(reactor, acceptor)
+
+    async def arrived(n: int) -> None:
+        await wait_for(
+            reactor,
+            lambda: len(acceptor.protocols) >= n and bool(acceptor.protocols[n - 1].received),
+            what=f"stream {n}'s byte",
+        )
+
+    try:
+        server = await factory.connected.addTimeout(5, reactor)
+        assert server.transport.bufferSize == 65536  # type: ignore[union-attr]
+        streams = []
+        sizes = []
+        for n in range(1, 7):
+            streams.append(client.open_stream(Recorder()))
+            streams[-1].write(b"x")
+            await arrived(n)
+            sizes.append(server.transport.bufferSize)  # type: ignore[union-attr]
+        assert sizes == [65536, 131072, 196608, 262144, 262144, 262144]
+        for stream in streams:
+            stream.abortConnection()
+        # the read with the last RST leaves no stream open: 64 KiB, not 0
+        await wait_for(reactor, lambda: not server.streams, what="the streams to close")
+        assert server.transport.bufferSize == 65536  # type: ignore[union-attr]
+        client.open_stream(Recorder()).write(b"y")
+        await arrived(7)
+        assert bytes(acceptor.protocols[6].received) == b"y"
     finally:
         await _teardown(reactor, port, factory, client)

@@ -61,6 +61,8 @@ HEARTBEAT_STREAM_TYPE: Final = MIN_EXTENSION_TYPE
 """Stream type of the heartbeat extension (0xFFFFFEFF)."""
 HEARTBEAT_PRIORITY: Final = 0x7FFFFFFF
 
+Buffer = Union[bytes, bytearray, memoryview]
+
 _HEADER = struct.Struct(">HBBI")
 _U32 = struct.Struct(">I")
 _U32U32 = struct.Struct(">II")
@@ -272,37 +274,104 @@ class FrameDecoder:
         if self.finished:
             return []
         buf = self._buf
-        if buf:
-            buf += data
-            src: bytes | bytearray = buf
-            view = memoryview(buf)
-        else:
-            # Common case: nothing pending.  Parse the caller's bytes in place
-            # and copy each payload out once.
-            src = data
-            view = memoryview(data)
         frames: list[Frame] = []
-        pos = 0
+        runs: dict[int, list[Buffer]] = {}
+        start = 0
         try:
-            pos = self._parse(src, view, frames)
+            if buf:
+                # Finish the frame a previous read left incomplete, copying
+                # only its missing bytes (not the whole read) into ``buf``.
+                start = self._complete(data, frames, runs)
+                if buf or self.finished:
+                    return frames
+            view = memoryview(data)
+            try:
+                pos = self._parse(data, view, frames, start, runs)
+            finally:
+                view.release()
         except FrameError:
             self.finished = True
-            view.release()
             del buf[:]
             raise
-        view.release()
-        if src is buf:
-            if pos:
-                del buf[:pos]
-        elif pos < len(data):
+        if pos < len(data):
             buf += view_tail(data, pos)
         return frames
 
+    def _complete(self, data: bytes, frames: list[Frame], runs: dict[int, list[Buffer]]) -> int:
+        """
+        Move into ``_buf`` the bytes of ``data`` that complete its pending
+        frame and decode that frame; return how many bytes of ``data`` were
+        used.  ``_buf`` is left empty once the frame is complete.  A DATA
+        frame without FIN seeds ``runs``, so that it joins its stream's
+        later frames of the same read.
+        """
+        buf = self._buf
+        used = 0
+        if len(buf) < HEADER_SIZE:
+            used = min(HEADER_SIZE - len(buf), len(data))
+            buf += data[:used]
+            if len(buf) < HEADER_SIZE:
+                return used
+        size = self._frame_size(buf)
+        more = min(size - len(buf), len(data) - used)
+        if more > 0:
+            buf += data[used : used + more]
+            used += more
+        if len(buf) < size:
+            return used
+        length, _, ftype, _ = _HEADER.unpack_from(buf, 0)
+        if ftype & 0x1F == FrameType.GOAWAY and length & MAX_PAYLOAD > 8:
+            # what followed the body in this read: the GOAWAY's debug text
+            extra = min((length & MAX_PAYLOAD) - 8, len(data) - used)
+            buf += data[used : used + extra]
+            used += extra
+        found: list[Frame] = []
+        view = memoryview(buf)
+        try:
+            self._parse(buf, view, found, 0, {})
+        finally:
+            view.release()
+        del buf[:]
+        for frame in found:
+            if self.merge_data and type(frame) is Data and not frame.fin and frame.data:
+                runs[frame.stream_id] = [frame.data]
+            else:
+                frames.append(frame)
+        return used
+
+    def _frame_size(self, header: bytes | bytearray) -> int:
+        """
+        Header plus the body bytes :meth:`_parse` needs to decode the frame
+        that ``header`` starts (a GOAWAY: its 8-byte body only, see there);
+        a wrong length or type raises at once, as it does there.
+        """
+        fields: tuple[int, int, int, int] = _HEADER.unpack_from(header, 0)
+        length, flags, ftype, _ = fields
+        length &= MAX_PAYLOAD
+        ftype &= 0x1F
+        if ftype == FrameType.DATA:
+            return HEADER_SIZE + length
+        if ftype == FrameType.GOAWAY:
+            if length < 8:
+                raise FrameError(
+                    ErrorCode.FRAME_SIZE_ERROR,
+                    f"GOAWAY length {length} is shorter than its 8-byte body",
+                )
+            return HEADER_SIZE + 8
+        self._check_length(ftype, flags, length)
+        return HEADER_SIZE + length
+
     def _parse(
-        self, src: bytes | bytearray, view: memoryview, frames: list[Frame]
+        self,
+        src: bytes | bytearray,
+        view: memoryview,
+        frames: list[Frame],
+        pos: int,
+        runs: dict[int, list[Buffer]],
     ) -> int:
         """
-        Append the frames found in ``src``; return how far it got.
+        Append the frames found in ``src`` from ``pos`` on; return how far
+        it got.  ``runs`` holds DATA already found for a stream (see below).
 
         With ``merge_data``, the DATA frames of each stream found in one
         read come out as one Data value per stream (a peer splits its writes
@@ -314,11 +383,9 @@ class FrameDecoder:
         in muxado; the session uses this, tests that inspect frames do not.
         """
         merge = self.merge_data
-        pos = 0
         end = len(src)
         unpack_header = _HEADER.unpack_from
         append = frames.append
-        runs: dict[int, list[memoryview]] = {}
 
         def flush_run(sid: int, fin: bool = False) -> None:
             run = runs.pop(sid, None)
