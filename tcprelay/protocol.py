@@ -64,6 +64,16 @@ class StreamResetError(error.ConnectionLost):
         return f"stream reset ({side}, {error_name(self.code)}): {self.reason}"
 
 
+PAUSE_PENDING = 65536
+"""
+A stream's streaming producer is paused once more than this many bytes
+wait for send window, and resumed when none do.  Pausing as soon as one
+byte waits would stop and restart reading the visitor (two ``epoll_ctl``
+calls and Twisted's bookkeeping) for almost every read behind a peer that
+grants 64 KiB windows; with this margin a stream holds at most one more
+read (64 KiB) than it would otherwise.
+"""
+
 StreamAcceptor = Callable[["MuxStream"], Optional[interfaces.IProtocol]]
 """Given a peer-opened stream, return the protocol to run on it, or None."""
 
@@ -198,18 +208,18 @@ class MuxStream:
         producer = self._producer
         if producer is None:
             return
-        blocked = self._blocked()
         if not self._streaming:
-            if not blocked and not self._pull_scheduled:
+            if not self._pull_scheduled and not self._blocked():
                 self._pull_scheduled = True
                 self.mux.clock.callLater(0, self._pull)
             return
-        if blocked and not self._producer_paused:
+        if self._producer_paused:
+            if not self._blocked():
+                self._producer_paused = False
+                producer.resumeProducing()
+        elif self.mux.paused or self.mux.session.pending(self.stream_id) > PAUSE_PENDING:
             self._producer_paused = True
             producer.pauseProducing()  # type: ignore[attr-defined]
-        elif not blocked and self._producer_paused:
-            self._producer_paused = False
-            producer.resumeProducing()
 
     def _pull(self) -> None:
         self._pull_scheduled = False

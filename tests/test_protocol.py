@@ -41,7 +41,13 @@ from tcprelay.mux.frames import (
     encode_wndinc,
 )
 from tcprelay.mux.session import INITIAL_WINDOW, Role, SessionClosedError, SessionConfig
-from tcprelay.protocol import CLOSE_TIMEOUT, MuxProtocol, MuxStream, StreamResetError
+from tcprelay.protocol import (
+    CLOSE_TIMEOUT,
+    PAUSE_PENDING,
+    MuxProtocol,
+    MuxStream,
+    StreamResetError,
+)
 from tests.relay_helpers import wait_for
 
 from tests.adapter_helpers import (
@@ -263,7 +269,7 @@ def test_get_peer_and_host_default_to_the_session_transport() -> None:
 
 
 def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> None:
-    """A streaming producer pauses once the peer's 64 KiB window is used up and resumes when WNDINC drains the queue."""
+    """A streaming producer pauses once more than PAUSE_PENDING bytes wait for the peer's window, and resumes only when WNDINC has drained them all."""
     mux, tr = connect(Role.CLIENT, Clock())
     a = mux.open_stream(Recorder())
     b = mux.open_stream(Recorder())
@@ -272,12 +278,16 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     a.registerProducer(pa, True)
     b.registerProducer(pb, True)
     assert not pa.paused and not pb.paused
-    data = payload(70000)
+    data = payload(INITIAL_WINDOW + PAUSE_PENDING + 1)
 
-    a.write(data)
-
+    # Up to PAUSE_PENDING bytes may wait without pausing the producer.
+    a.write(data[:-1])
     sent = data_on(take_frames(tr), a.stream_id)
     assert sent == data[:INITIAL_WINDOW]
+    assert mux.session.pending(a.stream_id) == PAUSE_PENDING
+    assert not pa.paused
+    a.write(data[-1:])
+    assert take_frames(tr) == []
     assert pa.paused and pa.pauses == 1
     assert not pb.paused and pb.pauses == 0
 
@@ -286,14 +296,16 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     assert take_frames(tr) == [Data(b.stream_id, b"y" * 1000)]
     assert not pb.paused
 
-    # A partial grant sends that much and keeps the producer paused.
+    # A partial grant sends that much and keeps the producer paused, even
+    # though less than PAUSE_PENDING now waits.
     mux.dataReceived(encode_wndinc(a.stream_id, 1000))
     more = data_on(take_frames(tr), a.stream_id)
     assert more == data[INITIAL_WINDOW : INITIAL_WINDOW + 1000]
+    assert 0 < mux.session.pending(a.stream_id) < PAUSE_PENDING
     assert pa.paused and pa.resumes == 0
 
     # Enough window: the rest goes and the producer resumes.
-    mux.dataReceived(encode_wndinc(a.stream_id, INITIAL_WINDOW))
+    mux.dataReceived(encode_wndinc(a.stream_id, 2 * INITIAL_WINDOW))
     rest = data_on(take_frames(tr), a.stream_id)
     assert sent + more + rest == data
     assert not pa.paused and pa.resumes == 1
@@ -319,13 +331,19 @@ def test_send_window_backpressure_between_two_mux_protocols() -> None:
 
 
 def test_producer_registered_on_blocked_stream_starts_paused() -> None:
-    """A producer registered while the stream has data waiting for window is paused at once."""
+    """A producer registered while more than PAUSE_PENDING bytes wait for window is paused at once; with less waiting it is not."""
     mux, tr = connect(Role.CLIENT, Clock())
     stream = mux.open_stream(Recorder())
-    stream.write(payload(INITIAL_WINDOW + 1))
+    stream.write(payload(INITIAL_WINDOW + PAUSE_PENDING + 1))
     producer = FakePushProducer()
     stream.registerProducer(producer, True)
     assert producer.paused
+
+    other = mux.open_stream(Recorder())
+    other.write(payload(INITIAL_WINDOW + 1))
+    relaxed = FakePushProducer()
+    other.registerProducer(relaxed, True)
+    assert not relaxed.paused
 
 
 def test_pull_producer_is_asked_for_more_while_window_allows() -> None:
@@ -488,7 +506,7 @@ def test_full_socket_pauses_every_stream_producer() -> None:
     for stream, producer in zip(streams, producers):
         stream.registerProducer(producer, True)
     # The third stream is also out of send window.
-    streams[2].write(payload(INITIAL_WINDOW + 10))
+    streams[2].write(payload(INITIAL_WINDOW + PAUSE_PENDING + 10))
     assert [p.paused for p in producers] == [False, False, True]
 
     tr.producer.pauseProducing()  # what the reactor does on a full buffer
