@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["nodelay", "read_size", "write_now", "read_now"]
+__all__ = ["lose_write_now", "nodelay", "read_size", "write_now", "read_now"]
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -86,3 +86,30 @@ def read_size(transport: Any, size: int) -> None:
     ``bufferSize``, 64 KiB by default); other transports are left alone."""
     if type(transport) in _PLAIN_TCP and transport.bufferSize != size:
         transport.bufferSize = size
+
+
+def lose_write_now(transport: Any) -> None:
+    """
+    ``transport.loseWriteConnection()``, sending the FIN at once when a plain
+    TCP transport has nothing queued.  Twisted always waits for the socket
+    to be writable first (an ``epoll_ctl`` pair, a reactor pass and an empty
+    ``send``), even when there is nothing left to write; here the FIN leaves
+    now and the protocol hears ``writeConnectionLost`` as Twisted would tell
+    it, so a ``loseConnection`` after that closes at once too.
+    """
+    if (
+        type(transport) in _PLAIN_TCP
+        and not transport.TLS
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and transport.producer is None
+    ):
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
+    transport.loseWriteConnection()

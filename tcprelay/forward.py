@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import nodelay, write_now
+from tcprelay._fastio import lose_write_now, nodelay, write_now
 
 __all__ = ["Splice"]
 
@@ -171,7 +171,7 @@ class _Side(Protocol):
             peer._pending_eof = True
         elif not peer.lost:
             _producer_done(peer.transport)
-            peer.transport.loseWriteConnection()
+            lose_write_now(peer.transport)
         if self.write_done:
             self.transport.loseConnection()
 

@@ -489,3 +489,19 @@ def test_merged_data_carries_the_same_bytes_and_fins(
 
     assert per_stream(merged) == per_stream(plain)
     assert len(merged) <= len(plain)
+
+
+def test_merging_decoder_puts_a_bare_fin_after_other_streams_data() -> None:
+    """With merge_data, a stream's bare FIN waits for the other streams' data of the same read, but never for a later SYN or for its own stream's frames."""
+    fin5, fin9 = Data(5, b"", True), Data(9, b"", True)
+    wire = b"".join(f.encode(fr) for fr in [fin5, Data(7, b"x"), fin9, Data(7, b"y")])
+    assert FrameDecoder(merge_data=True).feed(wire) == [Data(7, b"xy"), fin5, fin9]
+    # a SYN after the FIN keeps its place behind it
+    wire = b"".join(f.encode(fr) for fr in [fin5, Syn(11), Data(7, b"x")])
+    assert FrameDecoder(merge_data=True).feed(wire) == [fin5, Syn(11), Data(7, b"x")]
+    # data for the same stream after its FIN (a peer's mistake) stays after it
+    wire = b"".join(f.encode(fr) for fr in [fin5, Data(5, b"late")])
+    assert FrameDecoder(merge_data=True).feed(wire) == [fin5, Data(5, b"late")]
+    # a plain decoder keeps the wire order
+    wire = b"".join(f.encode(fr) for fr in [fin5, Data(7, b"x")])
+    assert FrameDecoder().feed(wire) == [fin5, Data(7, b"x")]

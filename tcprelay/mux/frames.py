@@ -379,7 +379,9 @@ class FrameDecoder:
         payload and one event per stream and read instead of one per frame.
         Data is emitted before any SYN, RST, GOAWAY or PRI that followed it
         (only WNDINC, which concerns the other direction, is passed over),
-        and a stream's FIN ends its run.  Frame boundaries carry no meaning
+        and a stream's FIN ends its run.  A bare FIN (a stream that sent no
+        data in this read) comes out after the other streams' data of the
+        read, so that delivering data never waits for a stream's teardown.  Frame boundaries carry no meaning
         in muxado; the session uses this, tests that inspect frames do not.
         """
         merge = self.merge_data
@@ -396,9 +398,17 @@ class FrameDecoder:
             data = bytes(run[0]) if len(run) == 1 else b"".join(run)
             append(Data(sid, data, fin))
 
+        # Streams whose bare FIN (no data of theirs in this read) waits
+        # until the other streams' data has gone out.
+        fins: list[int] = []
+
         def flush_all() -> None:
             for sid in list(runs):
                 flush_run(sid)
+            if fins:
+                for sid in fins:
+                    append(Data(sid, b"", True))
+                fins.clear()
 
         while end - pos >= HEADER_SIZE:
             length, flags, ftype, sid = unpack_header(src, pos)
@@ -413,7 +423,12 @@ class FrameDecoder:
                 if not merge:
                     append(Data(sid, bytes(view[body:pos]), bool(flags & 1)))
                     continue
+                if fins and sid in fins:
+                    flush_all()  # a frame after its stream's FIN keeps its place
                 run = runs.get(sid)
+                if run is None and not length and flags & 1:
+                    fins.append(sid)
+                    continue
                 if run is None:
                     runs[sid] = [view[body:pos]]
                 else:
@@ -421,7 +436,7 @@ class FrameDecoder:
                 if flags & 1:
                     flush_run(sid, True)
                 continue
-            if runs and ftype != FrameType.WNDINC:
+            if (runs or fins) and ftype != FrameType.WNDINC:
                 # WNDINC concerns the other direction and splits no run.  Any
                 # other frame keeps its place after the data before it: a
                 # new stream (SYN) may depend on what another stream said
@@ -465,7 +480,7 @@ class FrameDecoder:
                 append(Rst(sid, _U32.unpack_from(src, body)[0]))
             # PRI (5): defined but unimplemented upstream; skipped whole.
             pos = body + length
-        if runs:
+        if runs or fins:
             flush_all()
         return pos
 
