@@ -381,8 +381,9 @@ class FrameDecoder:
         (only WNDINC, which concerns the other direction, is passed over),
         and a stream's FIN ends its run.  A bare FIN (a stream that sent no
         data in this read) comes out after the other streams' data of the
-        read, so that delivering data never waits for a stream's teardown.  Frame boundaries carry no meaning
-        in muxado; the session uses this, tests that inspect frames do not.
+        read, so that delivering data never waits for a stream's teardown.
+        Frame boundaries carry no meaning in muxado; the session uses this,
+        tests that inspect frames do not.
         """
         merge = self.merge_data
         end = len(src)
