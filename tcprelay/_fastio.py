@@ -26,9 +26,9 @@ __all__ = ["lose_write_now", "nodelay", "read_size", "write_now", "read_now"]
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, sending at once when that is safe."""
-    if (
+def _idle_plain_tcp(transport: Any) -> bool:
+    """A plain TCP transport, open for writing, with nothing queued."""
+    return (
         type(transport) in _PLAIN_TCP
         and not transport.TLS
         and not transport._tempDataLen
@@ -37,7 +37,12 @@ def write_now(transport: Any, data: bytes) -> None:
         and not transport.disconnecting
         and not transport._writeDisconnecting
         and not transport._writeDisconnected
-    ):
+    )
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sending at once when that is safe."""
+    if _idle_plain_tcp(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -97,17 +102,7 @@ def lose_write_now(transport: Any) -> None:
     now and the protocol hears ``writeConnectionLost`` as Twisted would tell
     it, so a ``loseConnection`` after that closes at once too.
     """
-    if (
-        type(transport) in _PLAIN_TCP
-        and not transport.TLS
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport._writeDisconnected
-        and transport.producer is None
-    ):
+    if _idle_plain_tcp(transport) and transport.producer is None:
         transport._writeDisconnecting = True
         transport._writeDisconnected = True
         transport._closeWriteConnection()

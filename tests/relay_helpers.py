@@ -548,6 +548,21 @@ class Cleanup:
         self.visitors.append(visitor)
         return visitor
 
+    async def echoed(
+        self, relay: InProcessRelay, first: bytes = b"x"
+    ) -> tuple[LegacyService, Visitor, EchoProtocol]:
+        """
+        An echoing service on ``relay`` and a visitor whose ``first`` bytes
+        have come back: the service, the visitor and the service's side of
+        the stream.
+        """
+        service = await self.service(relay)
+        visitor = await self.visitor(service.port)
+        visitor.send(first)
+        await bounded(visitor.wait_received(len(first)), self.reactor)
+        echo = await service.stream(0)
+        return service, visitor, echo  # type: ignore[return-value]
+
     async def close(self) -> None:
         """Abort what is still open, stop the relays, and wait for every socket."""
         for visitor in self.visitors:

@@ -174,11 +174,7 @@ async def test_visitor_half_close_reply_still_arrives(reactor: Any, env: Cleanup
 async def test_service_fin_gives_visitor_eof(reactor: Any, env: Cleanup) -> None:
     """The service's FIN becomes the visitor's EOF while the visitor can still send."""
     relay = env.relay()
-    service = await env.service(relay)
-    visitor = await env.visitor(service.port)
-    visitor.send(b"ping")
-    await bounded(visitor.wait_received(4), reactor)
-    echo = await service.stream(0)
+    service, visitor, echo = await env.echoed(relay, b"ping")
     echo.echo = False  # type: ignore[misc]
     echo.half_close()
     await bounded(visitor.eof, reactor)
@@ -272,11 +268,7 @@ async def test_service_not_reading_pauses_visitor(reactor: Any, env: Cleanup) ->
     """A service that stops reading stops the visitor's upload, the relay buffers one window at most, and resuming delivers every byte."""
     relay = env.relay()
     window = relay.options["receive-window"]
-    service = await env.service(relay)
-    visitor = await env.visitor(service.port)
-    visitor.send(b"x")
-    await bounded(visitor.wait_received(1), reactor)
-    echo = await service.stream(0)
+    service, visitor, echo = await env.echoed(relay)
     splice = only_splice(relay, service.port)
     relay_visitor = splice.a.transport
     relay_stream = splice.b.transport
@@ -314,11 +306,7 @@ async def test_visitor_not_reading_pauses_service(reactor: Any, env: Cleanup) ->
     """A visitor that stops reading stops the service's download, the relay buffers about one window plus one socket buffer, and the visitor then reads every byte."""
     relay = env.relay()
     window = relay.options["receive-window"]
-    service = await env.service(relay)
-    visitor = await env.visitor(service.port)
-    visitor.send(b"x")
-    await bounded(visitor.wait_received(1), reactor)
-    echo = await service.stream(0)
+    service, visitor, echo = await env.echoed(relay)
     echo.echo = False  # type: ignore[misc]
     splice = only_splice(relay, service.port)
     relay_visitor = splice.a.transport
@@ -355,11 +343,7 @@ async def test_visitor_not_reading_pauses_service(reactor: Any, env: Cleanup) ->
 async def test_service_fin_reaches_visitor_behind_full_buffer(reactor: Any, env: Cleanup) -> None:
     """A service FIN that arrives while the relay has paused the stream for a slow visitor still becomes the visitor's EOF."""
     relay = env.relay()
-    service = await env.service(relay)
-    visitor = await env.visitor(service.port)
-    visitor.send(b"x")
-    await bounded(visitor.wait_received(1), reactor)
-    echo = await service.stream(0)
+    service, visitor, echo = await env.echoed(relay)
     echo.echo = False  # type: ignore[misc]
     splice = only_splice(relay, service.port)
     relay_visitor = splice.a.transport
@@ -732,10 +716,7 @@ async def test_visitor_that_writes_at_once_gets_syn_and_data_together(
 async def test_visitor_socket_has_nagle_off(reactor: Any, env: Cleanup) -> None:
     """The relay's end of a visitor connection has TCP_NODELAY, as Go's relay has: no reply tail waits for an ACK."""
     relay = env.relay()
-    service = await env.service(relay)
-    visitor = await env.visitor(service.port)
-    visitor.send(b"x")
-    await bounded(visitor.wait_received(1), reactor)
+    service, visitor, _ = await env.echoed(relay)
     side = only_splice(relay, service.port).a
     assert side.transport.getTcpNoDelay()
     # the visitor's own socket was left as it was (Nagle on by default)

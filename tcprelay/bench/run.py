@@ -179,26 +179,10 @@ class Runner:
                  "-bind-host", HOST, "-timeout", "0"],
             )
             relay.wait_line(r"^LISTEN ", STARTUP_TIMEOUT)
-            service = self.processes.start(
-                "go-relay-echosvc",
-                [self.bin["echosvc"], "-relay", f"{HOST}:{control}", "-timeout", "0"],
-            )
-            address = service.wait_line(r"^ADDRESS (\S+)$", STARTUP_TIMEOUT).group(1)
-            return Stack(
-                name, f"{HOST}:{_port_of(address)}", relay=relay, service=service,
-                procs=[service, relay],
-            )
+            return self._behind_relay(name, relay, control)
         if name == "tcprelay":
             relay, control = self.start_tcprelay(name)
-            service = self.processes.start(
-                "tcprelay-echosvc",
-                [self.bin["echosvc"], "-relay", f"{HOST}:{control}", "-timeout", "0"],
-            )
-            address = service.wait_line(r"^ADDRESS (\S+)$", STARTUP_TIMEOUT).group(1)
-            return Stack(
-                name, f"{HOST}:{_port_of(address)}", relay=relay, service=service,
-                procs=[service, relay],
-            )
+            return self._behind_relay(name, relay, control)
         if name == "expose":
             echo = self.start_echo()
             relay, control = self.start_tcprelay(name)
@@ -215,6 +199,18 @@ class Runner:
                 service=self.echo, procs=[agent, relay],
             )
         raise ValueError(f"unknown scenario {name!r}")
+
+    def _behind_relay(self, name: str, relay: Process, control: int) -> Stack:
+        """The Go echo service registered with ``relay``; the stack visitors use."""
+        service = self.processes.start(
+            f"{name}-echosvc",
+            [self.bin["echosvc"], "-relay", f"{HOST}:{control}", "-timeout", "0"],
+        )
+        address = service.wait_line(r"^ADDRESS (\S+)$", STARTUP_TIMEOUT).group(1)
+        return Stack(
+            name, f"{HOST}:{_port_of(address)}", relay=relay, service=service,
+            procs=[service, relay],
+        )
 
     def stop_stack(self, stack: Stack) -> None:
         for proc in stack.procs:
