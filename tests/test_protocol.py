@@ -1058,18 +1058,24 @@ async def _loopback(reactor: object, acceptor: Acceptor) -> tuple[object, _Serve
     factory = _ServerFactory(reactor, acceptor)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     client = MuxProtocol(Role.CLIENT, reactor)  # type: ignore[arg-type]
-    await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
-    ).addTimeout(5, reactor)
+    try:
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+        ).addTimeout(5, reactor)
+    except BaseException:
+        await port.stopListening()
+        raise
     return port, factory, client
 
 
 async def _teardown(reactor: object, port: object, factory: _ServerFactory, client: MuxProtocol) -> None:
-    client.transport.loseConnection()  # type: ignore[union-attr]
-    await client.ended.addTimeout(5, reactor)
-    for mux in factory.muxes:
-        await mux.ended.addTimeout(5, reactor)
-    await port.stopListening()  # type: ignore[attr-defined]
+    try:
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.ended.addTimeout(5, reactor)
+        for mux in factory.muxes:
+            await mux.ended.addTimeout(5, reactor)
+    finally:
+        await port.stopListening()  # type: ignore[attr-defined]
 
 
 @pytest_twisted.ensureDeferred

@@ -87,31 +87,34 @@ async def test_fixture_stop_leaves_no_ports_delayed_calls_or_sockets(reactor) ->
     writers_before = set(reactor.getWriters())
 
     relay = await RelayFixture.start(reactor)
-    factory = Factory.forProtocol(_Echo)
-    factory.peers = []  # type: ignore[attr-defined]
-    port = await relay.serve(factory)
-    public = port.getHost()
-    control = relay.control_port
-    assert public.host == "127.0.0.1" and public.port in relay.relay.pool.ports
+    try:
+        factory = Factory.forProtocol(_Echo)
+        factory.peers = []  # type: ignore[attr-defined]
+        port = await relay.serve(factory)
+        public = port.getHost()
+        control = relay.control_port
+        assert public.host == "127.0.0.1" and public.port in relay.relay.pool.ports
 
-    client = _Client()
-    await connectProtocol(TCP4ClientEndpoint(reactor, public.host, public.port, timeout=5), client)
-    client.transport.write(b"ping")  # type: ignore[union-attr]
-    assert await client.echoed == b"ping"
-    local = client.transport.getHost()  # type: ignore[union-attr]
-    assert factory.peers == [(local.host, local.port)]  # type: ignore[attr-defined]
-    client.transport.loseConnection()  # type: ignore[union-attr]
-    await client.closed
+        client = _Client()
+        await connectProtocol(TCP4ClientEndpoint(reactor, public.host, public.port, timeout=5), client)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        assert await client.echoed.addTimeout(5, reactor) == b"ping"
+        local = client.transport.getHost()  # type: ignore[union-attr]
+        assert factory.peers == [(local.host, local.port)]  # type: ignore[attr-defined]
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed.addTimeout(5, reactor)
 
-    await relay.stop()
+        await relay.stop()
 
-    assert not relay.relay.sessions and not relay.relay.registrations
-    leftover = [c for c in reactor.getDelayedCalls() if c not in calls_before and c.active()]
-    assert leftover == []
-    assert set(reactor.getReaders()) - readers_before == set()
-    assert set(reactor.getWriters()) - writers_before == set()
-    assert await _refused(reactor, control)
-    assert await _refused(reactor, public.port)
+        assert not relay.relay.sessions and not relay.relay.registrations
+        leftover = [c for c in reactor.getDelayedCalls() if c not in calls_before and c.active()]
+        assert leftover == []
+        assert set(reactor.getReaders()) - readers_before == set()
+        assert set(reactor.getWriters()) - writers_before == set()
+        assert await _refused(reactor, control)
+        assert await _refused(reactor, public.port)
+    finally:
+        await relay.stop()  # again, harmless, when the test failed before its own stop
 
 
 @pytest_twisted.ensureDeferred
@@ -121,23 +124,26 @@ async def test_fixture_stop_with_a_visitor_still_connected(reactor) -> None:  # 
     readers_before = set(reactor.getReaders())
 
     relay = await RelayFixture.start(reactor)
-    factory = Factory.forProtocol(_Echo)
-    factory.peers = []  # type: ignore[attr-defined]
-    port = await relay.serve(factory)
-    public = port.getHost()
-    client = _Client()
-    await connectProtocol(TCP4ClientEndpoint(reactor, public.host, public.port, timeout=5), client)
-    client.transport.write(b"ping")  # type: ignore[union-attr]
-    assert await client.echoed == b"ping"
+    try:
+        factory = Factory.forProtocol(_Echo)
+        factory.peers = []  # type: ignore[attr-defined]
+        port = await relay.serve(factory)
+        public = port.getHost()
+        client = _Client()
+        await connectProtocol(TCP4ClientEndpoint(reactor, public.host, public.port, timeout=5), client)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        assert await client.echoed.addTimeout(5, reactor) == b"ping"
 
-    await relay.stop()
-    await client.closed
+        await relay.stop()
+        await client.closed.addTimeout(5, reactor)
 
-    leftover = [c for c in reactor.getDelayedCalls() if c not in calls_before and c.active()]
-    assert leftover == []
-    assert set(reactor.getReaders()) - readers_before == set()
-    assert await _refused(reactor, relay.control_port)
-    assert await _refused(reactor, public.port)
+        leftover = [c for c in reactor.getDelayedCalls() if c not in calls_before and c.active()]
+        assert leftover == []
+        assert set(reactor.getReaders()) - readers_before == set()
+        assert await _refused(reactor, relay.control_port)
+        assert await _refused(reactor, public.port)
+    finally:
+        await relay.stop()  # again, harmless, when the test failed before its own stop
 
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")

@@ -567,14 +567,28 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(buf)
 
 
-def recv_to_eof(sock: socket.socket) -> bytes:
-    """Read until the peer's FIN (the socket's timeout bounds each read)."""
+def recv_to_eof(
+    sock: socket.socket,
+    timeout: float = 30.0,
+    on_data: Optional[Callable[[bytearray], None]] = None,
+) -> bytes:
+    """
+    Read until the peer's FIN, calling ``on_data`` with everything read so
+    far after each read.  The socket's timeout bounds each read and
+    ``timeout`` the whole (a relay sending heartbeats never lets a single
+    read time out); past it the test fails.
+    """
     buf = bytearray()
+    deadline = time.monotonic() + timeout
     while True:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no EOF after {timeout}s ({len(buf)} bytes read)")
         chunk = sock.recv(65536)
         if not chunk:
             return bytes(buf)
         buf += chunk
+        if on_data is not None:
+            on_data(buf)
 
 
 def echo_round_trip(port: int, data: bytes, timeout: float = 10.0) -> bytes:

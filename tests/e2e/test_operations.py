@@ -42,6 +42,7 @@ from tests.e2e.support import (
     echo_round_trip,
     free_port_block,
     recv_exactly,
+    recv_to_eof,
     start_agent,
     start_go_service,
     start_relay,
@@ -376,8 +377,7 @@ def test_metrics_and_status_follow_a_service_and_its_visitors(procs: Procs) -> N
     # A session that sends garbage is ended with PROTOCOL_ERROR and counted.
     with socket.create_connection((HOST, relay.control), timeout=10) as garbage:
         garbage.sendall(b"\xff" * 64)
-        while garbage.recv(65536):
-            pass
+        recv_to_eof(garbage, 10)
     errors = scrape_until(
         mport,
         lambda s: metric(s, "tcprelay_sessions") == 1,
@@ -451,16 +451,15 @@ def test_metrics_count_heartbeat_timeouts(procs: Procs) -> None:
         session.open_stream(0)
         mute.sendall(session.data_to_send())
         # Read (so the relay is never blocked) but never answer anything.
-        received = bytearray()
-        registered = None
-        while True:
-            chunk = mute.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-            if registered is None and f"{HOST}:{relay.ports[0]}".encode() in received:
-                registered = scrape(mport)
-    assert registered is not None, bytes(received)
+        snapshots = []
+
+        def scrape_once_registered(received: bytearray) -> None:
+            if not snapshots and f"{HOST}:{relay.ports[0]}".encode() in received:
+                snapshots.append(scrape(mport))
+
+        received = recv_to_eof(mute, 10, scrape_once_registered)
+    assert snapshots, received
+    registered = snapshots[0]
     assert metric(registered, "tcprelay_services_registered") == 1
     assert metric(registered, "tcprelay_heartbeat_timeouts_total") == 0
     samples = scrape_until(
@@ -523,16 +522,19 @@ def test_json_logs_follow_twistd_logfile_and_rotate_on_sigusr1(procs: Procs, tmp
         twistd_args=("--logfile", log),
     )
 
-    def records(path: Path) -> list[dict[str, object]]:
+    def records(path: Path, whole: bool = True) -> list[dict[str, object]]:
+        """The JSON lines of ``path``; while the relay runs (``whole=False``)
+        a line it is still writing is left for the next look."""
         if not path.exists():
             return []
         lines = path.read_bytes().split(b"\n")
-        assert lines[-1] == b"", lines[-1]  # whole lines only
+        if whole:
+            assert lines[-1] == b"", lines[-1]  # whole lines only
         return [json.loads(line) for line in lines[:-1]]
 
     def wait_record(path: Path, text: str) -> None:
         deadline = time.monotonic() + STARTUP
-        while not any(text in str(r["message"]) for r in records(path)):
+        while not any(text in str(r["message"]) for r in records(path, whole=False)):
             assert time.monotonic() < deadline, (text, records(path), relay.proc.describe())
             time.sleep(0.05)
 

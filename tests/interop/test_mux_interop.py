@@ -487,22 +487,36 @@ class Harness:
         return mux
 
     async def cleanup(self) -> None:
-        """Kill and reap processes, abort live connections, stop listening."""
+        """
+        Kill and reap processes, abort live connections, stop listening:
+        every step runs even if one before it failed; the first failure is
+        raised at the end.
+        """
+        failures: list[BaseException] = []
         for proc in self.processes:
-            await proc.stop()
-        muxes = list(self.sessions)
-        for port in self.ports:
-            factory = getattr(port, "factory", None)
-            muxes.extend(getattr(factory, "sessions", []))
-        waits = []
-        for mux in muxes:
-            if mux.transport is not None and not mux.ended.called:
-                mux.transport.abortConnection()  # type: ignore[attr-defined]
-                waits.append(bounded(observe(mux.ended), WAIT, "session teardown", self.reactor))
-        if waits:
-            await DeferredList(waits, consumeErrors=True)
-        for port in self.ports:
-            await port.stopListening()
+            try:
+                await proc.stop()
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+        try:
+            muxes = list(self.sessions)
+            for port in self.ports:
+                factory = getattr(port, "factory", None)
+                muxes.extend(getattr(factory, "sessions", []))
+            waits = []
+            for mux in muxes:
+                if mux.transport is not None and not mux.ended.called:
+                    mux.transport.abortConnection()  # type: ignore[attr-defined]
+                    waits.append(
+                        bounded(observe(mux.ended), WAIT, "session teardown", self.reactor)
+                    )
+            if waits:
+                await DeferredList(waits, consumeErrors=True)
+        finally:
+            for port in self.ports:
+                await port.stopListening()
+        if failures:
+            raise failures[0]
 
 
 @pytest_twisted.async_yield_fixture

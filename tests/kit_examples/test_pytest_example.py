@@ -77,8 +77,10 @@ async def test_greeter_sees_the_visitor_address(reactor) -> None:  # type: ignor
         local = visitor.transport.getHost()  # type: ignore[union-attr]
         greeting = f"hello {local.host}:{local.port}\n".encode()
         visitor.transport.write(b"ping")  # type: ignore[union-attr]
-        assert await visitor.wait_for(len(greeting) + 4) == greeting + b"ping"
+        # every wait bounded: pytest-twisted has no timeout of its own
+        received = await visitor.wait_for(len(greeting) + 4).addTimeout(5, reactor)
+        assert received == greeting + b"ping"
         visitor.transport.loseConnection()  # type: ignore[union-attr]
-        await visitor.closed
+        await visitor.closed.addTimeout(5, reactor)
     finally:
         await relay.stop()
