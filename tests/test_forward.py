@@ -105,44 +105,47 @@ async def test_connected_tcp_side_gets_nodelay_and_forwards(reactor: Any) -> Non
         await pair.close()
 
 
+@pytest_twisted.async_yield_fixture
+async def tcp(reactor: Any):  # type: ignore[no-untyped-def]
+    """A connected pair of half-closeable protocols, closed after the test."""
+    pair = _Pair(reactor, _HalfClose())
+    try:
+        await pair.connect()
+        yield pair
+    finally:
+        await pair.close()
+
+
 @pytest_twisted.ensureDeferred
-async def test_lose_write_now_sends_fin_at_once_when_nothing_is_queued(reactor: Any) -> None:
+async def test_lose_write_now_sends_fin_at_once_when_nothing_is_queued(
+    reactor: Any, tcp: _Pair
+) -> None:
     """With nothing queued, the FIN leaves at once: writeConnectionLost before returning, no wait for writability, the peer reads EOF; reading goes on."""
-    client = _HalfClose()
-    pair = _Pair(reactor, client)
-    try:
-        await pair.connect()
-        server, transport = pair.server, pair.server.transport
-        lose_write_now(transport)
-        assert server.write_lost == 1
-        assert transport not in reactor.getWriters()
-        await bounded(client.eof, reactor)
-        client.transport.write(b"still reading")  # type: ignore[union-attr]
-        await wait_for(
-            reactor, lambda: bytes(server.received) == b"still reading", what="the bytes"
-        )
-        transport.loseConnection()  # type: ignore[union-attr]
-        # both directions were done: Twisted closed it at once
-        assert not transport.connected  # type: ignore[union-attr]
-    finally:
-        await pair.close()
+    server, client, transport = tcp.server, tcp.client, tcp.server.transport
+    lose_write_now(transport)
+    assert server.write_lost == 1
+    assert transport not in reactor.getWriters()
+    await bounded(client.eof, reactor)
+    client.transport.write(b"still reading")  # type: ignore[union-attr]
+    await wait_for(
+        reactor, lambda: bytes(server.received) == b"still reading", what="the bytes"
+    )
+    transport.loseConnection()  # type: ignore[union-attr]
+    # both directions were done: Twisted closed it at once
+    assert not transport.connected  # type: ignore[union-attr]
 
 
 @pytest_twisted.ensureDeferred
-async def test_lose_write_now_with_queued_data_sends_it_all_before_the_fin(reactor: Any) -> None:
+async def test_lose_write_now_with_queued_data_sends_it_all_before_the_fin(
+    reactor: Any, tcp: _Pair
+) -> None:
     """With data still queued in the transport, the FIN waits for it (Twisted's own path): the peer reads every byte, then EOF."""
-    client = _HalfClose()
-    pair = _Pair(reactor, client)
-    try:
-        await pair.connect()
-        server, transport = pair.server, pair.server.transport
-        data = bytes(range(256)) * 40_000  # 10 MB: more than the socket buffers take
-        transport.write(data)  # type: ignore[union-attr]
-        assert transport.dataBuffer or transport._tempDataLen  # type: ignore[union-attr]
-        lose_write_now(transport)
-        assert server.write_lost == 0  # not yet: the data goes first
-        await bounded(client.eof, reactor, 20)
-        assert bytes(client.received) == data
-        assert server.write_lost == 1
-    finally:
-        await pair.close()
+    server, client, transport = tcp.server, tcp.client, tcp.server.transport
+    data = bytes(range(256)) * 40_000  # 10 MB: more than the socket buffers take
+    transport.write(data)  # type: ignore[union-attr]
+    assert transport.dataBuffer or transport._tempDataLen  # type: ignore[union-attr]
+    lose_write_now(transport)
+    assert server.write_lost == 0  # not yet: the data goes first
+    await bounded(client.eof, reactor, 20)
+    assert bytes(client.received) == data
+    assert server.write_lost == 1
