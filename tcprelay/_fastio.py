@@ -17,13 +17,54 @@ TCP transport may take.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["lose_write_now", "nodelay", "read_size", "write_now", "read_now"]
+__all__ = [
+    "HeldServer",
+    "lose_write_now",
+    "nodelay",
+    "read_size",
+    "write_now",
+    "read_now",
+    "prepare_listener",
+]
 
-_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+class HeldServer(tcp.Server):
+    """
+    A connection accepted by a listener set up with
+    :func:`prepare_listener`: its socket inherited ``TCP_NODELAY`` from the
+    listener, and it is not registered for reading until :meth:`release` is
+    called, so the ``epoll_ctl`` that registers it comes after whatever the
+    protocol sends first (the relay: the SYN and the visitor's first bytes)
+    instead of before.  Pausing and stopping while held are remembered.
+    """
+
+    _held = True
+    _want_reading = False
+
+    def startReading(self) -> None:
+        if self._held:
+            self._want_reading = True
+            return
+        super().startReading()
+
+    def stopReading(self) -> None:
+        self._want_reading = False
+        super().stopReading()
+
+    def release(self) -> None:
+        """Start reading now, unless the protocol paused or closed meanwhile."""
+        if self._held:
+            self._held = False
+            if self._want_reading and self.connected:
+                super().startReading()
+
+
+_PLAIN_TCP = (tcp.Server, tcp.Client, HeldServer)
 
 
 def _idle_plain_tcp(transport: Any) -> bool:
@@ -78,6 +119,8 @@ def nodelay(transport: Any) -> None:
     transports are left alone.  A socket already reset by its peer is left
     for the reactor to report.
     """
+    if type(transport) is HeldServer:
+        return  # accepted from a listener with TCP_NODELAY: inherited
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
     if set_nodelay is not None:
         try:
@@ -108,3 +151,20 @@ def lose_write_now(transport: Any) -> None:
         transport._closeWriteConnection()
         return
     transport.loseWriteConnection()
+
+
+def prepare_listener(port: Any) -> bool:
+    """
+    Set ``TCP_NODELAY`` on a listening Twisted TCP port (Linux copies it to
+    every accepted socket, saving a ``setsockopt`` per connection) and make
+    it create :class:`HeldServer` transports.  Returns False, changing
+    nothing, for anything but a plain ``tcp.Port``.
+    """
+    if type(port) is not tcp.Port:
+        return False
+    try:
+        port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        return False
+    port.transport = HeldServer
+    return True

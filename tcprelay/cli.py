@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from twisted.python import usage
 
-from tcprelay.tap import read_secrets
+from tcprelay._reactor import DEFAULT_BUSY_POLL
+from tcprelay.tap import busy_poll_option, read_secrets
 
 EXIT_REFUSED = 3
 """Exit status when the relay refuses the agent for good (e.g. bad secret)."""
@@ -53,6 +54,13 @@ class ExposeOptions(usage.Options):
             "$XDG_STATE_HOME/tcprelay, one file per relay and LOCAL).",
         ],
         ["backoff-max", None, "30", "Longest wait between reconnection attempts (seconds)."],
+        [
+            "busy-poll",
+            None,
+            str(round(DEFAULT_BUSY_POLL * 1e6)),
+            "Microseconds to keep polling for events after activity before "
+            "sleeping (lower latency for a little CPU; 0: off).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -103,6 +111,7 @@ class ExposeOptions(usage.Options):
             if not self["port"].isdigit() or not 0 < int(self["port"]) < 65536:
                 raise usage.UsageError("--port must be a port number")
             self["port"] = int(self["port"])
+        self["busy-poll"] = busy_poll_option(self["busy-poll"])
         try:
             self["backoff-max"] = float(self["backoff-max"])
         except ValueError:
@@ -222,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tcprelay.relay.server import raise_open_files_limit
 
     raise_open_files_limit(Logger("tcprelay.cli"))
+    from tcprelay._reactor import tune_reactor
+
+    tune_reactor(reactor, options.subOptions["busy-poll"])
     code: list[int] = [0]
 
     def done(value: int) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import socket
+
 import pytest_twisted
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
@@ -22,7 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import lose_write_now
+from tcprelay._fastio import HeldServer, lose_write_now, prepare_listener
 from tcprelay.forward import Splice
 from tests.relay_helpers import bounded, wait_for
 
@@ -149,3 +151,62 @@ async def test_lose_write_now_with_queued_data_sends_it_all_before_the_fin(
     await bounded(client.eof, reactor, 20)
     assert bytes(client.received) == data
     assert server.write_lost == 1
+
+
+def _peek(transport: Any) -> bytes:
+    try:
+        return transport.socket.recv(64, socket.MSG_PEEK)  # type: ignore[no-any-return]
+    except BlockingIOError:
+        return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepared_listener_passes_on_nodelay_and_reads_only_once_released(
+    reactor: Any,
+) -> None:
+    """A listener set up by prepare_listener hands out HeldServer transports: TCP_NODELAY inherited (no setsockopt of their own), not registered for reading until release(); a pause while held is kept."""
+    pair = _Pair(reactor, _HalfClose())
+    try:
+        assert prepare_listener(pair.port)
+        await pair.connect()
+        transport = pair.server.transport
+        assert type(transport) is HeldServer
+        assert transport.getTcpNoDelay()
+        assert transport not in reactor.getReaders()
+        pair.client.transport.write(b"early bytes")  # type: ignore[union-attr]
+        await wait_for(reactor, lambda: _peek(transport) == b"early bytes", what="the bytes")
+        assert transport not in reactor.getReaders()
+        assert pair.server.received == b""
+        transport.pauseProducing()
+        transport.release()
+        assert transport not in reactor.getReaders()  # still paused
+        transport.resumeProducing()
+        assert transport in reactor.getReaders()
+        await wait_for(reactor, lambda: pair.server.received == b"early bytes", what="the read")
+    finally:
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_transport_released_unpaused_starts_reading(reactor: Any) -> None:
+    pair = _Pair(reactor, _HalfClose())
+    try:
+        assert prepare_listener(pair.port)
+        await pair.connect()
+        transport = pair.server.transport
+        pair.client.transport.write(b"x")  # type: ignore[union-attr]
+        transport.release()
+        transport.release()  # a second release changes nothing
+        assert transport in reactor.getReaders()
+        await wait_for(reactor, lambda: pair.server.received == b"x", what="the read")
+    finally:
+        await pair.close()
+
+
+def test_prepare_listener_leaves_other_ports_alone() -> None:
+    class NotAPort:
+        transport = object()
+
+    port = NotAPort()
+    assert not prepare_listener(port)
+    assert port.transport is NotAPort.transport

@@ -104,6 +104,9 @@ def test_numeric_options_converted() -> None:
         (["--control", "unix:/tmp/tcprelay-test.sock"], "--ports"),
         (["--control", "65500"], "--ports"),
         (["--metrics", "bogus:1"], "--metrics"),
+        (["--busy-poll", "-1"], "--busy-poll"),
+        (["--busy-poll", "100001"], "--busy-poll"),
+        (["--busy-poll", "soon"], "--busy-poll"),
     ],
 )
 def test_bad_values_raise_usage_error_naming_option(argv: list[str], named: str) -> None:
@@ -111,6 +114,16 @@ def test_bad_values_raise_usage_error_naming_option(argv: list[str], named: str)
     with pytest.raises(usage.UsageError) as info:
         parse(*argv)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize("argv, seconds", [([], 250e-6), (["--busy-poll", "0"], 0.0),
+                                           (["--busy-poll", "75"], 75e-6)])
+def test_busy_poll_reaches_the_service_in_seconds(argv: list[str], seconds: float) -> None:
+    """--busy-poll is microseconds (default 250, 0 = off) and reaches RelayService."""
+    options = parse("--control", "9000", *argv)
+    assert options["busy-poll"] == pytest.approx(seconds)
+    service = tap.makeService(options, MemoryReactorClock())
+    assert service.busy_poll == pytest.approx(seconds)
 
 
 def test_make_service_children_and_no_listening_until_started() -> None:
@@ -270,3 +283,17 @@ def test_json_log_file_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path, ca
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("tcprelay: cannot open the log file (") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, seconds", [([], 250e-6), (["--busy-poll", "0"], 0.0)])
+def test_expose_busy_poll_option(argv: list[str], seconds: float, tmp_path) -> None:
+    """``tcprelay expose --busy-poll`` takes the same microseconds as the relay's."""
+    from tcprelay.cli import Options as CliOptions
+
+    options = CliOptions()
+    options.parseOptions(["expose", "3000", "--relay", "127.0.0.1:9", "--lease-file",
+                          str(tmp_path / "lease.json"), *argv])
+    assert options.subOptions["busy-poll"] == pytest.approx(seconds)
+    with pytest.raises(usage.UsageError, match="--busy-poll"):
+        CliOptions().parseOptions(["expose", "3000", "--relay", "127.0.0.1:9",
+                                   "--busy-poll", "-5"])

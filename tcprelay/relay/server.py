@@ -40,7 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
-from tcprelay._fastio import read_now
+from tcprelay._fastio import HeldServer, prepare_listener, read_now
+from tcprelay._reactor import DEFAULT_BUSY_POLL, tune_reactor
 from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
@@ -134,6 +135,7 @@ class Registration:
             backlog=PUBLIC_BACKLOG,
             interface=self.relay.config.public_interface,
         )
+        prepare_listener(self.listener)
 
     def visitor_connected(self, addr: interfaces.IAddress) -> Optional[Splice]:
         """Open a stream for a new visitor; None if the session cannot."""
@@ -166,8 +168,11 @@ class Registration:
             return None
 
         def connected(side: Protocol) -> None:
-            read_now(side.transport, side)
+            transport = side.transport
+            read_now(transport, side)
             session.flush()
+            if type(transport) is HeldServer:
+                transport.release()
 
         splice.connected = connected
         self.visitors.add(splice)
@@ -796,9 +801,12 @@ class RelayService(MultiService):
         metrics: Optional[Service] = None,
         notifier: Optional[Service] = None,
         log_observer: Optional[object] = None,
+        busy_poll: float = DEFAULT_BUSY_POLL,
     ) -> None:
         super().__init__()
         self.relay = relay
+        self.busy_poll = busy_poll
+        """Seconds to keep polling after activity (see tcprelay._reactor)."""
         self.log_observer = log_observer
         relay.pool.setServiceParent(self)
         relay.setServiceParent(self)
@@ -835,6 +843,7 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         raise_open_files_limit(self.log)  # ``twist`` skips privilegedStartService
+        tune_reactor(self.relay.reactor, self.busy_poll)
         super().startService()
         if hasattr(signal, "SIGHUP"):
             reactor = self.relay.reactor
