@@ -21,50 +21,26 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.python import log
 
 __all__ = [
-    "HeldServer",
+    "EagerPort",
+    "NoDelayServer",
+    "listen_eager",
     "lose_write_now",
     "nodelay",
     "read_size",
     "write_now",
-    "read_now",
-    "prepare_listener",
 ]
 
 
-class HeldServer(tcp.Server):
-    """
-    A connection accepted by a listener set up with
-    :func:`prepare_listener`: its socket inherited ``TCP_NODELAY`` from the
-    listener, and it is not registered for reading until :meth:`release` is
-    called, so the ``epoll_ctl`` that registers it comes after whatever the
-    protocol sends first (the relay: the SYN and the visitor's first bytes)
-    instead of before.  Pausing and stopping while held are remembered.
-    """
-
-    _held = True
-    _want_reading = False
-
-    def startReading(self) -> None:
-        if self._held:
-            self._want_reading = True
-            return
-        super().startReading()
-
-    def stopReading(self) -> None:
-        self._want_reading = False
-        super().stopReading()
-
-    def release(self) -> None:
-        """Start reading now, unless the protocol paused or closed meanwhile."""
-        if self._held:
-            self._held = False
-            if self._want_reading and self.connected:
-                super().startReading()
+class NoDelayServer(tcp.Server):
+    """A connection accepted by an :class:`EagerPort`: its socket inherited
+    ``TCP_NODELAY`` from the listener (:func:`nodelay` skips it)."""
 
 
-_PLAIN_TCP = (tcp.Server, tcp.Client, HeldServer)
+_PLAIN_TCP = (tcp.Server, tcp.Client, NoDelayServer)
 
 
 def _idle_plain_tcp(transport: Any) -> bool:
@@ -96,30 +72,13 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def read_now(transport: Any, protocol: Any) -> None:
-    """
-    Hand ``protocol`` whatever a just-accepted plain TCP socket already holds
-    (a visitor that writes at once), without waiting for the next reactor
-    pass.  End-of-file and errors are left for the reactor, which sees them
-    again on its own read.
-    """
-    if type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected:
-        return
-    try:
-        data = transport.socket.recv(transport.bufferSize)
-    except OSError:
-        return
-    if data:
-        protocol.dataReceived(data)
-
-
 def nodelay(transport: Any) -> None:
     """
     Turn Nagle's algorithm off on a TCP transport (``TCP_NODELAY``); other
     transports are left alone.  A socket already reset by its peer is left
     for the reactor to report.
     """
-    if type(transport) is HeldServer:
+    if type(transport) is NoDelayServer:
         return  # accepted from a listener with TCP_NODELAY: inherited
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
     if set_nodelay is not None:
@@ -153,18 +112,88 @@ def lose_write_now(transport: Any) -> None:
     transport.loseWriteConnection()
 
 
-def prepare_listener(port: Any) -> bool:
+
+class EagerPort(tcp.Port):
     """
-    Set ``TCP_NODELAY`` on a listening Twisted TCP port (Linux copies it to
-    every accepted socket, saving a ``setsockopt`` per connection) and make
-    it create :class:`HeldServer` transports.  Returns False, changing
-    nothing, for anything but a plain ``tcp.Port``.
+    A TCP listening port that forwards what a client has already sent
+    before Twisted builds the connection's transport.
+
+    For each accepted socket it reads, without waiting, whatever the client
+    wrote right after connecting (most clients speak first) and calls the
+    factory's ``build_eager(address, first_bytes)``, which may forward those
+    bytes at once (the relay sends the stream's SYN and them in one write),
+    and returns the protocol (or None to refuse).  The transport
+    (:class:`NoDelayServer`) is created afterwards, so its set-up, epoll
+    registration included, is off the client's critical path.  The listening
+    socket has ``TCP_NODELAY``, which Linux copies to every accepted socket.
+
+    Anything but a plain successful ``accept`` or ``EAGAIN`` (``EMFILE``,
+    ``EPERM``...) is left to Twisted's own ``Port.doRead``, which knows how
+    to recover from those.
     """
-    if type(port) is not tcp.Port:
-        return False
-    try:
-        port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        return False
-    port.transport = HeldServer
-    return True
+
+    transport = NoDelayServer
+
+    def startListening(self) -> None:
+        super().startListening()
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - TCP sockets always take it
+            self.transport = tcp.Server
+
+    def doRead(self) -> None:
+        listener = self.socket
+        factory = self.factory
+        accepted = 0
+        try:
+            for _ in range(self.numberAccepts):
+                try:
+                    skt, addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    tcp.Port.doRead(self)  # Twisted's recovery (EMFILE, EPERM, ...)
+                    return
+                accepted += 1
+                if len(addr) == 4:
+                    # IPv6: keep the scope id, as Twisted does
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0],) + tuple(addr[1:])
+                try:
+                    first = skt.recv(READ_FIRST, socket.MSG_DONTWAIT)
+                except OSError:
+                    first = b""  # nothing yet, or an error the transport will report
+                protocol = factory.build_eager(self._buildAddr(addr), first)
+                if protocol is None:
+                    skt.close()
+                    continue
+                session = self.sessionno
+                self.sessionno = session + 1
+                transport = self.transport(skt, protocol, addr, self, session, self.reactor)
+                protocol.makeConnection(transport)
+            # Twisted's scaling of the accept loop
+            if accepted == self.numberAccepts:
+                self.numberAccepts += 20
+            else:
+                self.numberAccepts = max(1, accepted)
+        except BaseException:
+            log.deferr()
+
+
+READ_FIRST = 65536
+"""How much of what a client sent before it was accepted is read at once."""
+
+
+def listen_eager(
+    reactor: Any, port: int, factory: Any, backlog: int, interface: str
+) -> Any:
+    """
+    Listen with an :class:`EagerPort` on a real POSIX reactor; elsewhere
+    (memory reactors in tests) fall back to ``listenTCP``, whose
+    connections reach the factory through its ``buildProtocol``.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    listening = EagerPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening

@@ -421,18 +421,24 @@ class MuxProtocol(Protocol):
     # -- API -----------------------------------------------------------------
 
     def open_stream(
-        self, protocol: interfaces.IProtocol, stream_type: int = 0, flush: bool = True
+        self,
+        protocol: Optional[interfaces.IProtocol],
+        stream_type: int = 0,
+        flush: bool = True,
     ) -> MuxStream:
         """
         Open a stream to the peer and run ``protocol`` on it.
         Raises :class:`SessionClosedError` if the session cannot open one.
         With ``flush=False`` the SYN waits for the caller's next
         :meth:`flush` (so that it can leave with the stream's first bytes).
+        With ``protocol=None`` the stream takes writes at once and its
+        protocol is attached later (:meth:`MuxStream.attach`).
         """
         sid = self.session.open_stream(stream_type)
         stream = MuxStream(self, sid, stream_type)
         self.streams[sid] = stream
-        stream.attach(protocol)
+        if protocol is not None:
+            stream.attach(protocol)
         if flush:
             self.flush()
         return stream

@@ -11,7 +11,7 @@ test returns.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import socket
 
@@ -20,11 +20,11 @@ from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import HeldServer, lose_write_now, prepare_listener
+from tcprelay._fastio import EagerPort, NoDelayServer, listen_eager, lose_write_now
 from tcprelay.forward import Splice
 from tests.relay_helpers import bounded, wait_for
 
@@ -153,60 +153,90 @@ async def test_lose_write_now_with_queued_data_sends_it_all_before_the_fin(
     assert server.write_lost == 1
 
 
-def _peek(transport: Any) -> bytes:
+
+class _EagerFactory(Factory):
+    """Records build_eager calls; refuses when told to."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[Any, bytes]] = []
+        self.protocols: list[_HalfClose] = []
+
+    def build_eager(self, addr: Any, first: bytes) -> Optional[_HalfClose]:
+        self.calls.append((addr, first))
+        protocol = None if self.refuse else _HalfClose()
+        if protocol is not None:
+            self.protocols.append(protocol)
+        return protocol
+
+
+def _recv_until_closed(sock: socket.socket) -> bytes:
     try:
-        return transport.socket.recv(64, socket.MSG_PEEK)  # type: ignore[no-any-return]
+        return sock.recv(16)
     except BlockingIOError:
+        return b"open"
+    except ConnectionResetError:
         return b""
 
 
 @pytest_twisted.ensureDeferred
-async def test_prepared_listener_passes_on_nodelay_and_reads_only_once_released(
+async def test_eager_port_hands_early_bytes_to_the_factory_before_the_transport(
     reactor: Any,
 ) -> None:
-    """A listener set up by prepare_listener hands out HeldServer transports: TCP_NODELAY inherited (no setsockopt of their own), not registered for reading until release(); a pause while held is kept."""
-    pair = _Pair(reactor, _HalfClose())
+    """What a client sent before it was accepted reaches build_eager; the transport (TCP_NODELAY inherited from the listener, no setsockopt of its own) reads the rest as usual."""
+    factory = _EagerFactory()
+    port = listen_eager(reactor, 0, factory, 50, "127.0.0.1")
+    client = socket.socket()
     try:
-        assert prepare_listener(pair.port)
-        await pair.connect()
-        transport = pair.server.transport
-        assert type(transport) is HeldServer
+        assert isinstance(port, EagerPort)
+        # connect and write before the reactor gets a turn to accept
+        client.settimeout(5)
+        client.connect(("127.0.0.1", port.getHost().port))
+        client.sendall(b"spoke first")
+        await wait_for(reactor, lambda: factory.protocols, what="the accept")
+        await bounded(factory.protocols[0].made, reactor)
+        [(addr, first)] = factory.calls
+        assert first == b"spoke first"
+        assert (addr.host, addr.port) == client.getsockname()
+        [server] = factory.protocols
+        transport = server.transport
+        assert type(transport) is NoDelayServer
         assert transport.getTcpNoDelay()
-        assert transport not in reactor.getReaders()
-        pair.client.transport.write(b"early bytes")  # type: ignore[union-attr]
-        await wait_for(reactor, lambda: _peek(transport) == b"early bytes", what="the bytes")
-        assert transport not in reactor.getReaders()
-        assert pair.server.received == b""
-        transport.pauseProducing()
-        transport.release()
-        assert transport not in reactor.getReaders()  # still paused
-        transport.resumeProducing()
-        assert transport in reactor.getReaders()
-        await wait_for(reactor, lambda: pair.server.received == b"early bytes", what="the read")
+        assert server.received == b""  # only what came later goes to dataReceived
+        client.sendall(b" and then more")
+        await wait_for(reactor, lambda: server.received == b" and then more", what="the read")
+        transport.write(b"reply")  # type: ignore[union-attr]
+        client.setblocking(False)
+        await wait_for(reactor, lambda: _recv_until_closed(client) == b"reply", what="the reply")
+        client.close()
+        await bounded(server.eof, reactor)
+        transport.loseConnection()  # type: ignore[union-attr]
+        await bounded(server.lost, reactor)
     finally:
-        await pair.close()
+        client.close()
+        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
-async def test_held_transport_released_unpaused_starts_reading(reactor: Any) -> None:
-    pair = _Pair(reactor, _HalfClose())
+async def test_eager_port_closes_a_refused_client(reactor: Any) -> None:
+    factory = _EagerFactory(refuse=True)
+    port = listen_eager(reactor, 0, factory, 50, "127.0.0.1")
+    client = socket.socket()
     try:
-        assert prepare_listener(pair.port)
-        await pair.connect()
-        transport = pair.server.transport
-        pair.client.transport.write(b"x")  # type: ignore[union-attr]
-        transport.release()
-        transport.release()  # a second release changes nothing
-        assert transport in reactor.getReaders()
-        await wait_for(reactor, lambda: pair.server.received == b"x", what="the read")
+        client.connect(("127.0.0.1", port.getHost().port))
+        client.setblocking(False)
+        await wait_for(reactor, lambda: factory.calls, what="the accept")
+        [(_, first)] = factory.calls
+        assert first == b""  # it had sent nothing
+        await wait_for(reactor, lambda: _recv_until_closed(client) == b"", what="the close")
     finally:
-        await pair.close()
+        client.close()
+        await port.stopListening()
 
 
-def test_prepare_listener_leaves_other_ports_alone() -> None:
-    class NotAPort:
-        transport = object()
-
-    port = NotAPort()
-    assert not prepare_listener(port)
-    assert port.transport is NotAPort.transport
+def test_listen_eager_falls_back_to_listen_tcp_on_other_reactors() -> None:
+    reactor = MemoryReactor()
+    factory = _EagerFactory()
+    listen_eager(reactor, 1234, factory, 7, "127.0.0.1")
+    [(port, built_by, backlog, interface)] = reactor.tcpServers
+    assert (port, built_by, backlog, interface) == (1234, factory, 7, "127.0.0.1")

@@ -712,6 +712,96 @@ async def test_visitor_that_writes_at_once_gets_syn_and_data_together(
         sock.close()
 
 
+def _record_session_writes(monkeypatch: Any, relay: InProcessRelay, port: int) -> list[bytes]:
+    """Every write the relay makes on the session of the service at ``port``, one entry each."""
+    from tcprelay import protocol
+
+    session_transport = relay.registration(port).session.transport
+    writes: list[bytes] = []
+    real = protocol.write_now
+
+    def recording(transport: Any, data: bytes) -> None:
+        if transport is session_transport:
+            writes.append(bytes(data))
+        real(transport, data)
+
+    monkeypatch.setattr(protocol, "write_now", recording)
+    return writes
+
+
+def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of each frame in ``data``: 1 SYN, 3 DATA, others 0."""
+    from tcprelay.mux.frames import Data, FrameDecoder, Syn
+
+    return [
+        (1 if isinstance(f, Syn) else 3 if isinstance(f, Data) else 0, f.stream_id,
+         bytes(f.data) if isinstance(f, Data) else b"")
+        for f in FrameDecoder().feed(data)
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_early_bytes_leave_with_the_syn_in_one_write(
+    reactor: Any, env: Cleanup, monkeypatch: Any
+) -> None:
+    """A visitor that wrote before it was accepted: its SYN and those bytes reach the service's socket in a single write."""
+    relay = env.relay()
+    service = await env.service(relay)
+    writes = _record_session_writes(monkeypatch, relay, service.port)
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        sock.sendall(b"early bytes")  # before the reactor's next turn accepts it
+        echo = await service.stream(0)
+        await bounded(echo.wait_received(11), reactor, 2.0)
+        first = _frames(writes[0])
+        assert first[0][0] == 1  # SYN
+        assert (3, first[0][1], b"early bytes") in first  # DATA, same stream
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_visitor_syn_waits_for_its_first_bytes(
+    reactor: Any, env: Cleanup, monkeypatch: Any
+) -> None:
+    """A visitor that had sent nothing when accepted: its SYN is held for its first bytes, then both leave in one write."""
+    from tcprelay.relay import server
+
+    monkeypatch.setattr(server, "SYN_HOLD", 30.0)  # longer than this test
+    relay = env.relay()
+    service = await env.service(relay)
+    writes = _record_session_writes(monkeypatch, relay, service.port)
+    visitor = await env.visitor(service.port)
+    await wait_for(reactor, lambda: relay.registration(service.port).visitors, what="the accept")
+    assert not any(t == 1 for w in writes for t, _, _ in _frames(w))  # no SYN yet
+    visitor.send(b"hello")
+    echo = await service.stream(0)
+    await bounded(echo.wait_received(5), reactor, 2.0)
+    [write] = [w for w in writes if any(t == 1 for t, _, _ in _frames(w))]
+    frames = _frames(write)
+    assert frames[0][0] == 1 and (3, frames[0][1], b"hello") in frames
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_visitor_syn_leaves_after_the_hold(
+    reactor: Any, env: Cleanup, monkeypatch: Any
+) -> None:
+    """A visitor that never speaks: its SYN leaves on its own after SYN_HOLD, so a service that speaks first is heard."""
+    from tcprelay.relay import server
+
+    monkeypatch.setattr(server, "SYN_HOLD", 0.2)
+    relay = env.relay()
+    service = await env.service(relay, Greeter)
+    writes = _record_session_writes(monkeypatch, relay, service.port)
+    start = time.monotonic()
+    visitor = await env.visitor(service.port)
+    await bounded(visitor.wait_received(11), reactor, 5.0)
+    assert time.monotonic() - start >= 0.2
+    assert bytes(visitor.received) == b"220 hello\r\n"
+    syns = [f for w in writes for f in _frames(w) if f[0] == 1]
+    assert len(syns) == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_visitor_socket_has_nagle_off(reactor: Any, env: Cleanup) -> None:
     """The relay's end of a visitor connection has TCP_NODELAY, as Go's relay has: no reply tail waits for an ACK."""

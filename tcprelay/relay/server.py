@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
-from tcprelay._fastio import HeldServer, prepare_listener, read_now
+from tcprelay._fastio import listen_eager
 from tcprelay._reactor import DEFAULT_BUSY_POLL, tune_reactor
 from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
@@ -51,6 +51,9 @@ from tcprelay.protocol import MuxProtocol, MuxStream
 from tcprelay.relay.pool import PoolTimeout, PortPool
 
 PUBLIC_BACKLOG = 4096
+SYN_HOLD = 0.001
+"""Seconds a visitor's SYN may wait for the visitor's first bytes when it
+had sent none by the time it was accepted (see Registration.visitor_connected)."""
 """listen() backlog of public ports (the kernel caps it at somaxconn)."""
 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
@@ -129,20 +132,44 @@ class Registration:
 
     def listen(self) -> None:
         """Start the public listener; raises CannotListenError."""
-        self.listener = self.relay.reactor.listenTCP(  # type: ignore[attr-defined]
+        self.listener = listen_eager(
+            self.relay.reactor,
             self.port,
             VisitorFactory(self),
-            backlog=PUBLIC_BACKLOG,
-            interface=self.relay.config.public_interface,
+            PUBLIC_BACKLOG,
+            self.relay.config.public_interface,
         )
-        prepare_listener(self.listener)
 
-    def visitor_connected(self, addr: interfaces.IAddress) -> Optional[Splice]:
-        """Open a stream for a new visitor; None if the session cannot."""
+    def visitor_connected(self, addr: interfaces.IAddress, first: bytes = b"") -> Optional[Splice]:
+        """
+        Open a stream for a new visitor that has already sent ``first``;
+        None if the session cannot.  Without a PROXY header to put first,
+        the SYN and those bytes leave in one write before anything else is
+        set up; with one, they follow it once the visitor's transport exists.
+        """
         if len(self.visitors) >= self.relay.config.session.max_streams:
             return None
-        preamble = None
-        if self.proxy:
+        session = self.session
+        stream_type = hs.VISITOR_STREAM_TYPE if self.extended else 0
+        if not self.proxy:
+            try:
+                stream = session.open_stream(None, stream_type, flush=False)
+            except SessionClosedError:
+                return None
+            if first:
+                stream.write(first)  # SYN, window and bytes: one write
+                if stream.disconnected:
+                    return None
+            else:
+                # Most clients speak first: their bytes usually arrive within
+                # microseconds, and the SYN leaves with them (any flush of the
+                # session sends it); a service that speaks first hears of the
+                # visitor at most SYN_HOLD later.
+                self.relay.reactor.callLater(SYN_HOLD, session.flush)  # type: ignore[attr-defined]
+            splice = Splice(on_done=self._visitor_done)
+            splice.bytes_ab = len(first)
+            stream.attach(splice.b)
+        else:
 
             def preamble(transport: interfaces.ITransport) -> bytes:
                 # The address the visitor actually dialled, not the bound one.
@@ -156,25 +183,20 @@ class Registration:
                     )
                 )
 
-        splice = Splice(on_done=self._visitor_done, preamble=preamble)
-        stream_type = hs.VISITOR_STREAM_TYPE if self.extended else 0
-        session = self.session
-        try:
-            # The SYN waits for the visitor's socket: if the visitor already
-            # wrote (most clients speak first), SYN and its first bytes
-            # leave in one write.
-            session.open_stream(splice.b, stream_type, flush=False)
-        except SessionClosedError:
-            return None
+            splice = Splice(on_done=self._visitor_done, preamble=preamble)
+            try:
+                # The SYN waits for the header, which needs the visitor's
+                # transport: both leave, with ``first``, in one write.
+                session.open_stream(splice.b, stream_type, flush=False)
+            except SessionClosedError:
+                return None
 
-        def connected(side: Protocol) -> None:
-            transport = side.transport
-            read_now(transport, side)
-            session.flush()
-            if type(transport) is HeldServer:
-                transport.release()
+            def connected(side: Protocol) -> None:
+                if first:
+                    side.dataReceived(first)
+                session.flush()
 
-        splice.connected = connected
+            splice.connected = connected
         self.visitors.add(splice)
         self.relay.visitors_accepted += 1
         return splice
@@ -227,11 +249,15 @@ class VisitorFactory(Factory):
         self.registration = registration
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
+        return self.build_eager(addr, b"")
+
+    def build_eager(self, addr: interfaces.IAddress, first: bytes) -> Optional[Protocol]:
+        """A visitor accepted by the EagerPort, with what it already sent."""
         reg = self.registration
         if reg.closed or reg.relay.draining:
             reg.relay.visitors_refused += 1
             return None
-        splice = reg.visitor_connected(addr)
+        splice = reg.visitor_connected(addr, first)
         if splice is None:
             reg.relay.visitors_refused += 1
             return None
