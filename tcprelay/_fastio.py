@@ -26,6 +26,7 @@ from twisted.python import log
 
 __all__ = [
     "EagerPort",
+    "close_now",
     "NoDelayServer",
     "listen_eager",
     "lose_write_now",
@@ -197,3 +198,20 @@ def listen_eager(
     listening = EagerPort(port, factory, backlog, interface, reactor)
     listening.startListening()
     return listening
+
+
+def close_now(transport: Any) -> bool:
+    """
+    Close a plain TCP transport at once when both directions are finished
+    with: its peer's end-of-file has been read and nothing is queued.  One
+    ``close()`` then sends the FIN, where ``lose_write_now`` followed by
+    ``loseConnection`` costs ``shutdown(SHUT_WR)``, ``shutdown(SHUT_RDWR)``
+    and ``close()``.  The protocol hears ``connectionLost`` (clean) as it
+    would from Twisted.  Returns False, doing nothing, for anything else.
+    """
+    if not _idle_plain_tcp(transport) or transport.producer is not None:
+        return False
+    transport._writeDisconnected = True  # nothing more will be written
+    transport._shouldShutdown = False  # close() alone sends the FIN
+    transport.loseConnection()  # with _writeDisconnected: connectionLost now
+    return True

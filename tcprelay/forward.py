@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import lose_write_now, nodelay, write_now
+from tcprelay._fastio import close_now, lose_write_now, nodelay, write_now
 
 __all__ = ["Splice"]
 
@@ -171,7 +171,10 @@ class _Side(Protocol):
             peer._pending_eof = True
         elif not peer.lost:
             _producer_done(peer.transport)
-            lose_write_now(peer.transport)
+            # Both directions over (the peer's end-of-file was read first):
+            # close at once; otherwise half-close and keep reading the peer.
+            if not (peer.read_done and close_now(peer.transport)):
+                lose_write_now(peer.transport)
         if self.write_done:
             self.transport.loseConnection()
 

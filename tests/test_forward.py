@@ -24,7 +24,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import EagerPort, NoDelayServer, listen_eager, lose_write_now
+from tcprelay._fastio import EagerPort, NoDelayServer, close_now, listen_eager, lose_write_now
 from tcprelay.forward import Splice
 from tests.relay_helpers import bounded, wait_for
 
@@ -152,6 +152,31 @@ async def test_lose_write_now_with_queued_data_sends_it_all_before_the_fin(
     assert bytes(client.received) == data
     assert server.write_lost == 1
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_now_after_the_peers_eof_closes_cleanly_at_once(
+    reactor: Any, tcp: _Pair
+) -> None:
+    """Once the peer's EOF was read and nothing is queued, close_now closes in one step: connectionLost (clean) before it returns, and the peer reads the last bytes then EOF, not a reset."""
+    server, client, transport = tcp.server, tcp.client, tcp.server.transport
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await bounded(server.eof, reactor)
+    transport.write(b"last words")  # type: ignore[union-attr]
+    await wait_for(reactor, lambda: not transport.dataBuffer and not transport._tempDataLen)  # type: ignore[union-attr]
+    assert close_now(transport)
+    assert server.lost.called and not transport.connected  # type: ignore[union-attr]
+    await bounded(client.eof, reactor)
+    assert bytes(client.received) == b"last words"
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_now_refuses_while_data_is_queued(reactor: Any, tcp: _Pair) -> None:
+    transport = tcp.server.transport
+    transport.write(bytes(10_000_000))  # type: ignore[union-attr]  # more than the socket takes
+    assert not close_now(transport)
+    assert transport.connected  # type: ignore[union-attr]
+    assert not close_now(StringTransport())
 
 
 class _EagerFactory(Factory):
