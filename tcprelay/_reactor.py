@@ -54,15 +54,20 @@ IDLE_SAMPLE_INTERVAL = 0.05
 MIN_IDLE_SHARE = 0.2
 """Busy-poll only while at least this share of the machine's CPU time was
 idle (or spent in our own busy polling) since the previous reading."""
+MAX_POLL_SHARE = 0.25
+"""Busy polling may take at most this share of one CPU (counted over each
+reading interval): a relay woken often by sparse events (heartbeats of
+many idle sessions) spins at most this much, whatever the machine's load."""
 
 
 class IdleGauge:
     """
     Whether the machine has CPU to spare, from ``/proc/stat`` read at most
-    every :data:`IDLE_SAMPLE_INTERVAL` seconds.  Busy polling on a CPU
-    nobody else wants costs only power; on a saturated machine (a relay
-    moving bulk data next to its peers) it would take CPU from the very
-    processes the relay is waiting for, so it stops there.  The time spent
+    every :data:`IDLE_SAMPLE_INTERVAL` seconds, and whether busy polling is
+    still within its budget (:data:`MAX_POLL_SHARE` of one CPU).  Busy
+    polling on a CPU nobody else wants costs only power; on a saturated
+    machine (a relay moving bulk data next to its peers) it would take CPU
+    from the very processes the relay is waiting for, so it stops there.  The time spent
     busy polling counts as idle, or polling would switch itself off.
     Without a readable ``/proc/stat`` the machine counts as having spare CPU.
     """
@@ -73,10 +78,12 @@ class IdleGauge:
         interval: float = IDLE_SAMPLE_INTERVAL,
         min_share: float = MIN_IDLE_SHARE,
         ticks_per_second: Optional[float] = None,
+        max_poll_share: float = MAX_POLL_SHARE,
     ) -> None:
         self.path = path
         self.interval = interval
         self.min_share = min_share
+        self.max_poll_share = max_poll_share
         if ticks_per_second is None:
             try:
                 ticks_per_second = float(os.sysconf("SC_CLK_TCK"))
@@ -87,6 +94,7 @@ class IdleGauge:
         self.polled = 0.0
         """Seconds spent busy polling since the last reading (added by the caller)."""
         self._next = 0.0
+        self._since = 0.0
         self._last: Optional[tuple[int, int]] = None
 
     def _read(self) -> Optional[tuple[int, int]]:
@@ -104,14 +112,16 @@ class IdleGauge:
     def has_spare_cpu(self, now: float) -> bool:
         """Whether to busy-poll, re-reading the machine's figures when due."""
         if now < self._next:
-            return self.spare
+            # within the interval: the machine's last figures, and our budget
+            return self.spare and self.polled <= self.max_poll_share * (now - self._since)
         self._next = now + self.interval
+        self._since = now
+        polled, self.polled = self.polled, 0.0
         sample = self._read()
         if sample is None:
             self.spare = True
             return True
         last, self._last = self._last, sample
-        polled, self.polled = self.polled, 0.0
         if last is not None and sample[0] > last[0]:
             total = sample[0] - last[0]
             idle = sample[1] - last[1] + polled * self.ticks_per_second

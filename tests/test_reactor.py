@@ -197,3 +197,25 @@ def test_idle_gauge_reads_the_real_proc_stat() -> None:
         pytest.skip("no /proc/stat here")
     gauge = IdleGauge()
     assert gauge._read() is not None
+
+
+def test_idle_gauge_keeps_busy_polling_within_its_share_of_one_cpu(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    _stat(stat, 1000, 1000)
+    gauge = IdleGauge(str(stat), interval=0.05, max_poll_share=0.25, ticks_per_second=100)
+    assert gauge.has_spare_cpu(1.0)
+    gauge.polled = 0.001  # 1 ms of polling ...
+    assert not gauge.has_spare_cpu(1.002)  # ... in 2 ms: over a quarter of a CPU
+    assert gauge.has_spare_cpu(1.004)  # 1 ms in 4 ms: within it again
+    gauge.polled = 0.03
+    assert not gauge.has_spare_cpu(1.04)
+    _stat(stat, 1010, 1090)  # next reading: a fresh budget
+    assert gauge.has_spare_cpu(1.06) and gauge.polled == 0.0
+
+
+def test_idle_gauge_budget_holds_without_proc_stat() -> None:
+    gauge = IdleGauge("/nonexistent/stat", interval=0.05)
+    assert gauge.has_spare_cpu(1.0)
+    gauge.polled = 0.01
+    assert not gauge.has_spare_cpu(1.01)
+    assert gauge.has_spare_cpu(1.06) and gauge.polled == 0.0
