@@ -164,7 +164,11 @@ class EagerPort(tcp.Port):
                     first = skt.recv(READ_FIRST, socket.MSG_DONTWAIT)
                 except OSError:
                     first = b""  # nothing yet, or an error the transport will report
-                protocol = factory.build_eager(self._buildAddr(addr), first)
+                try:
+                    protocol = factory.build_eager(self._buildAddr(addr), first)
+                except Exception:  # noqa: BLE001 - a bug: refuse this client, keep accepting
+                    log.err(None, f"{factory!r} failed to build a protocol")
+                    protocol = None
                 if protocol is None:
                     skt.close()
                     continue

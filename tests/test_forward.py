@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import interfaces
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -180,15 +182,19 @@ async def test_close_now_refuses_while_data_is_queued(reactor: Any, tcp: _Pair) 
 
 
 class _EagerFactory(Factory):
-    """Records build_eager calls; refuses when told to."""
+    """Records build_eager calls; refuses (or raises) when told to."""
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, fail: int = 0) -> None:
         self.refuse = refuse
+        self.fail = fail
         self.calls: list[tuple[Any, bytes]] = []
         self.protocols: list[_HalfClose] = []
 
     def build_eager(self, addr: Any, first: bytes) -> Optional[_HalfClose]:
         self.calls.append((addr, first))
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("a bug in the factory")
         protocol = None if self.refuse else _HalfClose()
         if protocol is not None:
             self.protocols.append(protocol)
@@ -265,3 +271,62 @@ def test_listen_eager_falls_back_to_listen_tcp_on_other_reactors() -> None:
     listen_eager(reactor, 1234, factory, 7, "127.0.0.1")
     [(port, built_by, backlog, interface)] = reactor.tcpServers
     assert (port, built_by, backlog, interface) == (1234, factory, 7, "127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_port_survives_a_failing_factory(reactor: Any) -> None:
+    """A factory that raises: that client is closed (no descriptor leaks), the error is logged, the next client is served."""
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    factory = _EagerFactory(fail=1)
+    port = listen_eager(reactor, 0, factory, 50, "127.0.0.1")
+    first, second = socket.socket(), socket.socket()
+    try:
+        first.connect(("127.0.0.1", port.getHost().port))
+        first.setblocking(False)
+        await wait_for(reactor, lambda: _recv_until_closed(first) == b"", what="the close")
+        assert any(e.get("log_failure") is not None or e.get("failure") is not None for e in logged)
+        second.connect(("127.0.0.1", port.getHost().port))
+        await wait_for(reactor, lambda: factory.protocols, what="the second accept")
+        await bounded(factory.protocols[0].made, reactor)
+        factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(factory.protocols[0].lost, reactor)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        first.close()
+        second.close()
+        await port.stopListening()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_port_on_ipv6_gives_ipv6_addresses(reactor: Any) -> None:
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    factory = _EagerFactory()
+    port = listen_eager(reactor, 0, factory, 50, "::1")
+    client = socket.socket(socket.AF_INET6)
+    try:
+        client.connect(("::1", port.getHost().port))
+        client.sendall(b"v6")
+        await wait_for(reactor, lambda: factory.protocols, what="the accept")
+        await bounded(factory.protocols[0].made, reactor)
+        [(addr, first)] = factory.calls
+        assert first == b"v6"
+        assert isinstance(addr, IPv6Address) and addr.host == "::1"
+        assert addr.port == client.getsockname()[1]
+        factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(factory.protocols[0].lost, reactor)
+    finally:
+        client.close()
+        await port.stopListening()
