@@ -22,7 +22,9 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.error import ConnectionLost
 from twisted.python import log
+from twisted.python.failure import Failure
 
 __all__ = [
     "EagerPort",
@@ -162,8 +164,11 @@ class EagerPort(tcp.Port):
                     addr = (host[0],) + tuple(addr[1:])
                 try:
                     first = skt.recv(READ_FIRST, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    first = b""  # nothing sent yet
                 except OSError:
-                    first = b""  # nothing yet, or an error the transport will report
+                    skt.close()  # reset (or failed) before it was even served
+                    continue
                 try:
                     protocol = factory.build_eager(self._buildAddr(addr), first)
                 except Exception:  # noqa: BLE001 - a bug: refuse this client, keep accepting
@@ -174,8 +179,23 @@ class EagerPort(tcp.Port):
                     continue
                 session = self.sessionno
                 self.sessionno = session + 1
-                transport = self.transport(skt, protocol, addr, self, session, self.reactor)
-                protocol.makeConnection(transport)
+                transport = None
+                try:
+                    transport = self.transport(skt, protocol, addr, self, session, self.reactor)
+                    protocol.makeConnection(transport)
+                except Exception:  # noqa: BLE001 - e.g. epoll_ctl failing (ENOMEM)
+                    # The protocol may already have forwarded bytes: tell it
+                    # the connection failed, so that it ends what it started.
+                    log.err(None, "cannot set up an accepted connection")
+                    failed = Failure(ConnectionLost("connection set-up failed"))
+                    try:
+                        if transport is not None:
+                            transport.connectionLost(failed)  # closes, tells the protocol
+                        else:
+                            skt.close()
+                            protocol.connectionLost(failed)
+                    except Exception:  # noqa: BLE001
+                        log.err(None, "ending a connection whose set-up failed")
             # Twisted's scaling of the accept loop
             if accepted == self.numberAccepts:
                 self.numberAccepts += 20

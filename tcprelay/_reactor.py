@@ -14,15 +14,20 @@ stock poll step sit on that path:
   reactor polls without blocking, yielding the CPU between polls
   (``sched_yield``, so any other runnable task on that CPU goes first), for
   up to ``busy_poll`` seconds, and only then blocks.  The CPU this costs is
-  at most ``busy_poll`` per burst of activity, and none while the relay is
-  idle or fully busy; never longer than the next timed call allows.
+  at most ``busy_poll`` per burst of activity and a quarter of one CPU over
+  time, none while the relay is idle or the machine busy, and none with
+  fewer than two usable CPUs; never longer than the next timed call allows
+  (see :class:`IdleGauge`).
 - **Dispatch.**  The stock step wraps every event in
-  ``log.callWithLogger`` (two context managers and a ``logPrefix()`` call,
-  several microseconds each time), which only names the selectable in
-  legacy ``twisted.python.log`` messages; tcprelay logs through
-  ``twisted.logger``, whose events carry their own namespace.  Events are
-  handed to the reactor's own ``_doReadOrWrite``, so errors, disconnection
-  and half-close handling stay Twisted's.
+  ``log.callWithLogger``: a ``logPrefix()`` call and a log context (several
+  microseconds each time) that only name the selectable in legacy
+  ``twisted.python.log`` messages (tcprelay logs through
+  ``twisted.logger``, whose events carry their own namespace), and an
+  exception handler.  Here events go to the reactor's own
+  ``_doReadOrWrite`` (so disconnection and half-close handling stay
+  Twisted's) inside a plain ``try``: an exception escaping it is logged
+  with the selectable's prefix, as Twisted does, and the other events of
+  the pass are still handled.
 
 :func:`tune_reactor` installs this step on an ``EPollReactor`` (Linux's
 default reactor) and leaves any other reactor untouched.
@@ -35,41 +40,67 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-__all__ = ["DEFAULT_BUSY_POLL", "IdleGauge", "tune_reactor"]
+from twisted.python import log
+
+__all__ = ["DEFAULT_BUSY_POLL", "MAX_BUSY_POLL", "IdleGauge", "tune_reactor", "usable_cpus"]
 
 DEFAULT_BUSY_POLL = 250e-6
 """
 Seconds the relay keeps polling after activity before it sleeps.
 
 Measured on a 2-CPU VM (docs/benchmarks.rst), sequential connect + 1-byte
-echo through the relay and a Go echo service: p50 about 430 us without
-busy polling, 370-385 us with 100 us, 360 us with 250 us (the Go relay
-about 420 us in the same runs).  Throughput runs, where events are always
-waiting, do not spin.
+echo through the relay and a Go echo service: p50 397 us with 250 us of
+busy polling, 430 us without (medians of ten alternating rounds), for about
+25 us more relay CPU per connection.  Throughput runs, where the machine is
+busy and events are always waiting, do not spin.
 """
 
 
-IDLE_SAMPLE_INTERVAL = 0.05
+IDLE_SAMPLE_INTERVAL = 0.1
 """Seconds between two readings of the machine's idle CPU time."""
 MIN_IDLE_SHARE = 0.2
 """Busy-poll only while at least this share of the machine's CPU time was
 idle (or spent in our own busy polling) since the previous reading."""
 MAX_POLL_SHARE = 0.25
-"""Busy polling may take at most this share of one CPU (counted over each
-reading interval): a relay woken often by sparse events (heartbeats of
-many idle sessions) spins at most this much, whatever the machine's load."""
+"""Busy polling may take at most this share of one CPU over time: a relay
+woken often by sparse events (heartbeats of many idle sessions) spins at
+most this much, whatever the machine's load."""
+MAX_BUSY_POLL = 0.01
+"""The longest busy-poll time the options accept (seconds)."""
+
+
+def usable_cpus() -> float:
+    """CPUs this process may use: its affinity mask, lowered by a cgroup v2
+    CPU quota (``cpu.max``) when there is one."""
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = float(os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 class IdleGauge:
     """
-    Whether the machine has CPU to spare, from ``/proc/stat`` read at most
-    every :data:`IDLE_SAMPLE_INTERVAL` seconds, and whether busy polling is
-    still within its budget (:data:`MAX_POLL_SHARE` of one CPU).  Busy
-    polling on a CPU nobody else wants costs only power; on a saturated
+    How long the reactor may busy-poll now.
+
+    Busy polling on a CPU nobody else wants costs only power; on a saturated
     machine (a relay moving bulk data next to its peers) it would take CPU
-    from the very processes the relay is waiting for, so it stops there.  The time spent
-    busy polling counts as idle, or polling would switch itself off.
-    Without a readable ``/proc/stat`` the machine counts as having spare CPU.
+    from the very processes the relay is waiting for.  So it is allowed only
+    while at least :data:`MIN_IDLE_SHARE` of the machine's CPU time was idle
+    between two readings of ``/proc/stat`` (every
+    :data:`IDLE_SAMPLE_INTERVAL` seconds; the CPU time of our own polling
+    counts as idle, or polling would switch itself off), and only within a
+    budget of :data:`MAX_POLL_SHARE` of one CPU: a token bucket that fills at
+    that rate, holds at most one busy-poll period, and is drained by the CPU
+    time the polling actually took.  Without a readable ``/proc/stat`` the
+    machine counts as having spare CPU (the budget still holds).
     """
 
     def __init__(
@@ -92,9 +123,11 @@ class IdleGauge:
         self.ticks_per_second = ticks_per_second
         self.spare = True
         self.polled = 0.0
-        """Seconds spent busy polling since the last reading (added by the caller)."""
+        """CPU seconds spent busy polling since the last reading."""
+        self.tokens: Optional[float] = None
+        """Seconds of busy polling the budget holds (None: not started)."""
+        self._refilled = 0.0
         self._next = 0.0
-        self._since = 0.0
         self._last: Optional[tuple[int, int]] = None
 
     def _read(self) -> Optional[tuple[int, int]]:
@@ -109,24 +142,40 @@ class IdleGauge:
             return None
         return sum(fields), fields[3] + fields[4]  # idle + iowait
 
-    def has_spare_cpu(self, now: float) -> bool:
-        """Whether to busy-poll, re-reading the machine's figures when due."""
-        if now < self._next:
-            # within the interval: the machine's last figures, and our budget
-            return self.spare and self.polled <= self.max_poll_share * (now - self._since)
+    def _sample(self, now: float) -> None:
         self._next = now + self.interval
-        self._since = now
         polled, self.polled = self.polled, 0.0
         sample = self._read()
         if sample is None:
             self.spare = True
-            return True
+            return
         last, self._last = self._last, sample
         if last is not None and sample[0] > last[0]:
             total = sample[0] - last[0]
             idle = sample[1] - last[1] + polled * self.ticks_per_second
             self.spare = idle >= self.min_share * total
-        return self.spare
+
+    def allowance(self, now: float, most: float) -> float:
+        """Seconds the reactor may busy-poll from ``now`` (0: not now), at
+        most ``most`` (also the bucket's size)."""
+        if now >= self._next:
+            self._sample(now)
+        if self.tokens is None:
+            self.tokens = most
+        else:
+            self.tokens = min(most, self.tokens + (now - self._refilled) * self.max_poll_share)
+        self._refilled = now
+        return self.tokens if self.spare else 0.0
+
+    def spent(self, cpu_seconds: float) -> None:
+        """Busy polling took ``cpu_seconds`` of CPU time."""
+        self.polled += cpu_seconds
+        if self.tokens is not None:
+            self.tokens = max(0.0, self.tokens - cpu_seconds)
+
+
+MIN_SPIN = 5e-6
+"""A busy poll shorter than this is not worth starting."""
 
 
 def tune_reactor(
@@ -135,12 +184,16 @@ def tune_reactor(
     clock: Callable[[], float] = time.perf_counter,
     pause: Optional[Callable[[], None]] = getattr(os, "sched_yield", None),
     gauge: Optional[IdleGauge] = None,
+    cpu_clock: Callable[[], float] = time.thread_time,
+    cpus: Optional[float] = None,
 ) -> bool:
     """
     Install the lean poll step on ``reactor`` if it is Twisted's
     ``EPollReactor``; return whether it was installed.  ``busy_poll`` is in
-    seconds (0: never busy-poll).  ``clock``, ``pause`` and ``gauge`` are
-    for tests.
+    seconds (0: never busy-poll); busy polling stays off with fewer than two
+    usable CPUs (``cpus``, default :func:`usable_cpus`), where the relay's
+    spinning could only delay the peers it waits for.  ``clock``, ``pause``,
+    ``gauge`` and ``cpu_clock`` are for tests.
     """
     try:
         from twisted.internet.epollreactor import EPollReactor
@@ -153,22 +206,28 @@ def tune_reactor(
     dispatch = getattr(reactor, "_doReadOrWrite", None)
     if poller is None or not isinstance(selectables, dict) or dispatch is None:
         return False  # pragma: no cover - a Twisted whose internals moved
-    busy_poll = max(0.0, float(busy_poll))
+    busy_poll = min(max(0.0, float(busy_poll)), MAX_BUSY_POLL)
+    if busy_poll and (usable_cpus() if cpus is None else cpus) < 2:
+        busy_poll = 0.0
     if gauge is None:
         gauge = IdleGauge()
-    spare = gauge.has_spare_cpu
     active = False
 
     def do_poll(timeout: Optional[float]) -> None:
         nonlocal active
         limit = len(selectables) or 1
+        blocking = timeout is None or timeout > 0
         try:
             events = None
-            if active and busy_poll and (timeout is None or timeout > 0):
+            if active and busy_poll and blocking:
                 # Recently busy: poll without blocking for a while first.
                 start = clock()
-                if spare(start):
-                    deadline = start + (busy_poll if timeout is None else min(busy_poll, timeout))
+                allowed = gauge.allowance(start, busy_poll)
+                if timeout is not None and timeout < allowed:
+                    allowed = timeout
+                if allowed >= MIN_SPIN:
+                    deadline = start + allowed
+                    cpu_start = cpu_clock()
                     events = poller.poll(0, limit)
                     now = start
                     while not events and now < deadline:
@@ -176,7 +235,7 @@ def tune_reactor(
                             pause()
                         events = poller.poll(0, limit)
                         now = clock()
-                    gauge.polled += now - start
+                    gauge.spent(cpu_clock() - cpu_start)
                     if not events and timeout is not None:
                         timeout = max(0.0, timeout - (now - start))
             if not events:
@@ -185,12 +244,26 @@ def tune_reactor(
             if e.errno == errno.EINTR:
                 return
             raise
-        active = bool(events)
+        # a pass that only ran due timed calls says nothing about activity
+        active = bool(events) or (active and not blocking)
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
-                dispatch(selectable, fd, event)
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    # as Twisted's own step: log it, carry on with the others
+                    log.err(system=_log_prefix(selectable))
 
     reactor.doIteration = do_poll  # type: ignore[method-assign]
     reactor.doPoll = do_poll  # type: ignore[method-assign]
     return True
+
+
+def _log_prefix(selectable: Any) -> str:
+    try:
+        return str(selectable.logPrefix())
+    except Exception:  # noqa: BLE001 - a broken logPrefix must not hide the error
+        return "(buggy logPrefix method)"

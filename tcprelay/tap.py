@@ -16,7 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from tcprelay._reactor import DEFAULT_BUSY_POLL
+from tcprelay._reactor import DEFAULT_BUSY_POLL, MAX_BUSY_POLL
 from tcprelay.mux.session import SessionConfig
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.server import Relay, RelayConfig, RelayService
@@ -71,13 +71,15 @@ def read_secrets(path: str) -> list[bytes]:
 
 
 def busy_poll_option(value: Any) -> float:
-    """``--busy-poll`` microseconds (0-100000) as seconds; UsageError otherwise."""
+    """``--busy-poll`` microseconds (0-10000) as seconds; UsageError otherwise."""
     try:
         micros = float(value)
     except (TypeError, ValueError):
         raise usage.UsageError(f"--busy-poll must be a number, not {value!r}") from None
-    if not 0 <= micros <= 100_000:
-        raise usage.UsageError("--busy-poll must be between 0 and 100000 microseconds")
+    if not 0 <= micros <= MAX_BUSY_POLL * 1e6:
+        raise usage.UsageError(
+            f"--busy-poll must be between 0 and {MAX_BUSY_POLL * 1e6:.0f} microseconds"
+        )
     return micros / 1e6
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import socket
+import struct
 
 import pytest
 import pytest_twisted
@@ -327,6 +328,68 @@ async def test_eager_port_on_ipv6_gives_ipv6_addresses(reactor: Any) -> None:
         assert addr.port == client.getsockname()[1]
         factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
         await bounded(factory.protocols[0].lost, reactor)
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_port_drops_a_client_reset_before_it_was_served(reactor: Any) -> None:
+    """A client that connected and reset before the accept: no protocol is built for it (the next client is)."""
+    factory = _EagerFactory()
+    port = listen_eager(reactor, 0, factory, 50, "127.0.0.1")
+    reset, second = socket.socket(), socket.socket()
+    try:
+        reset.connect(("127.0.0.1", port.getHost().port))
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()  # RST, before the reactor gets a turn to accept
+        second.connect(("127.0.0.1", port.getHost().port))
+        second.sendall(b"second")
+        await wait_for(reactor, lambda: factory.calls, what="an accept")
+        assert [first for _, first in factory.calls] == [b"second"]
+        await bounded(factory.protocols[0].made, reactor)
+        factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(factory.protocols[0].lost, reactor)
+    finally:
+        second.close()
+        await port.stopListening()
+
+
+class _FailsToStart(_HalfClose):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: list[Failure] = []
+
+    def connectionMade(self) -> None:
+        raise RuntimeError("a bug in connectionMade")
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reasons.append(reason)
+        super().connectionLost(reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_port_ends_a_connection_whose_set_up_failed(reactor: Any) -> None:
+    """A protocol whose connectionMade raises hears connectionLost (so it can end what it started), the client is closed, the port keeps serving."""
+
+    class Factory_(_EagerFactory):
+        def build_eager(self, addr: Any, first: bytes) -> Any:
+            self.calls.append((addr, first))
+            protocol = _FailsToStart()
+            self.protocols.append(protocol)
+            return protocol
+
+    factory = Factory_()
+    port = listen_eager(reactor, 0, factory, 50, "127.0.0.1")
+    client = socket.socket()
+    try:
+        client.connect(("127.0.0.1", port.getHost().port))
+        client.setblocking(False)
+        await wait_for(reactor, lambda: factory.protocols, what="the accept")
+        protocol = factory.protocols[0]
+        await bounded(protocol.lost, reactor)
+        assert len(protocol.reasons) == 1
+        await wait_for(reactor, lambda: _recv_until_closed(client) == b"", what="the close")
     finally:
         client.close()
         await port.stopListening()

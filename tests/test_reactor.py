@@ -18,7 +18,7 @@ import pytest
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 
-from tcprelay._reactor import IdleGauge, tune_reactor
+from tcprelay._reactor import IdleGauge, tune_reactor, usable_cpus
 
 READ = 1
 
@@ -52,12 +52,18 @@ class _Clock:
 
 
 class _Gauge(IdleGauge):
+    """Always allows the full period (or nothing); records what was spent."""
+
     def __init__(self, spare: bool = True) -> None:
         super().__init__(path="/nonexistent")
         self.answer = spare
+        self.spent_cpu: list[float] = []
 
-    def has_spare_cpu(self, now: float) -> bool:
-        return self.answer
+    def allowance(self, now: float, most: float) -> float:
+        return most if self.answer else 0.0
+
+    def spent(self, cpu_seconds: float) -> None:
+        self.spent_cpu.append(cpu_seconds)
 
 
 def _reactor(
@@ -71,12 +77,15 @@ def _reactor(
     reactor._poller = poller
     reactor._selectables = {5: "five", 6: "six"}
     reactor._doReadOrWrite = lambda s, fd, ev: dispatched.append((s, fd, ev))
+    clock = _Clock(step)
     assert tune_reactor(
         reactor,
         busy_poll,
-        clock=_Clock(step),
+        clock=clock,
         pause=lambda: pauses.append(None),
         gauge=_Gauge(spare),
+        cpu_clock=clock,
+        cpus=2,
     )
     return reactor, poller, dispatched, pauses
 
@@ -166,20 +175,57 @@ def _stat(path: Path, total_busy: int, idle: int, iowait: int = 0) -> None:
     path.write_text(f"cpu  {total_busy} 0 0 {idle} {iowait} 0 0 0 7 7\ncpu0 1 2 3 4\n")
 
 
-def test_idle_gauge_reads_the_machine_at_most_every_interval(tmp_path: Path) -> None:
+def test_idle_gauge_allows_polling_only_while_the_machine_has_idle_cpu(tmp_path: Path) -> None:
     stat = tmp_path / "stat"
     _stat(stat, 1000, 1000)
     gauge = IdleGauge(str(stat), interval=0.05, min_share=0.2, ticks_per_second=100)
-    assert gauge.has_spare_cpu(1.0)  # first reading: nothing to compare yet
+    most = 1e-3
+    assert gauge.allowance(1.0, most) == most  # first reading: nothing to compare yet
     _stat(stat, 1090, 1010)  # 100 ticks, 10 idle: 10%
-    assert gauge.has_spare_cpu(1.01)  # not re-read within the interval
-    assert not gauge.has_spare_cpu(1.06)
+    assert gauge.allowance(1.01, most) > 0  # not re-read within the interval
+    assert gauge.allowance(1.06, most) == 0
     _stat(stat, 1170, 1020, iowait=20)  # 100 ticks, 30 idle (iowait counts): 30%
-    assert gauge.has_spare_cpu(1.2)
+    assert gauge.allowance(1.2, most) > 0
     _stat(stat, 1265, 1025, iowait=20)  # 100 ticks, 5 idle ...
-    gauge.polled = 0.2  # ... plus 20 ticks of our own busy polling: 25%
-    assert gauge.has_spare_cpu(1.3)
+    gauge.spent(0.2)  # ... plus 20 ticks of our own polling's CPU time: 25%
+    assert gauge.allowance(1.3, most) > 0
     assert gauge.polled == 0.0
+
+
+def test_idle_gauge_budget_is_a_quarter_of_one_cpu(tmp_path: Path) -> None:
+    gauge = IdleGauge("/nonexistent/stat", interval=0.05, max_poll_share=0.25)
+    most = 1e-3
+    assert gauge.allowance(1.0, most) == most  # starts full
+    gauge.spent(most)
+    assert gauge.allowance(1.0, most) == 0
+    assert gauge.allowance(1.002, most) == pytest.approx(0.5e-3)  # 2 ms refill 0.5 ms
+    assert gauge.allowance(1.1, most) == most  # never more than one period
+
+
+def test_busy_polling_over_time_stays_within_the_budget() -> None:
+    """Sparse events with a 10 ms busy-poll period: the polling's CPU stays near a quarter of the elapsed time, not the 10 ms after every event."""
+    reactor: Any = EPollReactor.__new__(EPollReactor)
+    clock = _Clock(20e-6)
+    poller = _Poller([])
+    reactor._poller = poller
+    reactor._selectables = {5: "five"}
+    reactor._doReadOrWrite = lambda s, fd, ev: None
+    gauge = IdleGauge("/nonexistent/stat")
+    spent: list[float] = []
+    real_spent = gauge.spent
+    gauge.spent = lambda cpu: (spent.append(cpu), real_spent(cpu))  # type: ignore[method-assign]
+    assert tune_reactor(reactor, 0.01, clock=clock, pause=None, gauge=gauge, cpu_clock=clock, cpus=2)
+    start = clock.now
+    for _ in range(200):
+        poller.script = [[(5, READ)]]
+        reactor.doIteration(0.0)  # an event ...
+        reactor.doIteration(0.002)  # ... then 2 ms of nothing (busy-polled, then blocked)
+        clock.now += 0.002
+    elapsed = clock.now - start
+    # the bucket starts with one period; each spin may overrun its deadline
+    # by a clock reading or two (20 us each here)
+    assert sum(spent) <= 0.25 * elapsed + 0.01 + 200 * 2 * 20e-6
+    assert sum(spent) < 0.5 * 200 * 0.002  # unbudgeted it would be 2 ms per event
 
 
 @pytest.mark.parametrize("content", [None, "", "cpu  x y z\n", "cpu  1 2\n"])
@@ -189,7 +235,7 @@ def test_idle_gauge_without_usable_figures_allows_polling(
     stat = tmp_path / "stat"
     if content is not None:
         stat.write_text(content)
-    assert IdleGauge(str(stat)).has_spare_cpu(1.0)
+    assert IdleGauge(str(stat)).allowance(1.0, 1e-3) == 1e-3
 
 
 def test_idle_gauge_reads_the_real_proc_stat() -> None:
@@ -199,23 +245,62 @@ def test_idle_gauge_reads_the_real_proc_stat() -> None:
     assert gauge._read() is not None
 
 
-def test_idle_gauge_keeps_busy_polling_within_its_share_of_one_cpu(tmp_path: Path) -> None:
-    stat = tmp_path / "stat"
-    _stat(stat, 1000, 1000)
-    gauge = IdleGauge(str(stat), interval=0.05, max_poll_share=0.25, ticks_per_second=100)
-    assert gauge.has_spare_cpu(1.0)
-    gauge.polled = 0.001  # 1 ms of polling ...
-    assert not gauge.has_spare_cpu(1.002)  # ... in 2 ms: over a quarter of a CPU
-    assert gauge.has_spare_cpu(1.004)  # 1 ms in 4 ms: within it again
-    gauge.polled = 0.03
-    assert not gauge.has_spare_cpu(1.04)
-    _stat(stat, 1010, 1090)  # next reading: a fresh budget
-    assert gauge.has_spare_cpu(1.06) and gauge.polled == 0.0
+def test_an_exception_in_one_event_is_logged_and_the_others_are_handled() -> None:
+    from twisted.logger import globalLogPublisher
+
+    class Selectable:
+        def logPrefix(self) -> str:
+            return "the-broken-one"
+
+    broken = Selectable()
+    reactor, poller, dispatched, _ = _reactor([[(5, READ), (6, READ)]])
+    reactor._selectables[5] = broken
+
+    def dispatch(s: Any, fd: int, ev: int) -> None:
+        if s is broken:
+            raise RuntimeError("a bug in a protocol")
+        dispatched.append((s, fd, ev))
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        # the poll step looked _doReadOrWrite up when installed: re-install
+        reactor._doReadOrWrite = dispatch
+        assert tune_reactor(reactor, 0, cpus=2)
+        reactor.doIteration(1.0)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert dispatched == [("six", 6, READ)]
+    assert any("the-broken-one" in str(e.get("system", e.get("log_system", ""))) for e in logged)
 
 
-def test_idle_gauge_budget_holds_without_proc_stat() -> None:
-    gauge = IdleGauge("/nonexistent/stat", interval=0.05)
-    assert gauge.has_spare_cpu(1.0)
-    gauge.polled = 0.01
-    assert not gauge.has_spare_cpu(1.01)
-    assert gauge.has_spare_cpu(1.06) and gauge.polled == 0.0
+def test_a_pass_for_timed_calls_only_keeps_busy_polling_on() -> None:
+    reactor, poller, _, pauses = _reactor([[(5, READ)], []], busy_poll=100e-6)
+    reactor.doIteration(1.0)  # an event
+    reactor.doIteration(0)  # a due timed call: no events, no waiting
+    reactor.doIteration(1.0)  # still counts as right after activity
+    assert pauses
+
+
+def test_no_busy_polling_with_fewer_than_two_cpus_and_a_ceiling_on_the_period() -> None:
+    reactor: Any = EPollReactor.__new__(EPollReactor)
+    poller = _Poller([[(5, READ)]])
+    reactor._poller = poller
+    reactor._selectables = {5: "five"}
+    reactor._doReadOrWrite = lambda s, fd, ev: None
+    assert tune_reactor(reactor, 250e-6, clock=_Clock(30e-6), pause=None, gauge=_Gauge(), cpus=1)
+    reactor.doIteration(1.0)
+    reactor.doIteration(1.0)
+    assert poller.timeouts == [1.0, 1.0]
+    # a huge period is cut to MAX_BUSY_POLL (10 ms)
+    poller = _Poller([[(5, READ)]])
+    reactor._poller = poller
+    clock = _Clock(1e-3)
+    assert tune_reactor(reactor, 5.0, clock=clock, pause=None, gauge=_Gauge(), cpu_clock=clock, cpus=2)
+    reactor.doIteration(10.0)
+    reactor.doIteration(10.0)
+    assert len(poller.timeouts) - 2 <= 12  # about 10 polls of 1 ms, not 5 s worth
+
+
+def test_usable_cpus_is_positive() -> None:
+    assert usable_cpus() > 0

@@ -745,14 +745,25 @@ async def test_early_bytes_leave_with_the_syn_in_one_write(
     reactor: Any, env: Cleanup, monkeypatch: Any
 ) -> None:
     """A visitor that wrote before it was accepted: its SYN and those bytes reach the service's socket in a single write."""
+    from tcprelay.relay import server
+
     relay = env.relay()
     service = await env.service(relay)
     writes = _record_session_writes(monkeypatch, relay, service.port)
+    read_at_accept: list[bytes] = []
+    real = server.Registration.visitor_connected
+
+    def recording(self: Any, addr: Any, first: bytes = b"") -> Any:
+        read_at_accept.append(first)
+        return real(self, addr, first)
+
+    monkeypatch.setattr(server.Registration, "visitor_connected", recording)
     sock = socket.create_connection(("127.0.0.1", service.port))
     try:
         sock.sendall(b"early bytes")  # before the reactor's next turn accepts it
         echo = await service.stream(0)
         await bounded(echo.wait_received(11), reactor, 2.0)
+        assert read_at_accept == [b"early bytes"]  # read by the accept itself
         first = _frames(writes[0])
         assert first[0][0] == 1  # SYN
         assert (3, first[0][1], b"early bytes") in first  # DATA, same stream
@@ -780,6 +791,9 @@ async def test_silent_visitor_syn_waits_for_its_first_bytes(
     [write] = [w for w in writes if any(t == 1 for t, _, _ in _frames(w))]
     frames = _frames(write)
     assert frames[0][0] == 1 and (3, frames[0][1], b"hello") in frames
+    for call in reactor.getDelayedCalls():  # the 30 s hold timer: not for later tests
+        if getattr(call.func, "__name__", "") == "flush":
+            call.cancel()
 
 
 @pytest_twisted.ensureDeferred

@@ -105,7 +105,7 @@ def test_numeric_options_converted() -> None:
         (["--control", "65500"], "--ports"),
         (["--metrics", "bogus:1"], "--metrics"),
         (["--busy-poll", "-1"], "--busy-poll"),
-        (["--busy-poll", "100001"], "--busy-poll"),
+        (["--busy-poll", "10001"], "--busy-poll"),
         (["--busy-poll", "soon"], "--busy-poll"),
     ],
 )

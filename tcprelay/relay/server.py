@@ -51,10 +51,10 @@ from tcprelay.protocol import MuxProtocol, MuxStream
 from tcprelay.relay.pool import PoolTimeout, PortPool
 
 PUBLIC_BACKLOG = 4096
+"""listen() backlog of public ports (the kernel caps it at somaxconn)."""
 SYN_HOLD = 0.001
 """Seconds a visitor's SYN may wait for the visitor's first bytes when it
 had sent none by the time it was accepted (see Registration.visitor_connected)."""
-"""listen() backlog of public ports (the kernel caps it at somaxconn)."""
 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
 """Upper bounds (seconds) of the handshake-duration histogram."""
@@ -145,7 +145,9 @@ class Registration:
         Open a stream for a new visitor that has already sent ``first``;
         None if the session cannot.  Without a PROXY header to put first,
         the SYN and those bytes leave in one write before anything else is
-        set up; with one, they follow it once the visitor's transport exists.
+        set up (a silent visitor's SYN waits up to SYN_HOLD for its bytes).
+        With one, the header needs the visitor's transport: SYN and header
+        leave together once it exists, ``first`` right after them.
         """
         if len(self.visitors) >= self.relay.config.session.max_streams:
             return None
@@ -186,7 +188,7 @@ class Registration:
             splice = Splice(on_done=self._visitor_done, preamble=preamble)
             try:
                 # The SYN waits for the header, which needs the visitor's
-                # transport: both leave, with ``first``, in one write.
+                # transport; ``first`` follows them.
                 session.open_stream(splice.b, stream_type, flush=False)
             except SessionClosedError:
                 return None
