@@ -12,7 +12,12 @@ pending, a closing one) simply gets ``transport.write``.
 
 :func:`nodelay` turns Nagle's algorithm off on the TCP sockets the relay and
 the agent forward on; :func:`read_size` sets how much one read of a plain
-TCP transport may take.
+TCP transport may take; :func:`lose_write_now` and :func:`close_now`
+half-close and close without waiting for a reactor pass.
+
+:class:`EagerPort` (through :func:`listen_eager`) accepts connections and
+hands what the client already sent to the factory before Twisted builds the
+transport, so a relay can forward it first.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.error import ConnectionLost
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.python import log
 from twisted.python.failure import Failure
 
@@ -113,7 +118,6 @@ def lose_write_now(transport: Any) -> None:
         transport._closeWriteConnection()
         return
     transport.loseWriteConnection()
-
 
 
 class EagerPort(tcp.Port):

@@ -54,8 +54,6 @@ busy polling, 430 us without (medians of ten alternating rounds), for about
 25 us more relay CPU per connection.  Throughput runs, where the machine is
 busy and events are always waiting, do not spin.
 """
-
-
 IDLE_SAMPLE_INTERVAL = 0.1
 """Seconds between two readings of the machine's idle CPU time."""
 MIN_IDLE_SHARE = 0.2
