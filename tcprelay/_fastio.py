@@ -45,7 +45,16 @@ __all__ = [
 
 class NoDelayServer(tcp.Server):
     """A connection accepted by an :class:`EagerPort`: its socket inherited
-    ``TCP_NODELAY`` from the listener (:func:`nodelay` skips it)."""
+    ``TCP_NODELAY`` from the listener, so turning it on again costs no
+    ``setsockopt``."""
+
+    _nodelay = True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        if bool(enabled) is self._nodelay:
+            return
+        self._nodelay = bool(enabled)
+        super().setTcpNoDelay(enabled)
 
 
 _PLAIN_TCP = (tcp.Server, tcp.Client, NoDelayServer)
@@ -86,8 +95,6 @@ def nodelay(transport: Any) -> None:
     transports are left alone.  A socket already reset by its peer is left
     for the reactor to report.
     """
-    if type(transport) is NoDelayServer:
-        return  # accepted from a listener with TCP_NODELAY: inherited
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
     if set_nodelay is not None:
         try:

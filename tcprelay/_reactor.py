@@ -35,7 +35,6 @@ default reactor) and leaves any other reactor untouched.
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from typing import Any, Callable, Optional
@@ -67,15 +66,15 @@ MAX_BUSY_POLL = 0.01
 """The longest busy-poll time the options accept (seconds)."""
 
 
-def usable_cpus() -> float:
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> float:
     """CPUs this process may use: its affinity mask, lowered by a cgroup v2
-    CPU quota (``cpu.max``) when there is one."""
+    CPU quota (``cpu_max``) when there is one."""
     try:
         cpus = float(len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cpus = float(os.cpu_count() or 1)
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(cpu_max) as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
             cpus = min(cpus, int(quota) / int(period))
@@ -215,33 +214,28 @@ def tune_reactor(
         nonlocal active
         limit = len(selectables) or 1
         blocking = timeout is None or timeout > 0
-        try:
-            events = None
-            if active and busy_poll and blocking:
-                # Recently busy: poll without blocking for a while first.
-                start = clock()
-                allowed = gauge.allowance(start, busy_poll)
-                if timeout is not None and timeout < allowed:
-                    allowed = timeout
-                if allowed >= MIN_SPIN:
-                    deadline = start + allowed
-                    cpu_start = cpu_clock()
+        events = None
+        if active and busy_poll and blocking:
+            # Recently busy: poll without blocking for a while first.
+            start = clock()
+            allowed = gauge.allowance(start, busy_poll)
+            if timeout is not None and timeout < allowed:
+                allowed = timeout
+            if allowed >= MIN_SPIN:
+                deadline = start + allowed
+                cpu_start = cpu_clock()
+                events = poller.poll(0, limit)
+                now = start
+                while not events and now < deadline:
+                    if pause is not None:
+                        pause()
                     events = poller.poll(0, limit)
-                    now = start
-                    while not events and now < deadline:
-                        if pause is not None:
-                            pause()
-                        events = poller.poll(0, limit)
-                        now = clock()
-                    gauge.spent(cpu_clock() - cpu_start)
-                    if not events and timeout is not None:
-                        timeout = max(0.0, timeout - (now - start))
-            if not events:
-                events = poller.poll(-1 if timeout is None else timeout, limit)
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                return
-            raise
+                    now = clock()
+                gauge.spent(cpu_clock() - cpu_start)
+                if not events and timeout is not None:
+                    timeout = max(0.0, timeout - (now - start))
+        if not events:
+            events = poller.poll(-1 if timeout is None else timeout, limit)
         # a pass that only ran due timed calls says nothing about activity
         active = bool(events) or (active and not blocking)
         for fd, event in events:

@@ -201,6 +201,18 @@ class _EagerFactory(Factory):
             self.protocols.append(protocol)
         return protocol
 
+    async def served(self, reactor: Any) -> _HalfClose:
+        """The first protocol built, once its connection is made."""
+        await wait_for(reactor, lambda: self.protocols, what="the accept")
+        await bounded(self.protocols[0].made, reactor)
+        return self.protocols[0]
+
+
+async def _abort(reactor: Any, protocol: _HalfClose) -> None:
+    """Abort a served connection and wait until it has ended."""
+    protocol.transport.abortConnection()  # type: ignore[union-attr]
+    await bounded(protocol.lost, reactor)
+
 
 def _recv_until_closed(sock: socket.socket) -> bytes:
     try:
@@ -225,14 +237,16 @@ async def test_eager_port_hands_early_bytes_to_the_factory_before_the_transport(
         client.settimeout(5)
         client.connect(("127.0.0.1", port.getHost().port))
         client.sendall(b"spoke first")
-        await wait_for(reactor, lambda: factory.protocols, what="the accept")
-        await bounded(factory.protocols[0].made, reactor)
+        server = await factory.served(reactor)
         [(addr, first)] = factory.calls
         assert first == b"spoke first"
         assert (addr.host, addr.port) == client.getsockname()
-        [server] = factory.protocols
         transport = server.transport
         assert type(transport) is NoDelayServer
+        assert transport.getTcpNoDelay()
+        transport.setTcpNoDelay(False)  # the override keeps track both ways
+        assert not transport.getTcpNoDelay()
+        transport.setTcpNoDelay(True)
         assert transport.getTcpNoDelay()
         assert server.received == b""  # only what came later goes to dataReceived
         client.sendall(b" and then more")
@@ -290,10 +304,7 @@ async def test_eager_port_survives_a_failing_factory(reactor: Any) -> None:
         await wait_for(reactor, lambda: _recv_until_closed(first) == b"", what="the close")
         assert any(e.get("log_failure") is not None or e.get("failure") is not None for e in logged)
         second.connect(("127.0.0.1", port.getHost().port))
-        await wait_for(reactor, lambda: factory.protocols, what="the second accept")
-        await bounded(factory.protocols[0].made, reactor)
-        factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
-        await bounded(factory.protocols[0].lost, reactor)
+        await _abort(reactor, await factory.served(reactor))
     finally:
         globalLogPublisher.removeObserver(logged.append)
         first.close()
@@ -320,14 +331,12 @@ async def test_eager_port_on_ipv6_gives_ipv6_addresses(reactor: Any) -> None:
     try:
         client.connect(("::1", port.getHost().port))
         client.sendall(b"v6")
-        await wait_for(reactor, lambda: factory.protocols, what="the accept")
-        await bounded(factory.protocols[0].made, reactor)
+        served = await factory.served(reactor)
         [(addr, first)] = factory.calls
         assert first == b"v6"
         assert isinstance(addr, IPv6Address) and addr.host == "::1"
         assert addr.port == client.getsockname()[1]
-        factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
-        await bounded(factory.protocols[0].lost, reactor)
+        await _abort(reactor, served)
     finally:
         client.close()
         await port.stopListening()
@@ -345,11 +354,9 @@ async def test_eager_port_drops_a_client_reset_before_it_was_served(reactor: Any
         reset.close()  # RST, before the reactor gets a turn to accept
         second.connect(("127.0.0.1", port.getHost().port))
         second.sendall(b"second")
-        await wait_for(reactor, lambda: factory.calls, what="an accept")
+        served = await factory.served(reactor)
         assert [first for _, first in factory.calls] == [b"second"]
-        await bounded(factory.protocols[0].made, reactor)
-        factory.protocols[0].transport.abortConnection()  # type: ignore[union-attr]
-        await bounded(factory.protocols[0].lost, reactor)
+        await _abort(reactor, served)
     finally:
         second.close()
         await port.stopListening()

@@ -104,6 +104,12 @@ class ResolvedEndpoint:
             if entry not in self.addresses:
                 self.addresses.append(entry)
 
+    def _prefer(self, entry: tuple[int, str]) -> None:
+        """The address ``entry`` worked: try it first from now on."""
+        if self.addresses and self.addresses[0] != entry and entry in self.addresses:
+            self.addresses.remove(entry)
+            self.addresses.insert(0, entry)
+
     def connect_protocol(
         self, protocol: Protocol, failed: Callable[[Failure], None]
     ) -> None:
@@ -123,12 +129,11 @@ class ResolvedEndpoint:
                 else:
                     failed(reason)
 
-            def worked() -> None:
-                if index:
-                    self.addresses.remove(order[index])
-                    self.addresses.insert(0, order[index])
-
-            self.reactor.connectTCP(address, self.port, _OneShot(protocol, worked, next_or_fail))
+            self.reactor.connectTCP(
+                address,
+                self.port,
+                _OneShot(protocol, lambda: self._prefer(order[index]), next_or_fail),
+            )
 
         attempt(0)
 
@@ -142,9 +147,7 @@ class ResolvedEndpoint:
             d = cls(self.reactor, address, self.port).connect(factory)
 
             def worked(protocol: Any) -> Any:
-                if index:
-                    self.addresses.remove(order[index])
-                    self.addresses.insert(0, order[index])
+                self._prefer(order[index])
                 return protocol
 
             def failed(failure: Failure) -> Any:

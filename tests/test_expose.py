@@ -1,0 +1,66 @@
+"""
+``ResolvedEndpoint`` (tcprelay expose's LOCAL resolved once): both ways of
+connecting try the addresses in order, fall back on a connection error,
+and put the address that worked first for the next visitor.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+
+from tcprelay.agent.expose import ResolvedEndpoint
+
+V6 = (socket.AF_INET6, "::1")
+V4 = (socket.AF_INET, "127.0.0.1")
+
+
+def _endpoint() -> tuple[MemoryReactor, ResolvedEndpoint]:
+    reactor = MemoryReactor()
+    endpoint = ResolvedEndpoint(reactor, "127.0.0.1", 7000)
+    endpoint.addresses = [V6, V4]
+    return reactor, endpoint
+
+
+def test_connect_protocol_falls_back_and_prefers_what_worked() -> None:
+    reactor, endpoint = _endpoint()
+    protocol = Protocol()
+    failures: list[Failure] = []
+    endpoint.connect_protocol(protocol, failures.append)
+    host, port, factory, _, _ = reactor.tcpClients[0]
+    assert (host, port) == ("::1", 7000)
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    host, _, factory, _, _ = reactor.tcpClients[1]
+    assert host == "127.0.0.1"
+    assert factory.buildProtocol(None) is protocol
+    assert endpoint.addresses == [V4, V6]
+    assert failures == []
+
+
+def test_connect_protocol_reports_when_no_address_works() -> None:
+    reactor, endpoint = _endpoint()
+    failures: list[Failure] = []
+    endpoint.connect_protocol(Protocol(), failures.append)
+    for index in range(2):
+        factory = reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert len(failures) == 1 and failures[0].check(ConnectionRefusedError)
+    assert endpoint.addresses == [V6, V4]
+
+
+def test_connect_falls_back_and_prefers_what_worked() -> None:
+    reactor, endpoint = _endpoint()
+    results: list[Any] = []
+    endpoint.connect(Factory.forProtocol(Protocol)).addBoth(results.append)
+    first = reactor.tcpClients[0][2]
+    first.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    host, _, second, _, _ = reactor.tcpClients[1]
+    assert host == "127.0.0.1"
+    second.buildProtocol(None).makeConnection(StringTransport())
+    assert results and isinstance(results[0], Protocol)
+    assert endpoint.addresses == [V4, V6]
