@@ -382,31 +382,103 @@ def test_wndinc_coalescing() -> None:
     assert sent_frames(server) == [WndInc(3, half)]
 
 
-def test_large_receive_window_grants_extra_on_open() -> None:
-    """receive_window above 64 KiB sends WNDINC(extra) as each stream opens, both ways."""
+def test_large_receive_window_grants_extra_with_our_syn() -> None:
+    """receive_window above 64 KiB sends WNDINC(extra) with the SYN of each stream we open."""
     cfg = SessionConfig(receive_window=256 * 1024)
     extra = 256 * 1024 - INITIAL_WINDOW
     client = Session(Role.CLIENT, cfg)
     assert client.data_to_send() == HEARTBEAT_SYN_3  # not for the heartbeat stream
     sid = client.open_stream()
     assert sent_frames(client) == [Syn(sid), WndInc(sid, extra)]
+
+
+def _big_window_server() -> Session:
     server = new_session(Role.SERVER, SessionConfig(receive_window=256 * 1024, heartbeat=False))
     feed(server, Syn(3))
-    assert sent_frames(server) == [WndInc(3, extra)]
+    return server
 
 
-def test_large_receive_window_is_enforced() -> None:
-    """With a 256 KiB receive window the peer may send 256 KiB but not a byte more."""
-    server = new_session(
-        Role.SERVER, SessionConfig(receive_window=256 * 1024, heartbeat=False)
-    )
-    feed(server, Syn(3))
-    server.data_to_send()
-    body = payload(256 * 1024)
-    feed(server, *[Data(3, body[i : i + 16383]) for i in range(0, len(body), 16383)])
+EXTRA = 256 * 1024 - INITIAL_WINDOW
+
+
+def _frames(sid: int, body: bytes) -> list[Data]:
+    return [Data(sid, body[i : i + f.MAX_PAYLOAD]) for i in range(0, len(body), f.MAX_PAYLOAD)]
+
+
+def test_peer_stream_extra_window_rides_with_first_answer() -> None:
+    """
+    On a peer-opened stream the extra window is not a write of its own:
+    nothing goes out at the SYN, and the WNDINC leaves in the same write as
+    the stream's first answer.
+    """
+    server = _big_window_server()
+    assert server.data_to_send() == b""
+    feed(server, Data(3, b"x"))
+    assert server.data_to_send() == b""
+    server.acknowledge(3, 1)  # far below the coalescing threshold
+    assert server.data_to_send() == b""
+    server.send_data(3, b"x")
+    assert sent_frames(server) == [Data(3, b"x"), WndInc(3, EXTRA + 1)]
+    # granted once: later output carries no second one
+    server.send_data(3, b"y")
+    assert sent_frames(server) == [Data(3, b"y")]
+
+
+def test_peer_stream_extra_window_rides_with_any_output() -> None:
+    """Any frame the session sends (another stream's, a heartbeat) carries the grant."""
+    server = _big_window_server()
+    feed(server, Syn(5))
+    server.reset_stream(5)
+    assert sent_frames(server) == [Rst(5, ErrorCode.CANCEL), WndInc(3, EXTRA)]
+
+
+def test_peer_stream_extra_window_goes_alone_at_half_initial_window() -> None:
+    """
+    A stream that only receives (an upload, the session otherwise quiet)
+    gets its extra window once the peer has used half of the initial 64 KiB,
+    so the peer never stalls; then it may fill the whole 256 KiB, and not a
+    byte more.
+    """
+    server = _big_window_server()
+    half = INITIAL_WINDOW // 2
+    feed(server, *_frames(3, payload(half)))
+    assert server.data_to_send() == b""
+    feed(server, Data(3, b"!"))
+    assert sent_frames(server) == [WndInc(3, EXTRA)]
+    feed(server, *_frames(3, payload(256 * 1024 - half - 1)))
     assert not server.ended
     feed(server, Data(3, b"!"))
     assert_died(server, ErrorCode.FLOW_CONTROL_ERROR)
+
+
+def test_peer_stream_extra_window_combines_with_credit() -> None:
+    """Consumed credit due for a WNDINC and the deferred extra leave as one frame."""
+    server = _big_window_server()
+    threshold = 256 * 1024 // 2
+    # the peer has used less than half its initial window: nothing sent yet
+    feed(server, *_frames(3, payload(INITIAL_WINDOW // 2 - 1)))
+    server.acknowledge(3, INITIAL_WINDOW // 2 - 1)
+    assert server.data_to_send() == b""
+    # a reader that consumed enough for a WNDINC: one frame with both
+    big = _big_window_server()
+    big.acknowledge(3, threshold)  # (credit taken as consumed, for the test)
+    assert sent_frames(big) == [WndInc(3, EXTRA + threshold)]
+
+
+@pytest.mark.parametrize("end", ["fin", "rst", "local-rst"])
+def test_peer_stream_extra_window_dropped_when_peer_stops_sending(end: str) -> None:
+    """No WNDINC for a stream whose peer has finished sending or that is gone."""
+    server = _big_window_server()
+    if end == "fin":
+        feed(server, Data(3, b"", fin=True))
+    elif end == "rst":
+        feed(server, Rst(3, ErrorCode.CANCEL))
+    else:
+        server.reset_stream(3)
+        assert sent_frames(server) == [Rst(3, ErrorCode.CANCEL)]
+    feed(server, Syn(5))
+    server.send_data(5, b"x")
+    assert sent_frames(server) == [Data(5, b"x"), WndInc(5, EXTRA)]  # none for 3
 
 
 def test_config_rejects_window_below_initial() -> None:

@@ -109,8 +109,11 @@ class SessionConfig:
 
     receive_window:
         Bytes each stream may have in flight towards us.  64 KiB is what
-        muxado starts with; more is granted with a WNDINC when the stream
-        opens.  Also the most a stream ever buffers for a paused reader.
+        muxado starts with; more is granted with a WNDINC: with the SYN of a
+        stream we open; on a stream the peer opens, with the next frames we
+        send (usually the stream's first answer), or on its own once the
+        peer has used half of its initial window.  Also the most a stream
+        ever buffers for a paused reader.
     max_streams:
         Concurrent streams the peer may have open; more are refused with
         RST(REFUSED_STREAM).
@@ -166,6 +169,7 @@ class _Stream:
     send_window: int = INITIAL_WINDOW
     recv_window: int = INITIAL_WINDOW
     recv_credit: int = 0
+    deferred_grant: int = 0
     pending: deque[Buffer] = attrs.Factory(deque)
     pending_len: int = 0
     fin_queued: bool = False
@@ -194,6 +198,8 @@ class Session:
         self._decoder = f.FrameDecoder(merge_data=True)
         self._out: list[Buffer] = []
         self._events: list[Event] = []
+        self._deferred: dict[int, _Stream] = {}
+        """Peer-opened streams whose extra receive window is not granted yet."""
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2, so a client SYN with id 1 is
         # already "not above the highest seen".
@@ -233,6 +239,10 @@ class Session:
         out = self._out
         if not out:
             return b""
+        if self._deferred:
+            # Something goes out anyway: deferred grants ride along.
+            for st in list(self._deferred.values()):
+                self._grant(st)
         self._out = []
         return b"".join(out)
 
@@ -504,6 +514,8 @@ class Session:
             )
             return
         st.recv_window -= n
+        if st.deferred_grant and st.recv_window < INITIAL_WINDOW // 2:
+            self._grant(st)
         if st.heartbeat is not _Heartbeat.NONE:
             self._on_heartbeat_data(st, frame)
             return
@@ -513,6 +525,7 @@ class Session:
             self._recv_fin(st)
 
     def _recv_fin(self, st: _Stream) -> None:
+        self._drop_deferred(st)
         self._events.append(StreamEnded(st.id))
         st.state = _TRANSITIONS[(st.state, _StreamInput.RECV_FIN)]
         if st.state is StreamState.CLOSED:
@@ -671,12 +684,26 @@ class Session:
         self._streams[sid] = st
         extra = self.config.receive_window - INITIAL_WINDOW
         if extra and hb is _Heartbeat.NONE:
-            st.recv_window += extra
-            self._out.append(f.encode_wndinc(sid, extra))
+            if local:
+                # Leaves with the SYN.
+                st.recv_window += extra
+                self._out.append(f.encode_wndinc(sid, extra))
+            else:
+                # A WNDINC of its own would be a write (and a wake-up of the
+                # peer) while the stream's first answer is being prepared:
+                # it goes with the next frames we send, or alone once the
+                # peer has used half of its initial window.
+                st.deferred_grant = extra
+                self._deferred[sid] = st
         return st
 
     def _grant(self, st: _Stream) -> None:
+        """One WNDINC for the consumed credit and any deferred extra window."""
         credit = st.recv_credit
+        if st.deferred_grant:
+            credit += st.deferred_grant
+            st.deferred_grant = 0
+            del self._deferred[st.id]
         st.recv_credit = 0
         st.recv_window += credit
         self._out.append(f.encode_wndinc(st.id, credit))
@@ -774,6 +801,7 @@ class Session:
     ) -> None:
         if self._streams.pop(st.id, None) is None:
             return
+        self._drop_deferred(st)
         st.state = StreamState.CLOSED
         st.pending.clear()
         st.pending_len = 0
@@ -783,6 +811,12 @@ class Session:
                 self._unaccepted -= 1
         if st.heartbeat is _Heartbeat.NONE:
             self._events.append(StreamClosed(st.id, error_code, remote, reason))
+
+    def _drop_deferred(self, st: _Stream) -> None:
+        """The peer sends no more on ``st``: no use granting it window."""
+        if st.deferred_grant:
+            st.deferred_grant = 0
+            del self._deferred[st.id]
 
     def _die(
         self,
