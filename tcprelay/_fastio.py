@@ -22,18 +22,24 @@ transport, so a relay can forward it first.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionLost, getConnectError
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python import log
 from twisted.python.failure import Failure
 
 __all__ = [
+    "EagerClient",
+    "EagerConnector",
     "EagerPort",
+    "close_finished",
     "close_now",
+    "connect_eager",
     "NoDelayServer",
     "listen_eager",
     "lose_write_now",
@@ -57,7 +63,6 @@ class NoDelayServer(tcp.Server):
         super().setTcpNoDelay(enabled)
 
 
-_PLAIN_TCP = (tcp.Server, tcp.Client, NoDelayServer)
 
 
 def _idle_plain_tcp(transport: Any) -> bool:
@@ -235,6 +240,18 @@ def listen_eager(
     return listening
 
 
+def close_finished(transport: Any) -> None:
+    """
+    ``transport.loseConnection()`` for a connection whose both directions
+    are over (our FIN sent, the peer's end-of-file read): a plain TCP socket
+    is then closed without Twisted's ``shutdown(SHUT_RDWR)`` first, which
+    has nothing left to do.
+    """
+    if type(transport) in _PLAIN_TCP:
+        transport._shouldShutdown = False
+    transport.loseConnection()
+
+
 def close_now(transport: Any) -> bool:
     """
     Close a plain TCP transport at once when both directions are finished
@@ -250,3 +267,86 @@ def close_now(transport: Any) -> bool:
     transport._shouldShutdown = False  # close() alone sends the FIN
     transport.loseConnection()  # with _writeDisconnected: connectionLost now
     return True
+
+
+_CONNECTING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
+
+
+class EagerClient(tcp.Client):
+    """
+    A TCP client transport that calls ``connect()`` at once instead of on
+    the next reactor pass, and that finishes the connection at once when
+    the kernel has already completed it (a loopback connection is
+    established by the time ``connect()`` returns): no reactor pass, no
+    ``epoll`` round trip for writability.  Anything else (a name to
+    resolve, a handshake still under way, an error) goes Twisted's way.
+    Made by :class:`EagerConnector`, which completes the connection once it
+    is set up itself.
+    """
+
+    _connected_early = False
+
+    def createInternetSocket(self) -> socket.socket:
+        # Connection.__init__ (in _finishInit) makes it non-blocking anyway.
+        return socket.socket(self.addressFamily, self.socketType)
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        if whenDone is None or self._requiresResolution:
+            super()._finishInit(whenDone, skt, error, reactor)
+            return
+        self._commonConnection.__init__(self, skt, None, reactor)
+        address = self.addr
+        if len(address) == 4:  # IPv6 with a scope id, as _setRealAddress does
+            host = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+            address = (host,) + tuple(address[1:])
+        self.realAddress = address
+        result = skt.connect_ex(address)
+        if result in _CONNECTING:
+            result = skt.connect_ex(address)  # done already? (EISCONN)
+        if result in (0, errno.EISCONN):
+            self._connected_early = True
+        elif result in _CONNECTING:
+            # Under way: wait for writability like Client.doConnect.
+            self.doRead = self.doWrite = self.doConnect
+            self.startReading()
+            self.startWriting()
+        else:
+            # Reported on the next pass, as Twisted reports its own.
+            reactor.callLater(
+                0, self.failIfNotConnected, getConnectError((result, os.strerror(result)))
+            )
+
+
+_PLAIN_TCP = (tcp.Server, tcp.Client, NoDelayServer, EagerClient)
+"""The transport types :func:`write_now` and friends may work on directly
+(the types themselves, not subclasses such as TLS ones)."""
+
+
+class EagerConnector(tcp.Connector):
+    """``reactor.connectTCP``'s connector, with an :class:`EagerClient`."""
+
+    def _makeTransport(self) -> EagerClient:
+        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+    def connect(self) -> None:
+        super().connect()
+        transport = self.transport
+        if isinstance(transport, EagerClient) and transport._connected_early:
+            transport._connected_early = False
+            transport._connectDone()  # builds the protocol (cancelling the timeout)
+
+
+def connect_eager(
+    reactor: Any, host: str, port: int, factory: Any, timeout: float = 30
+) -> Any:
+    """
+    ``reactor.connectTCP(host, port, factory, timeout)`` with an
+    :class:`EagerConnector` on a real POSIX reactor: on loopback the
+    protocol is connected before this returns.  Elsewhere (memory reactors
+    in tests) plain ``connectTCP``.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.connectTCP(host, port, factory, timeout=timeout)
+    connector = EagerConnector(host, port, factory, timeout, None, reactor)
+    connector.connect()
+    return connector

@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import close_now, lose_write_now, nodelay, write_now
+from tcprelay._fastio import close_finished, close_now, lose_write_now, nodelay, write_now
 
 __all__ = ["Splice"]
 
@@ -176,12 +176,12 @@ class _Side(Protocol):
             if not (peer.read_done and close_now(peer.transport)):
                 lose_write_now(peer.transport)
         if self.write_done:
-            self.transport.loseConnection()
+            close_finished(self.transport)
 
     def writeConnectionLost(self) -> None:
         self.write_done = True
         if self.read_done:
-            self.transport.loseConnection()
+            close_finished(self.transport)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         self.lost = True
@@ -196,7 +196,10 @@ class _Side(Protocol):
             if reason.check(error.ConnectionDone):
                 # Clean end: let the peer finish sending what it has.
                 _producer_done(peer.transport)
-                peer.transport.loseConnection()
+                if peer.read_done and peer.write_done:
+                    close_finished(peer.transport)
+                else:
+                    peer.transport.loseConnection()
             else:
                 peer.transport.abortConnection()
         self.splice._side_done()

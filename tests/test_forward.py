@@ -22,12 +22,22 @@ from twisted.internet import interfaces
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import EagerPort, NoDelayServer, close_now, listen_eager, lose_write_now
+from tcprelay._fastio import (
+    EagerClient,
+    EagerPort,
+    NoDelayServer,
+    close_finished,
+    close_now,
+    connect_eager,
+    listen_eager,
+    lose_write_now,
+)
 from tcprelay.forward import Splice
 from tests.relay_helpers import bounded, wait_for
 
@@ -171,6 +181,36 @@ async def test_close_now_after_the_peers_eof_closes_cleanly_at_once(
     assert server.lost.called and not transport.connected  # type: ignore[union-attr]
     await bounded(client.eof, reactor)
     assert bytes(client.received) == b"last words"
+
+
+class _ShutdownSpy:
+    """Wraps a socket, counting ``shutdown`` calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.shutdowns: list[int] = []
+
+    def shutdown(self, how: int) -> None:
+        self.shutdowns.append(how)
+        self._sock.shutdown(how)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_finished_closes_without_a_shutdown(reactor: Any, tcp: _Pair) -> None:
+    """Both directions over (our FIN sent, the peer's EOF read): close_finished closes at once with close() alone, and the peer sees a clean end."""
+    server, client, transport = tcp.server, tcp.client, tcp.server.transport
+    spy = _ShutdownSpy(transport.socket)  # type: ignore[union-attr]
+    transport.socket = spy  # type: ignore[union-attr]
+    lose_write_now(transport)
+    await bounded(client.eof, reactor)
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await bounded(server.eof, reactor)
+    close_finished(transport)
+    assert server.lost.called
+    assert spy.shutdowns == [socket.SHUT_WR]  # the FIN; none at the close
 
 
 @pytest_twisted.ensureDeferred
@@ -400,3 +440,104 @@ async def test_eager_port_ends_a_connection_whose_set_up_failed(reactor: Any) ->
     finally:
         client.close()
         await port.stopListening()
+
+
+class _Recorder(ClientFactory):
+    """A client factory recording how its one connection attempt went."""
+
+    def __init__(self) -> None:
+        self.protocol_ = _HalfClose()
+        self.failed: Deferred[None] = Deferred()
+        self.reason: Optional[Failure] = None
+
+    def buildProtocol(self, addr: Any) -> _HalfClose:
+        return self.protocol_
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.reason = reason
+        self.failed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_is_connected_on_return_over_loopback(reactor: Any) -> None:
+    """To a loopback listener the protocol is connected before connect_eager returns: no reactor pass, no connect timeout left pending; bytes flow both ways."""
+    server = _HalfClose()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    factory = _Recorder()
+    try:
+        connector = connect_eager(reactor, "127.0.0.1", port.getHost().port, factory)
+        client = factory.protocol_
+        assert client.made.called
+        assert isinstance(client.transport, EagerClient) and client.transport.connected
+        assert connector.state == "connected"
+        assert getattr(connector, "timeoutID", None) is None
+        client.transport.write(b"ping")
+        await wait_for(reactor, lambda: bytes(server.received) == b"ping", what="the bytes")
+        server.transport.write(b"pong")  # type: ignore[union-attr]
+        await wait_for(reactor, lambda: bytes(client.received) == b"pong", what="the reply")
+        client.transport.loseConnection()
+        await bounded(server.eof, reactor)
+        server.transport.loseConnection()  # type: ignore[union-attr]
+        await bounded(server.lost, reactor)
+        await bounded(client.lost, reactor)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_reports_refusal_on_a_later_pass(reactor: Any) -> None:
+    """A refused connection fails like Twisted's: clientConnectionFailed, after connect_eager has returned."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    factory = _Recorder()
+    connect_eager(reactor, "127.0.0.1", closed_port, factory)
+    assert not factory.failed.called
+    await bounded(factory.failed, reactor)
+    assert factory.reason is not None and factory.reason.check(ConnectionRefusedError)
+    assert not factory.protocol_.made.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_waits_for_a_handshake_still_under_way(reactor: Any) -> None:
+    """A listener whose accept queue is full drops the SYN: the connect stays under way, is watched for writability like Twisted's, and ends with the connector's timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.socket()
+    filler.connect(listener.getsockname())  # fills the queue
+    factory = _Recorder()
+    try:
+        connector = connect_eager(reactor, "127.0.0.1", listener.getsockname()[1], factory, timeout=0.3)
+        transport = connector.transport
+        assert isinstance(transport, EagerClient) and not transport.connected
+        assert transport.doWrite == transport.doConnect
+        await bounded(factory.failed, reactor)
+        assert factory.reason is not None and factory.reason.check(TimeoutError)
+    finally:
+        filler.close()
+        listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_resolves_names_twisteds_way(reactor: Any) -> None:
+    """A host name goes through Twisted's own resolution and connect."""
+    server = _HalfClose()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    factory = _Recorder()
+    try:
+        connect_eager(reactor, "localhost", port.getHost().port, factory)
+        assert not factory.protocol_.made.called
+        await bounded(factory.protocol_.made, reactor)
+        await bounded(server.made, reactor)
+        server.transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(factory.protocol_.lost, reactor)
+    finally:
+        await port.stopListening()
+
+
+def test_connect_eager_falls_back_to_connect_tcp_on_other_reactors() -> None:
+    memory = MemoryReactor()
+    factory = ClientFactory()
+    connect_eager(memory, "127.0.0.1", 1234, factory, timeout=5)
+    assert memory.tcpClients == [("127.0.0.1", 1234, factory, 5, None)]

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcprelay import handshake as hs
+from tcprelay._fastio import connect_eager
 from tcprelay.forward import Splice
 from tcprelay.protocol import MuxStream
 
@@ -114,9 +115,11 @@ class ResolvedEndpoint:
         self, protocol: Protocol, failed: Callable[[Failure], None]
     ) -> None:
         """
-        Connect ``protocol`` itself (``reactor.connectTCP``, no wrapping
-        protocol on the data path), trying the addresses like ``connect``;
-        ``failed`` hears about it when none works.
+        Connect ``protocol`` itself (``connectTCP``, no wrapping protocol on
+        the data path), trying the addresses like ``connect``; ``failed``
+        hears about it when none works.  The connect is eager
+        (:func:`~tcprelay._fastio.connect_eager`): to a local service the
+        protocol is usually connected before this returns.
         """
         order = list(self.addresses)
 
@@ -129,7 +132,8 @@ class ResolvedEndpoint:
                 else:
                     failed(reason)
 
-            self.reactor.connectTCP(
+            connect_eager(
+                self.reactor,
                 address,
                 self.port,
                 _OneShot(protocol, lambda: self._prefer(order[index]), next_or_fail),
