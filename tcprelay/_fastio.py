@@ -333,7 +333,14 @@ class EagerConnector(tcp.Connector):
         transport = self.transport
         if isinstance(transport, EagerClient) and transport._connected_early:
             transport._connected_early = False
-            transport._connectDone()  # builds the protocol (cancelling the timeout)
+            try:
+                transport._connectDone()  # builds the protocol (cancelling the timeout)
+            except Exception:  # noqa: BLE001 - e.g. a protocol whose connectionMade raised
+                # As the reactor does when doConnect raises: log, close, tell.
+                log.err(None, "cannot set up a connection made at once")
+                transport.stopReading()
+                transport.stopWriting()
+                transport.connectionLost(Failure(ConnectionLost("connection set-up failed")))
 
 
 def connect_eager(

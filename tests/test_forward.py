@@ -446,7 +446,7 @@ class _Recorder(ClientFactory):
     """A client factory recording how its one connection attempt went."""
 
     def __init__(self) -> None:
-        self.protocol_ = _HalfClose()
+        self.protocol_: _HalfClose = _HalfClose()
         self.failed: Deferred[None] = Deferred()
         self.reason: Optional[Failure] = None
 
@@ -529,6 +529,48 @@ async def test_connect_eager_resolves_names_twisteds_way(reactor: Any) -> None:
         connect_eager(reactor, "localhost", port.getHost().port, factory)
         assert not factory.protocol_.made.called
         await bounded(factory.protocol_.made, reactor)
+        await bounded(server.made, reactor)
+        server.transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(factory.protocol_.lost, reactor)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_ends_a_connection_whose_set_up_failed(reactor: Any) -> None:
+    """A protocol whose connectionMade raises during the at-once connect: logged, its socket closed (the server sees the end), connectionLost delivered, as the reactor does for Twisted's own connect."""
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    server = _HalfClose()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    factory = _Recorder()
+    factory.protocol_ = _FailsToStart()
+    try:
+        connect_eager(reactor, "127.0.0.1", port.getHost().port, factory)
+        assert len(factory.protocol_.reasons) == 1
+        assert any(e.get("log_failure") is not None or e.get("failure") is not None for e in logged)
+        await bounded(server.eof, reactor)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        if server.transport is not None:
+            server.transport.abortConnection()  # type: ignore[attr-defined]
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_over_ipv6(reactor: Any) -> None:
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    server = _HalfClose()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="::1")
+    factory = _Recorder()
+    try:
+        connector = connect_eager(reactor, "::1", port.getHost().port, factory)
+        assert factory.protocol_.made.called
+        peer = connector.transport.getPeer()
+        assert isinstance(peer, IPv6Address) and peer.host == "::1"
         await bounded(server.made, reactor)
         server.transport.abortConnection()  # type: ignore[union-attr]
         await bounded(factory.protocol_.lost, reactor)
