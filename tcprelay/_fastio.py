@@ -28,7 +28,7 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionLost, getConnectError
+from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError, getConnectError
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python import log
 from twisted.python.failure import Failure
@@ -61,8 +61,6 @@ class NoDelayServer(tcp.Server):
             return
         self._nodelay = bool(enabled)
         super().setTcpNoDelay(enabled)
-
-
 
 
 def _idle_plain_tcp(transport: Any) -> bool:
@@ -247,7 +245,7 @@ def close_finished(transport: Any) -> None:
     is then closed without Twisted's ``shutdown(SHUT_RDWR)`` first, which
     has nothing left to do.
     """
-    if type(transport) in _PLAIN_TCP:
+    if type(transport) in _PLAIN_TCP and not transport.TLS:
         transport._shouldShutdown = False
     transport.loseConnection()
 
@@ -300,9 +298,13 @@ class EagerClient(tcp.Client):
             host = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
             address = (host,) + tuple(address[1:])
         self.realAddress = address
-        result = skt.connect_ex(address)
-        if result in _CONNECTING:
-            result = skt.connect_ex(address)  # done already? (EISCONN)
+        try:
+            result = skt.connect_ex(address)
+            if result in _CONNECTING:
+                result = skt.connect_ex(address)  # done already? (EISCONN)
+        except (OSError, OverflowError) as e:  # an unusable address
+            reactor.callLater(0, self.failIfNotConnected, ConnectError(string=str(e)))
+            return
         if result in (0, errno.EISCONN):
             self._connected_early = True
         elif result in _CONNECTING:
@@ -329,18 +331,33 @@ class EagerConnector(tcp.Connector):
         return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
     def connect(self) -> None:
-        super().connect()
-        transport = self.transport
-        if isinstance(transport, EagerClient) and transport._connected_early:
-            transport._connected_early = False
-            try:
-                transport._connectDone()  # builds the protocol (cancelling the timeout)
-            except Exception:  # noqa: BLE001 - e.g. a protocol whose connectionMade raised
-                # As the reactor does when doConnect raises: log, close, tell.
-                log.err(None, "cannot set up a connection made at once")
-                transport.stopReading()
-                transport.stopWriting()
-                transport.connectionLost(Failure(ConnectionLost("connection set-up failed")))
+        # The connect timeout is only set up for a connection not made at
+        # once (no DelayedCall to create and cancel per local connection).
+        timeout, self.timeout = self.timeout, None
+        try:
+            super().connect()
+        finally:
+            self.timeout = timeout
+        transport = getattr(self, "transport", None)  # gone if startedConnecting stopped it
+        if self.state != "connecting" or not isinstance(transport, EagerClient):
+            return
+        if not transport._connected_early:
+            if timeout is not None:
+                self.timeoutID = self.reactor.callLater(
+                    timeout, transport.failIfNotConnected, TimeoutError()
+                )
+            return
+        transport._connected_early = False
+        try:
+            transport._connectDone()  # builds the protocol
+        except Exception:  # noqa: BLE001 - e.g. a protocol whose connectionMade raised
+            # As the reactor does when doConnect raises: log it, then close
+            # the connection with that error as the reason.
+            failure = Failure()
+            log.err(failure, "cannot set up a connection made at once")
+            transport.stopReading()
+            transport.stopWriting()
+            transport.connectionLost(failure)
 
 
 def connect_eager(

@@ -64,3 +64,19 @@ def test_connect_falls_back_and_prefers_what_worked() -> None:
     second.buildProtocol(None).makeConnection(StringTransport())
     assert results and isinstance(results[0], Protocol)
     assert endpoint.addresses == [V4, V6]
+
+
+def test_a_link_local_address_keeps_its_scope(monkeypatch: Any) -> None:
+    """getaddrinfo gives an IPv6 scope id apart from the address: it is kept (``fe80::1%2``), or a link-local LOCAL could not be connected."""
+    infos = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fe80::1", 7000, 0, 2)),
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 7000, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 7000)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: infos)
+    endpoint = ResolvedEndpoint(MemoryReactor(), "somewhere", 7000)
+    assert endpoint.addresses == [
+        (socket.AF_INET6, "fe80::1%2"),
+        (socket.AF_INET6, "::1"),
+        (socket.AF_INET, "127.0.0.1"),
+    ]

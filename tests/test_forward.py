@@ -22,7 +22,7 @@ from twisted.internet import interfaces
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
@@ -583,3 +583,59 @@ def test_connect_eager_falls_back_to_connect_tcp_on_other_reactors() -> None:
     factory = ClientFactory()
     connect_eager(memory, "127.0.0.1", 1234, factory, timeout=5)
     assert memory.tcpClients == [("127.0.0.1", 1234, factory, 5, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_reports_an_unusable_address_on_a_later_pass(reactor: Any) -> None:
+    """An address connect() itself rejects (a port out of range) fails like a refusal: clientConnectionFailed on a later pass, nothing raised to the caller."""
+    factory = _Recorder()
+    connect_eager(reactor, "127.0.0.1", 70000, factory)
+    await bounded(factory.failed, reactor)
+    assert factory.reason is not None and factory.reason.check(ConnectError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_sets_no_timeout_for_a_connection_made_at_once(
+    reactor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connect timeout is scheduled only for a connection still under way (no DelayedCall created and cancelled per local connection)."""
+    server = _HalfClose()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    factory = _Recorder()
+    delays: list[float] = []
+    real_call_later = reactor.callLater
+
+    def call_later(delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+        delays.append(delay)
+        return real_call_later(delay, f, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr(reactor, "callLater", call_later)
+        connect_eager(reactor, "127.0.0.1", port.getHost().port, factory, timeout=30)
+        monkeypatch.undo()
+        assert factory.protocol_.made.called
+        assert 30 not in delays
+        await bounded(server.made, reactor)
+        server.transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(factory.protocol_.lost, reactor)
+    finally:
+        monkeypatch.undo()
+        await port.stopListening()
+
+
+def test_connect_eager_copes_with_a_factory_that_stops_it_at_once() -> None:
+    """A factory whose startedConnecting stops the attempt: no error, the connection is not completed."""
+    from twisted.internet import reactor as global_reactor
+
+    class Stopper(_Recorder):
+        def startedConnecting(self, connector: Any) -> None:
+            connector.stopConnecting()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        factory = Stopper()
+        connector = connect_eager(global_reactor, "127.0.0.1", listener.getsockname()[1], factory)
+        assert connector.state == "disconnected"
+        assert not factory.protocol_.made.called
+        assert factory.reason is not None

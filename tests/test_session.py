@@ -1292,3 +1292,12 @@ def test_data_before_a_new_stream_is_delivered_before_it() -> None:
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["DataReceived", "StreamOpened"], events
     assert events[0] == DataReceived(sid, b"ready!")
+
+
+def test_peer_stream_extra_window_not_sent_with_the_peers_last_data() -> None:
+    """DATA with FIN that uses more than half the initial window: the peer sends nothing more, so no deferred grant goes out for it."""
+    server = _big_window_server()
+    frames = _frames(3, payload(INITIAL_WINDOW // 2 + 1))
+    frames[-1] = Data(3, frames[-1].data, fin=True)
+    feed(server, *frames)
+    assert server.data_to_send() == b""

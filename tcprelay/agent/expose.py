@@ -101,7 +101,10 @@ class ResolvedEndpoint:
         self.port = port
         self.addresses: list[tuple[int, str]] = []
         for family, _, _, _, sockaddr in infos:
-            entry = (family, str(sockaddr[0]))
+            host = str(sockaddr[0])
+            if family == socket.AF_INET6 and len(sockaddr) == 4 and sockaddr[3]:
+                host = f"{host}%{sockaddr[3]}"  # keep a link-local address's scope
+            entry = (family, host)
             if entry not in self.addresses:
                 self.addresses.append(entry)
 

@@ -514,7 +514,7 @@ class Session:
             )
             return
         st.recv_window -= n
-        if st.deferred_grant and st.recv_window < INITIAL_WINDOW // 2:
+        if st.deferred_grant and not frame.fin and st.recv_window < INITIAL_WINDOW // 2:
             self._grant(st)
         if st.heartbeat is not _Heartbeat.NONE:
             self._on_heartbeat_data(st, frame)
