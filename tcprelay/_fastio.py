@@ -13,11 +13,16 @@ pending, a closing one) simply gets ``transport.write``.
 :func:`nodelay` turns Nagle's algorithm off on the TCP sockets the relay and
 the agent forward on; :func:`read_size` sets how much one read of a plain
 TCP transport may take; :func:`lose_write_now` and :func:`close_now`
-half-close and close without waiting for a reactor pass.
+half-close and close without waiting for a reactor pass, and
+:func:`close_finished` closes a socket whose both directions are over with
+``close()`` alone.
 
 :class:`EagerPort` (through :func:`listen_eager`) accepts connections and
 hands what the client already sent to the factory before Twisted builds the
-transport, so a relay can forward it first.
+transport, so a relay can forward it first.  :func:`connect_eager` is the
+client side's counterpart: ``connectTCP`` whose ``connect()`` call is made
+at once, and whose protocol is connected before it returns when the kernel
+has already completed the connection (loopback).
 """
 
 from __future__ import annotations
@@ -292,7 +297,8 @@ class EagerClient(tcp.Client):
         if whenDone is None or self._requiresResolution:
             super()._finishInit(whenDone, skt, error, reactor)
             return
-        self._commonConnection.__init__(self, skt, None, reactor)
+        # No protocol yet, as in Twisted's own _finishInit.
+        self._commonConnection.__init__(self, skt, None, reactor)  # type: ignore[arg-type]
         address = self.addr
         if len(address) == 4:  # IPv6 with a scope id, as _setRealAddress does
             host = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
@@ -309,7 +315,7 @@ class EagerClient(tcp.Client):
             self._connected_early = True
         elif result in _CONNECTING:
             # Under way: wait for writability like Client.doConnect.
-            self.doRead = self.doWrite = self.doConnect
+            self.doRead = self.doWrite = self.doConnect  # type: ignore[method-assign]
             self.startReading()
             self.startWriting()
         else:
@@ -333,7 +339,7 @@ class EagerConnector(tcp.Connector):
     def connect(self) -> None:
         # The connect timeout is only set up for a connection not made at
         # once (no DelayedCall to create and cancel per local connection).
-        timeout, self.timeout = self.timeout, None
+        timeout, self.timeout = self.timeout, None  # type: ignore[assignment]
         try:
             super().connect()
         finally:
