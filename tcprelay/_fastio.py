@@ -365,6 +365,13 @@ class EagerConnector(tcp.Connector):
             transport.stopWriting()
             transport.connectionLost(failure)
 
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.state == "disconnected":
+            # As after a failed attempt: no connector <-> transport cycle
+            # left behind by every finished connection.
+            self.transport = None
+
 
 def connect_eager(
     reactor: Any, host: str, port: int, factory: Any, timeout: float = 30

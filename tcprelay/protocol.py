@@ -298,8 +298,9 @@ class MuxStream:
         self._producer = None
         if producer is not None:
             producer.stopProducing()
-        if self.protocol is not None:
-            self.protocol.connectionLost(reason)
+        protocol, self.protocol = self.protocol, None  # no stream <-> protocol cycle left
+        if protocol is not None:
+            protocol.connectionLost(reason)
 
 
 READ_SIZE_PER_STREAM = 65536

@@ -80,3 +80,30 @@ def test_a_link_local_address_keeps_its_scope(monkeypatch: Any) -> None:
         (socket.AF_INET6, "::1"),
         (socket.AF_INET, "127.0.0.1"),
     ]
+
+
+def test_connect_protocol_leaves_no_reference_cycle() -> None:
+    """The per-visitor connect objects (the attempts, the one-shot factory) form no reference cycle with the protocol: reference counting frees them, with the cyclic collector off."""
+    import gc
+    import weakref
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        reactor, endpoint = _endpoint()
+        protocol = Protocol()
+        failures: list[Failure] = []
+        endpoint.connect_protocol(protocol, failures.append)
+        factory = reactor.tcpClients[0][2]
+        assert factory.buildProtocol(None) is protocol
+        assert factory.protocol_instance is None  # handed over, not kept
+        assert protocol.factory is None  # not told its factory
+        assert endpoint.addresses == [V6, V4]
+        refs = [weakref.ref(factory), weakref.ref(factory.worked.__self__)]
+        # a real reactor forgets a finished connector; this one keeps a list
+        reactor.tcpClients.clear()
+        del factory
+        assert [r() for r in refs] == [None, None]
+    finally:
+        if enabled:
+            gc.enable()

@@ -22,7 +22,7 @@ from twisted.internet import interfaces
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
@@ -639,3 +639,47 @@ def test_connect_eager_copes_with_a_factory_that_stops_it_at_once() -> None:
         assert connector.state == "disconnected"
         assert not factory.protocol_.made.called
         assert factory.reason is not None
+
+
+def test_a_finished_splice_is_freed_without_the_cyclic_collector() -> None:
+    """Once both ends are gone the splice, its sides and their transports hold no reference cycle: reference counting frees them at once (left to the cyclic collector, thousands of them made for a full collection that stopped the reactor ~100 ms)."""
+    import gc
+    import weakref
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        splice = Splice(on_done=lambda s: None)
+        ta, tb = StringTransport(), StringTransport()
+        splice.a.makeConnection(ta)
+        splice.b.makeConnection(tb)
+        splice.a.dataReceived(b"to b")
+        splice.b.dataReceived(b"to a")
+        refs = [weakref.ref(o) for o in (splice, splice.a, splice.b)]
+        splice.a.connectionLost(Failure(ConnectionDone()))
+        splice.b.connectionLost(Failure(ConnectionDone()))
+        assert tb.value() == b"to b" and ta.value() == b"to a"
+        del splice
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_eager_connector_forgets_its_finished_transport() -> None:
+    """After the connection is lost (and not reconnected) the connector drops its transport, as Twisted's does after a failed attempt: no connector <-> transport cycle per finished connection."""
+    from twisted.internet import reactor as global_reactor
+
+    class Done(ClientFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            return Protocol()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        connector = connect_eager(global_reactor, "127.0.0.1", listener.getsockname()[1], Done())
+        transport = connector.transport
+        assert transport is not None and transport.connected
+        transport.connectionLost(Failure(ConnectionDone()))
+        assert connector.state == "disconnected"
+        assert connector.transport is None

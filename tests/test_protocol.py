@@ -644,6 +644,7 @@ def test_lose_connection_is_a_clean_close() -> None:
     assert client_proto.lost_reason is not None
     assert client_proto.lost_reason.check(error.ConnectionDone)
     assert stream.disconnected
+    assert stream.protocol is None  # no stream <-> protocol cycle left
     stream.write(b"ignored")
     assert pair.ct.value() == b""
 
@@ -668,6 +669,7 @@ def test_peer_rst_ends_protocol_with_stream_reset_error() -> None:
     assert "INTERNAL_ERROR" in str(exc)
     assert producer.stopped
     assert mux.streams == {}
+    assert stream.protocol is None
 
 
 def test_abort_connection_sends_rst_cancel() -> None:

@@ -124,25 +124,7 @@ class ResolvedEndpoint:
         (:func:`~tcprelay._fastio.connect_eager`): to a local service the
         protocol is usually connected before this returns.
         """
-        order = list(self.addresses)
-
-        def attempt(index: int) -> None:
-            _, address = order[index]
-
-            def next_or_fail(reason: Failure) -> None:
-                if index + 1 < len(order) and reason.check(ConnectError):
-                    attempt(index + 1)
-                else:
-                    failed(reason)
-
-            connect_eager(
-                self.reactor,
-                address,
-                self.port,
-                _OneShot(protocol, lambda: self._prefer(order[index]), next_or_fail),
-            )
-
-        attempt(0)
+        _Attempts(self, protocol, failed).next()
 
     def connect(self, factory: interfaces.IProtocolFactory) -> Deferred[Any]:
         """Connect to the preferred address, falling back to the others."""
@@ -167,6 +149,44 @@ class ResolvedEndpoint:
         return attempt(0)
 
 
+class _Attempts:
+    """
+    One ``connect_protocol``: the endpoint's addresses tried in turn.  (A
+    class rather than closures calling each other: those would be a
+    reference cycle per visitor, left for the cyclic garbage collector.)
+    """
+
+    def __init__(
+        self, endpoint: ResolvedEndpoint, protocol: Protocol, failed: Callable[[Failure], None]
+    ) -> None:
+        self.endpoint = endpoint
+        self.order = list(endpoint.addresses)
+        self.index = -1
+        self.protocol: Optional[Protocol] = protocol
+        self.failed = failed
+
+    def next(self) -> None:
+        self.index += 1
+        _, address = self.order[self.index]
+        assert self.protocol is not None
+        connect_eager(
+            self.endpoint.reactor,
+            address,
+            self.endpoint.port,
+            _OneShot(self.protocol, self.worked, self.one_failed),
+        )
+
+    def worked(self) -> None:
+        self.protocol = None
+        self.endpoint._prefer(self.order[self.index])
+
+    def one_failed(self, reason: Failure) -> None:
+        if self.index + 1 < len(self.order) and reason.check(ConnectError):
+            self.next()
+        else:
+            self.failed(reason)
+
+
 class _OneShot(ClientFactory):
     """A client factory for exactly one protocol instance."""
 
@@ -175,14 +195,16 @@ class _OneShot(ClientFactory):
     def __init__(
         self, protocol: Protocol, worked: Callable[[], None], failed: Callable[[Failure], None]
     ) -> None:
-        self.protocol_instance = protocol
+        self.protocol_instance: Optional[Protocol] = protocol
         self.worked = worked
         self.failed = failed
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         self.worked()
-        self.protocol_instance.factory = self
-        return self.protocol_instance
+        # Handed over, not kept, and not told its factory (nothing needs
+        # it): no reference cycle through this factory once it is done.
+        protocol, self.protocol_instance = self.protocol_instance, None
+        return protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.failed(reason)
