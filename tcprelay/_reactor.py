@@ -35,13 +35,21 @@ default reactor) and leaves any other reactor untouched.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from typing import Any, Callable, Optional
 
 from twisted.python import log
 
-__all__ = ["DEFAULT_BUSY_POLL", "MAX_BUSY_POLL", "IdleGauge", "tune_reactor", "usable_cpus"]
+__all__ = [
+    "DEFAULT_BUSY_POLL",
+    "MAX_BUSY_POLL",
+    "IdleGauge",
+    "freeze_heap",
+    "tune_reactor",
+    "usable_cpus",
+]
 
 DEFAULT_BUSY_POLL = 250e-6
 """
@@ -259,3 +267,18 @@ def _log_prefix(selectable: Any) -> str:
         return str(selectable.logPrefix())
     except Exception:  # noqa: BLE001 - a broken logPrefix must not hide the error
         return "(buggy logPrefix method)"
+
+
+def freeze_heap() -> None:
+    """
+    Collect the garbage of start-up, then move every object alive (the
+    modules, classes and functions a started daemon holds for good) out of
+    the cyclic garbage collector's reach (``gc.freeze``).  A full
+    collection walks every object it tracks and the reactor waits meanwhile:
+    the 55,000 objects of a started relay took 35-40 ms per pass on a 2-CPU
+    VM, for nothing.  Afterwards a pass walks only what was created since.
+    For the daemons (``twistd tcprelay``, ``tcprelay expose``) once they
+    have started; not for a process that embeds the relay.
+    """
+    gc.collect()
+    gc.freeze()

@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tcprelay.relay.server import raise_open_files_limit
 
     raise_open_files_limit(Logger("tcprelay.cli"))
-    from tcprelay._reactor import tune_reactor
+    from tcprelay._reactor import freeze_heap, tune_reactor
 
     tune_reactor(reactor, options.subOptions["busy-poll"])
     code: list[int] = [0]
@@ -250,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.callWhenRunning(calm_repeated_signals, reactor)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(freeze_heap)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return code[0]
 

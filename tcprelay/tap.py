@@ -390,5 +390,11 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
             log_observer = json_lines_observer()
     notifier = SystemdNotifier(reactor, control)
     return RelayService(
-        relay, control, metrics, notifier, log_observer, busy_poll=options["busy-poll"]
+        relay,
+        control,
+        metrics,
+        notifier,
+        log_observer,
+        busy_poll=options["busy-poll"],
+        freeze=True,
     )

@@ -17,6 +17,7 @@ from twisted.logger import LogLevel
 from twisted.python import usage
 
 from tcprelay import tap
+from tcprelay._reactor import freeze_heap
 from tcprelay.relay.pool import PortPool
 from tcprelay.relay.server import Relay
 
@@ -146,6 +147,9 @@ def test_make_service_children_and_no_listening_until_started() -> None:
 
     service.startService()
     try:
+        # the daemon freezes its start-up heap once the reactor runs
+        assert service.freeze
+        assert (freeze_heap, (), {}) in reactor.whenRunningHooks
         assert len(reactor.tcpServers) == 1
         port, factory, _backlog, interface = reactor.tcpServers[0]
         assert (port, interface) == (9000, "127.0.0.1")

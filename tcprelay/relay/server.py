@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
 from tcprelay._fastio import listen_eager
-from tcprelay._reactor import DEFAULT_BUSY_POLL, tune_reactor
+from tcprelay._reactor import DEFAULT_BUSY_POLL, freeze_heap, tune_reactor
 from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
@@ -830,11 +830,15 @@ class RelayService(MultiService):
         notifier: Optional[Service] = None,
         log_observer: Optional[object] = None,
         busy_poll: float = DEFAULT_BUSY_POLL,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         self.relay = relay
         self.busy_poll = busy_poll
         """Seconds to keep polling after activity (see tcprelay._reactor)."""
+        self.freeze = freeze
+        """Once running, freeze the start-up heap (:func:`tcprelay._reactor.freeze_heap`):
+        for the daemon, which owns its process."""
         self.log_observer = log_observer
         relay.pool.setServiceParent(self)
         relay.setServiceParent(self)
@@ -883,6 +887,8 @@ class RelayService(MultiService):
         call_when_running = getattr(self.relay.reactor, "callWhenRunning", None)
         if call_when_running is not None:
             call_when_running(self._calm_repeated_signals)
+            if self.freeze:
+                call_when_running(freeze_heap)
 
     def _calm_repeated_signals(self) -> None:
         """A second SIGTERM/SIGINT while draining is ignored."""
