@@ -248,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tcprelay._signals import calm_repeated_signals
 
+    # first, before the relay connection's objects exist
+    reactor.callWhenRunning(freeze_heap)  # type: ignore[attr-defined]
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.callWhenRunning(calm_repeated_signals, reactor)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(freeze_heap)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return code[0]
 

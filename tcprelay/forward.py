@@ -103,9 +103,11 @@ class Splice:
     def _side_done(self) -> None:
         if self.a.lost and self.b.lost:
             on_done, self.on_done = self.on_done, None
-            if on_done is not None:
-                on_done(self)
-            self._unlink()
+            try:
+                if on_done is not None:
+                    on_done(self)
+            finally:
+                self._unlink()
 
     def _unlink(self) -> None:
         """
@@ -120,6 +122,7 @@ class Splice:
             side.peer = None  # type: ignore[assignment]
             side.transport = None
             side.splice = None  # type: ignore[assignment]
+            side.factory = None  # (a factory building it may hold the splice)
         self.preamble = self.connected = None
 
 

@@ -353,8 +353,12 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     """
     Build the relay from parsed :class:`Options`: a MultiService with the
     named children ``control``, ``pool`` and ``public``.  Nothing listens
-    until the service starts.
+    until the service starts.  Without ``reactor`` (as twistd calls it: the
+    daemon owns its process) the service freezes its start-up heap once
+    running (:func:`tcprelay._reactor.freeze_heap`); given one (a process
+    embedding the relay, tests), it does not.
     """
+    freeze = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -396,5 +400,5 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         notifier,
         log_observer,
         busy_poll=options["busy-poll"],
-        freeze=True,
+        freeze=freeze,
     )

@@ -107,3 +107,45 @@ def test_connect_protocol_leaves_no_reference_cycle() -> None:
     finally:
         if enabled:
             gc.enable()
+
+
+def test_a_visitor_whose_local_connection_fails_is_reset_and_finished() -> None:
+    """When no LOCAL address works: the warning is logged, the visitor's stream is reset, and the splice finishes like any other (on_splice_done, nothing left active, its objects freed without the cyclic collector)."""
+    import gc
+    import weakref
+
+    from twisted.internet.task import Clock
+
+    from tcprelay.agent.expose import LocalForwarder
+    from tcprelay.mux import frames as f
+    from tcprelay.mux.frames import ErrorCode, Rst
+    from tests.mux_helpers import decode_all
+    from tcprelay.mux.session import Role, SessionConfig
+    from tcprelay.protocol import MuxProtocol
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        reactor, endpoint = _endpoint()
+        done: list[Any] = []
+        forwarder = LocalForwarder(endpoint, on_splice_done=done.append)
+        mux = MuxProtocol(
+            Role.SERVER, Clock(), SessionConfig(heartbeat=False), acceptor=lambda s: forwarder(s, None)
+        )
+        wire = StringTransport()
+        mux.makeConnection(wire)
+        mux.dataReceived(f.encode_syn(3) + f.encode_data_header(3, 2, False) + b"hi")
+        assert len(forwarder.active) == 1
+        splice_ref = weakref.ref(next(iter(forwarder.active)))
+        wire.clear()
+        for index in range(2):  # both addresses refused
+            reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        assert Rst(3, ErrorCode.CANCEL) in decode_all(wire.value())
+        assert forwarder.active == set()
+        assert len(done) == 1 and done[0] is splice_ref()
+        done.clear()
+        reactor.tcpClients.clear()  # as a real reactor forgets finished connectors
+        assert splice_ref() is None
+    finally:
+        if enabled:
+            gc.enable()

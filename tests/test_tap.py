@@ -147,9 +147,9 @@ def test_make_service_children_and_no_listening_until_started() -> None:
 
     service.startService()
     try:
-        # the daemon freezes its start-up heap once the reactor runs
-        assert service.freeze
-        assert (freeze_heap, (), {}) in reactor.whenRunningHooks
+        # given a reactor (embedded, tests): no freezing of the process's heap
+        assert not service.freeze
+        assert (freeze_heap, (), {}) not in reactor.whenRunningHooks
         assert len(reactor.tcpServers) == 1
         port, factory, _backlog, interface = reactor.tcpServers[0]
         assert (port, interface) == (9000, "127.0.0.1")
@@ -301,3 +301,16 @@ def test_expose_busy_poll_option(argv: list[str], seconds: float, tmp_path) -> N
     with pytest.raises(usage.UsageError, match="--busy-poll"):
         CliOptions().parseOptions(["expose", "3000", "--relay", "127.0.0.1:9",
                                    "--busy-poll", "-5"])
+
+
+def test_the_daemon_freezes_its_start_up_heap_once_running() -> None:
+    """As twistd calls it (no reactor given), makeService's service is the daemon's and freezes; a freezing service registers freeze_heap for when the reactor runs."""
+    assert tap.makeService(parse("--control", "9000")).freeze
+    reactor = MemoryReactorClock()
+    service = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"), reactor)
+    service.freeze = True
+    service.startService()
+    try:
+        assert (freeze_heap, (), {}) in reactor.whenRunningHooks
+    finally:
+        service.stopService()

@@ -252,8 +252,9 @@ class LocalForwarder:
                 "cannot connect to the local service: {error}",
                 error=failure.getErrorMessage(),
             )
-            self.active.discard(splice)
-            stream.abortConnection()
+            # The local side ends like a lost connection: the visitor's
+            # stream is reset and the splice finishes (and is unlinked).
+            splice.a.connectionLost(failure)
 
         local = self.local
         if isinstance(local, ResolvedEndpoint):
