@@ -110,6 +110,9 @@ class MuxStream:
         self._streaming = True
         self._producer_paused = False
         self._pull_scheduled = False
+        self.hold_fin = False
+        """This stream's FIN may wait up to the session's ``fin_hold`` for
+        other frames (the relay's visitor streams)."""
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} type={self.stream_type}>"
@@ -154,14 +157,20 @@ class MuxStream:
             return
         self.disconnecting = True
         self.mux.session.close_stream(self.stream_id)
-        self.mux.flush()
+        self._flush_fin()
 
     def loseWriteConnection(self) -> None:
         """Half-close: FIN after queued data; keep reading."""
         if self.disconnected:
             return
         self.mux.session.end_stream(self.stream_id)
-        self.mux.flush()
+        self._flush_fin()
+
+    def _flush_fin(self) -> None:
+        if self.hold_fin:
+            self.mux.flush_fin()
+        else:
+            self.mux.flush()
 
     def abortConnection(self) -> None:
         """Reset the stream (RST CANCEL) at once."""
@@ -332,6 +341,16 @@ class MuxProtocol(Protocol):
 
     log = Logger()
 
+    fin_hold = 0.0
+    """
+    Seconds the FIN of a stream marked ``hold_fin`` (``loseWriteConnection``,
+    ``loseConnection``) may wait for other frames to leave with it; 0 sends
+    it at once.  Any other write on the session sends it sooner.  The relay
+    sets it for its visitor streams: a visitor's FIN sent on its own wakes
+    the service just as the next visitor's SYN may be on its way (see
+    :data:`tcprelay.relay.server.FIN_HOLD`).
+    """
+
     def __init__(
         self,
         role: Role,
@@ -354,6 +373,7 @@ class MuxProtocol(Protocol):
         self._backlog: list[ev.Event] = []
         self._timer: Optional[IDelayedCall] = None
         self._abort_timer: Optional[IDelayedCall] = None
+        self._held_flush: Optional[IDelayedCall] = None
         self._connected = False
 
     # -- Protocol ----------------------------------------------------------
@@ -389,10 +409,10 @@ class MuxProtocol(Protocol):
         self._connected = False
         self.session.connection_lost(reason.getErrorMessage())
         self.flush()
-        for call in (self._timer, self._abort_timer):
+        for call in (self._timer, self._abort_timer, self._held_flush):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._abort_timer = None
+        self._timer = self._abort_timer = self._held_flush = None
         if not self.ended.called:
             end = self.end_event or self.session.end_reason
             assert end is not None
@@ -469,6 +489,17 @@ class MuxProtocol(Protocol):
         """Called when the peer sends GOAWAY."""
 
     # -- internals -------------------------------------------------------------
+
+    def flush_fin(self) -> None:
+        """A FIN was just queued: flush now, or within :attr:`fin_hold`."""
+        if self.fin_hold <= 0 or not self._connected:
+            self.flush()
+        elif self._held_flush is None:
+            self._held_flush = self.clock.callLater(self.fin_hold, self._flush_held)
+
+    def _flush_held(self) -> None:
+        self._held_flush = None
+        self.flush()
 
     def flush(self, events: Optional[list[ev.Event]] = None) -> None:
         """

@@ -1168,3 +1168,38 @@ async def test_loopback_read_size_grows_with_open_streams(reactor) -> None:
         assert bytes(acceptor.protocols[6].received) == b"y"
     finally:
         await _teardown(reactor, port, factory, client)
+
+
+def test_held_fin_waits_for_company_or_fin_hold() -> None:
+    """A stream marked hold_fin: its FIN waits up to the session's fin_hold, leaves sooner with any other write (in the same write, first), and a session that ends cancels the wait; other streams' FINs go at once."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
+    mux.fin_hold = 0.001
+    held = mux.open_stream(Recorder())
+    held.hold_fin = True
+    plain = mux.open_stream(Recorder())
+    take_frames(tr)
+
+    held.loseWriteConnection()
+    assert tr.value() == b""
+    clock.advance(0.001)
+    assert take_frames(tr) == [Data(held.stream_id, b"", fin=True)]
+
+    again = mux.open_stream(Recorder())
+    again.hold_fin = True
+    take_frames(tr)
+    again.loseConnection()
+    assert tr.value() == b""
+    plain.write(b"x")  # any other write takes the FIN along, first
+    assert take_frames(tr) == [Data(again.stream_id, b"", fin=True), Data(plain.stream_id, b"x")]
+    clock.advance(0.001)  # the timer finds nothing left
+    assert tr.value() == b""
+
+    plain.loseWriteConnection()  # not marked: at once
+    assert take_frames(tr) == [Data(plain.stream_id, b"", fin=True)]
+
+    last = mux.open_stream(Recorder())
+    last.hold_fin = True
+    last.loseWriteConnection()
+    mux.connectionLost(Failure(error.ConnectionDone()))
+    assert clock.getDelayedCalls() == []

@@ -32,6 +32,7 @@ from tests.relay_helpers import (
     EchoProtocol,
     InProcessRelay,
     LegacyService,
+    Peer,
     bounded,
     connect_visitor,
     echo_once,
@@ -823,3 +824,37 @@ async def test_visitor_socket_has_nagle_off(reactor: Any, env: Cleanup) -> None:
     service, _, _ = await env.echoed(relay)
     side = only_splice(relay, service.port).a
     assert side.transport.getTcpNoDelay()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_visitors_fin_waits_for_the_next_frames(
+    reactor: Any, env: Cleanup, monkeypatch: Any
+) -> None:
+    """A visitor's FIN may wait (up to FIN_HOLD; 30 s here): the next visitor's SYN and bytes take it along, in one write to the service, FIN first."""
+    from tcprelay.mux.frames import Data, FrameDecoder, Syn
+    from tcprelay.relay import server
+
+    assert server.RelaySession.fin_hold == server.FIN_HOLD > 0
+    monkeypatch.setattr(server.RelaySession, "fin_hold", 30.0)
+    relay = env.relay()
+    service = await env.service(relay, Peer)  # a quiet service: nothing flushes the session
+    writes = _record_session_writes(monkeypatch, relay, service.port)
+    first = await env.visitor(service.port)
+    await first.send(b"one", fin=True)
+    one = await service.stream(0)
+    await bounded(one.wait_received(3), reactor, 2.0)
+    first_id = one.transport.stream_id  # type: ignore[union-attr]
+    assert not any(
+        isinstance(f, Data) and f.fin for w in writes for f in FrameDecoder().feed(w)
+    ), "the FIN went on its own"
+    second = await env.visitor(service.port)
+    await second.send(b"two")
+    two = await service.stream(1)
+    await bounded(two.wait_received(3), reactor, 2.0)
+    [write] = [w for w in writes if any(isinstance(f, Syn) for f in FrameDecoder().feed(w))
+               and any(isinstance(f, Data) and f.fin for f in FrameDecoder().feed(w))]
+    frames = FrameDecoder().feed(write)
+    fin_at = next(i for i, f in enumerate(frames) if isinstance(f, Data) and f.fin)
+    syn_at = next(i for i, f in enumerate(frames) if isinstance(f, Syn))
+    assert frames[fin_at].stream_id == first_id and fin_at < syn_at
+    assert frames[syn_at].stream_id == two.transport.stream_id  # type: ignore[union-attr]

@@ -56,10 +56,21 @@ SYN_HOLD = 0.001
 """Seconds a visitor's SYN may wait for the visitor's first bytes when it
 had sent none by the time it was accepted (see Registration.visitor_connected)."""
 
+FIN_HOLD = 0.0002
+"""Seconds a visitor's FIN (its half-close or close) may wait on the
+service's session for other frames to leave with it.  A client that closes
+one connection and opens the next (sequential requests, health checks)
+otherwise has the FIN wake the service on its own just as the next SYN
+follows it: sequential connect + 1-byte echo, p50 323 against 387 us
+(lower in ten of ten alternating rounds), and less relay CPU.  A service
+that waits for a visitor's end-of-file before answering answers at most
+this much later."""
+
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
 """Upper bounds (seconds) of the handshake-duration histogram."""
 
 __all__ = [
+    "FIN_HOLD",
     "HANDSHAKE_BUCKETS",
     "RelayConfig",
     "Relay",
@@ -158,6 +169,7 @@ class Registration:
                 stream = session.open_stream(None, stream_type, flush=False)
             except SessionClosedError:
                 return None
+            stream.hold_fin = True
             if first:
                 stream.write(first)  # SYN, window and bytes: one write
                 if stream.disconnected:
@@ -189,7 +201,7 @@ class Registration:
             try:
                 # The SYN waits for the header, which needs the visitor's
                 # transport; ``first`` follows them.
-                session.open_stream(splice.b, stream_type, flush=False)
+                session.open_stream(splice.b, stream_type, flush=False).hold_fin = True
             except SessionClosedError:
                 return None
 
@@ -498,6 +510,8 @@ class ExtendedHandshake(_Handshake):
 
 class RelaySession(MuxProtocol):
     """One service's control connection (server role)."""
+
+    fin_hold = FIN_HOLD
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
