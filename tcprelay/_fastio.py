@@ -245,12 +245,11 @@ def listen_eager(
 
 def close_finished(transport: Any) -> None:
     """
-    ``transport.loseConnection()`` for a connection whose both directions
-    are over (our FIN sent, the peer's end-of-file read): a plain TCP socket
-    is then closed without Twisted's ``shutdown(SHUT_RDWR)`` first, which
-    has nothing left to do.
+    ``transport.loseConnection()``; a plain TCP socket done with writing (its
+    FIN sent, or left to ``close()``) is then closed without Twisted's
+    ``shutdown(SHUT_RDWR)`` first, which has nothing left to do.
     """
-    if type(transport) in _PLAIN_TCP and not transport.TLS:
+    if type(transport) in _PLAIN_TCP and not transport.TLS and transport._writeDisconnected:
         transport._shouldShutdown = False
     transport.loseConnection()
 
@@ -266,9 +265,8 @@ def close_now(transport: Any) -> bool:
     """
     if not _idle_plain_tcp(transport) or transport.producer is not None:
         return False
-    transport._writeDisconnected = True  # nothing more will be written
-    transport._shouldShutdown = False  # close() alone sends the FIN
-    transport.loseConnection()  # with _writeDisconnected: connectionLost now
+    transport._writeDisconnected = True  # nothing more will be written: close() sends the FIN
+    close_finished(transport)  # with _writeDisconnected: connectionLost now
     return True
 
 

@@ -30,7 +30,9 @@ stock poll step sit on that path:
   the pass are still handled.
 
 :func:`tune_reactor` installs this step on an ``EPollReactor`` (Linux's
-default reactor) and leaves any other reactor untouched.
+default reactor) and leaves any other reactor untouched.  :func:`freeze_heap`
+takes a started daemon's start-up objects out of the cyclic garbage
+collector's passes, which stop the reactor while they run.
 """
 
 from __future__ import annotations

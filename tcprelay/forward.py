@@ -218,12 +218,7 @@ class _Side(Protocol):
             if reason.check(error.ConnectionDone):
                 # Clean end: let the peer finish sending what it has.
                 _producer_done(peer.transport)
-                if peer.read_done and peer.write_done:
-                    # (the peer is in its readConnectionLost: this side's
-                    # end came out of the FIN it just forwarded)
-                    close_finished(peer.transport)
-                else:
-                    peer.transport.loseConnection()
+                close_finished(peer.transport)
             else:
                 peer.transport.abortConnection()
         splice._side_done()

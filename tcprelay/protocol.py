@@ -110,9 +110,12 @@ class MuxStream:
         self._streaming = True
         self._producer_paused = False
         self._pull_scheduled = False
-        self.hold_fin = False
-        """This stream's FIN may wait up to the session's ``fin_hold`` for
-        other frames (the relay's visitor streams)."""
+        self.fin_hold = 0.0
+        """Seconds this stream's FIN (``loseWriteConnection``,
+        ``loseConnection``) may wait for other frames to leave with it on
+        the session; 0 sends it at once (see :meth:`MuxProtocol.flush_within`).
+        The relay sets it on visitor streams
+        (:data:`tcprelay.relay.server.FIN_HOLD`)."""
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} type={self.stream_type}>"
@@ -157,20 +160,14 @@ class MuxStream:
             return
         self.disconnecting = True
         self.mux.session.close_stream(self.stream_id)
-        self._flush_fin()
+        self.mux.flush_within(self.fin_hold)
 
     def loseWriteConnection(self) -> None:
         """Half-close: FIN after queued data; keep reading."""
         if self.disconnected:
             return
         self.mux.session.end_stream(self.stream_id)
-        self._flush_fin()
-
-    def _flush_fin(self) -> None:
-        if self.hold_fin:
-            self.mux.flush_fin()
-        else:
-            self.mux.flush()
+        self.mux.flush_within(self.fin_hold)
 
     def abortConnection(self) -> None:
         """Reset the stream (RST CANCEL) at once."""
@@ -341,16 +338,6 @@ class MuxProtocol(Protocol):
 
     log = Logger()
 
-    fin_hold = 0.0
-    """
-    Seconds the FIN of a stream marked ``hold_fin`` (``loseWriteConnection``,
-    ``loseConnection``) may wait for other frames to leave with it; 0 sends
-    it at once.  Any other write on the session sends it sooner.  The relay
-    sets it for its visitor streams: a visitor's FIN sent on its own wakes
-    the service just as the next visitor's SYN may be on its way (see
-    :data:`tcprelay.relay.server.FIN_HOLD`).
-    """
-
     def __init__(
         self,
         role: Role,
@@ -490,12 +477,21 @@ class MuxProtocol(Protocol):
 
     # -- internals -------------------------------------------------------------
 
-    def flush_fin(self) -> None:
-        """A FIN was just queued: flush now, or within :attr:`fin_hold`."""
-        if self.fin_hold <= 0 or not self._connected:
+    def flush_within(self, delay: float) -> None:
+        """
+        Flush at most ``delay`` seconds from now (at once for 0): what is
+        queued may wait for other frames to leave in the same write, and
+        any flush before then sends it.  A silent visitor's SYN and a
+        visitor's FIN wait this way on the relay.
+        """
+        if delay <= 0 or not self._connected:
             self.flush()
-        elif self._held_flush is None:
-            self._held_flush = self.clock.callLater(self.fin_hold, self._flush_held)
+            return
+        held = self._held_flush
+        if held is None:
+            self._held_flush = self.clock.callLater(delay, self._flush_held)
+        elif held.getTime() > self.clock.seconds() + delay:
+            held.reset(delay)
 
     def _flush_held(self) -> None:
         self._held_flush = None

@@ -82,36 +82,28 @@ def test_a_link_local_address_keeps_its_scope(monkeypatch: Any) -> None:
     ]
 
 
-def test_connect_protocol_leaves_no_reference_cycle() -> None:
-    """The per-visitor connect objects (the attempts, the one-shot factory) form no reference cycle with the protocol: reference counting frees them, with the cyclic collector off."""
-    import gc
+def test_connect_protocol_leaves_no_reference_cycle(no_cyclic_gc: None) -> None:
+    """The per-visitor connect attempts form no reference cycle with the protocol: the factory hands the protocol over (keeping no reference, setting no ``factory`` on it) and reference counting frees it."""
     import weakref
 
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        reactor, endpoint = _endpoint()
-        protocol = Protocol()
-        failures: list[Failure] = []
-        endpoint.connect_protocol(protocol, failures.append)
-        factory = reactor.tcpClients[0][2]
-        assert factory.buildProtocol(None) is protocol
-        assert factory.protocol_instance is None  # handed over, not kept
-        assert protocol.factory is None  # not told its factory
-        assert endpoint.addresses == [V6, V4]
-        refs = [weakref.ref(factory), weakref.ref(factory.worked.__self__)]
-        # a real reactor forgets a finished connector; this one keeps a list
-        reactor.tcpClients.clear()
-        del factory
-        assert [r() for r in refs] == [None, None]
-    finally:
-        if enabled:
-            gc.enable()
+    reactor, endpoint = _endpoint()
+    protocol = Protocol()
+    failures: list[Failure] = []
+    endpoint.connect_protocol(protocol, failures.append)
+    factory = reactor.tcpClients[0][2]
+    assert factory.buildProtocol(None) is protocol
+    assert factory.instance is None  # handed over, not kept
+    assert protocol.factory is None  # not told its factory
+    assert endpoint.addresses == [V6, V4]
+    ref = weakref.ref(factory)
+    # a real reactor forgets a finished connector; this one keeps a list
+    reactor.tcpClients.clear()
+    del factory
+    assert ref() is None
 
 
-def test_a_visitor_whose_local_connection_fails_is_reset_and_finished() -> None:
-    """When no LOCAL address works: the warning is logged, the visitor's stream is reset, and the splice finishes like any other (on_splice_done, nothing left active, its objects freed without the cyclic collector)."""
-    import gc
+def test_a_visitor_whose_local_connection_fails_is_reset_and_finished(no_cyclic_gc: None) -> None:
+    """When no LOCAL address works: the visitor's stream is reset, and the splice finishes like any other (on_splice_done, nothing left active, its objects freed without the cyclic collector)."""
     import weakref
 
     from twisted.internet.task import Clock
@@ -119,33 +111,27 @@ def test_a_visitor_whose_local_connection_fails_is_reset_and_finished() -> None:
     from tcprelay.agent.expose import LocalForwarder
     from tcprelay.mux import frames as f
     from tcprelay.mux.frames import ErrorCode, Rst
-    from tests.mux_helpers import decode_all
     from tcprelay.mux.session import Role, SessionConfig
     from tcprelay.protocol import MuxProtocol
+    from tests.mux_helpers import decode_all
 
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        reactor, endpoint = _endpoint()
-        done: list[Any] = []
-        forwarder = LocalForwarder(endpoint, on_splice_done=done.append)
-        mux = MuxProtocol(
-            Role.SERVER, Clock(), SessionConfig(heartbeat=False), acceptor=lambda s: forwarder(s, None)
-        )
-        wire = StringTransport()
-        mux.makeConnection(wire)
-        mux.dataReceived(f.encode_syn(3) + f.encode_data_header(3, 2, False) + b"hi")
-        assert len(forwarder.active) == 1
-        splice_ref = weakref.ref(next(iter(forwarder.active)))
-        wire.clear()
-        for index in range(2):  # both addresses refused
-            reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
-        assert Rst(3, ErrorCode.CANCEL) in decode_all(wire.value())
-        assert forwarder.active == set()
-        assert len(done) == 1 and done[0] is splice_ref()
-        done.clear()
-        reactor.tcpClients.clear()  # as a real reactor forgets finished connectors
-        assert splice_ref() is None
-    finally:
-        if enabled:
-            gc.enable()
+    reactor, endpoint = _endpoint()
+    done: list[Any] = []
+    forwarder = LocalForwarder(endpoint, on_splice_done=done.append)
+    mux = MuxProtocol(
+        Role.SERVER, Clock(), SessionConfig(heartbeat=False), acceptor=lambda s: forwarder(s, None)
+    )
+    wire = StringTransport()
+    mux.makeConnection(wire)
+    mux.dataReceived(f.encode_syn(3) + f.encode_data_header(3, 2, False) + b"hi")
+    assert len(forwarder.active) == 1
+    splice_ref = weakref.ref(next(iter(forwarder.active)))
+    wire.clear()
+    for index in range(2):  # both addresses refused
+        reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert Rst(3, ErrorCode.CANCEL) in decode_all(wire.value())
+    assert forwarder.active == set()
+    assert len(done) == 1 and done[0] is splice_ref()
+    done.clear()
+    reactor.tcpClients.clear()  # as a real reactor forgets finished connectors
+    assert splice_ref() is None

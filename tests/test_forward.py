@@ -458,30 +458,62 @@ class _Recorder(ClientFactory):
         self.failed.callback(None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_connect_eager_is_connected_on_return_over_loopback(reactor: Any) -> None:
-    """To a loopback listener the protocol is connected before connect_eager returns: no reactor pass, no connect timeout left pending; bytes flow both ways."""
-    server = _HalfClose()
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
-    factory = _Recorder()
+class _Served:
+    """A loopback listener serving one ``_HalfClose`` (``server``) on ``number``."""
+
+    def __init__(self, reactor: Any, interface: str = "127.0.0.1") -> None:
+        self.reactor = reactor
+        self.server = _HalfClose()
+        self.port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: self.server), interface=interface
+        )
+        self.number: int = self.port.getHost().port
+
+    async def cut(self, client: _HalfClose) -> None:
+        """Abort the served connection; wait until ``client`` has lost it."""
+        await bounded(self.server.made, self.reactor)
+        self.server.transport.abortConnection()  # type: ignore[union-attr]
+        await bounded(client.lost, self.reactor)
+
+    async def close(self) -> None:
+        transport = self.server.transport
+        if transport is not None and transport.connected:  # type: ignore[attr-defined]
+            transport.abortConnection()  # type: ignore[attr-defined]
+        await self.port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def served(reactor: Any):  # type: ignore[no-untyped-def]
+    """A loopback ``_Served``, closed after the test."""
+    listener = _Served(reactor)
     try:
-        connector = connect_eager(reactor, "127.0.0.1", port.getHost().port, factory)
-        client = factory.protocol_
-        assert client.made.called
-        assert isinstance(client.transport, EagerClient) and client.transport.connected
-        assert connector.state == "connected"
-        assert getattr(connector, "timeoutID", None) is None
-        client.transport.write(b"ping")
-        await wait_for(reactor, lambda: bytes(server.received) == b"ping", what="the bytes")
-        server.transport.write(b"pong")  # type: ignore[union-attr]
-        await wait_for(reactor, lambda: bytes(client.received) == b"pong", what="the reply")
-        client.transport.loseConnection()
-        await bounded(server.eof, reactor)
-        server.transport.loseConnection()  # type: ignore[union-attr]
-        await bounded(server.lost, reactor)
-        await bounded(client.lost, reactor)
+        yield listener
     finally:
-        await port.stopListening()
+        await listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_eager_is_connected_on_return_over_loopback(
+    reactor: Any, served: _Served
+) -> None:
+    """To a loopback listener the protocol is connected before connect_eager returns: no reactor pass, no connect timeout left pending; bytes flow both ways."""
+    server = served.server
+    factory = _Recorder()
+    connector = connect_eager(reactor, "127.0.0.1", served.number, factory)
+    client = factory.protocol_
+    assert client.made.called
+    assert isinstance(client.transport, EagerClient) and client.transport.connected
+    assert connector.state == "connected"
+    assert getattr(connector, "timeoutID", None) is None
+    client.transport.write(b"ping")
+    await wait_for(reactor, lambda: bytes(server.received) == b"ping", what="the bytes")
+    server.transport.write(b"pong")  # type: ignore[union-attr]
+    await wait_for(reactor, lambda: bytes(client.received) == b"pong", what="the reply")
+    client.transport.loseConnection()
+    await bounded(server.eof, reactor)
+    server.transport.loseConnection()  # type: ignore[union-attr]
+    await bounded(server.lost, reactor)
+    await bounded(client.lost, reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -520,62 +552,49 @@ async def test_connect_eager_waits_for_a_handshake_still_under_way(reactor: Any)
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_eager_resolves_names_twisteds_way(reactor: Any) -> None:
+async def test_connect_eager_resolves_names_twisteds_way(reactor: Any, served: _Served) -> None:
     """A host name goes through Twisted's own resolution and connect."""
-    server = _HalfClose()
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
     factory = _Recorder()
-    try:
-        connect_eager(reactor, "localhost", port.getHost().port, factory)
-        assert not factory.protocol_.made.called
-        await bounded(factory.protocol_.made, reactor)
-        await bounded(server.made, reactor)
-        server.transport.abortConnection()  # type: ignore[union-attr]
-        await bounded(factory.protocol_.lost, reactor)
-    finally:
-        await port.stopListening()
+    connect_eager(reactor, "localhost", served.number, factory)
+    assert not factory.protocol_.made.called
+    await bounded(factory.protocol_.made, reactor)
+    await served.cut(factory.protocol_)
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_eager_ends_a_connection_whose_set_up_failed(reactor: Any) -> None:
+async def test_connect_eager_ends_a_connection_whose_set_up_failed(
+    reactor: Any, served: _Served
+) -> None:
     """A protocol whose connectionMade raises during the at-once connect: logged, its socket closed (the server sees the end), connectionLost delivered, as the reactor does for Twisted's own connect."""
     from twisted.logger import globalLogPublisher
 
     logged: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(logged.append)
-    server = _HalfClose()
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
     factory = _Recorder()
     factory.protocol_ = _FailsToStart()
     try:
-        connect_eager(reactor, "127.0.0.1", port.getHost().port, factory)
+        connect_eager(reactor, "127.0.0.1", served.number, factory)
         assert len(factory.protocol_.reasons) == 1
         assert any(e.get("log_failure") is not None or e.get("failure") is not None for e in logged)
-        await bounded(server.eof, reactor)
+        await bounded(served.server.eof, reactor)
     finally:
         globalLogPublisher.removeObserver(logged.append)
-        if server.transport is not None:
-            server.transport.abortConnection()  # type: ignore[attr-defined]
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_connect_eager_over_ipv6(reactor: Any) -> None:
     if not _ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
-    server = _HalfClose()
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="::1")
+    served = _Served(reactor, "::1")
     factory = _Recorder()
     try:
-        connector = connect_eager(reactor, "::1", port.getHost().port, factory)
+        connector = connect_eager(reactor, "::1", served.number, factory)
         assert factory.protocol_.made.called
         peer = connector.transport.getPeer()
         assert isinstance(peer, IPv6Address) and peer.host == "::1"
-        await bounded(server.made, reactor)
-        server.transport.abortConnection()  # type: ignore[union-attr]
-        await bounded(factory.protocol_.lost, reactor)
+        await served.cut(factory.protocol_)
     finally:
-        await port.stopListening()
+        await served.close()
 
 
 def test_connect_eager_falls_back_to_connect_tcp_on_other_reactors() -> None:
@@ -596,11 +615,9 @@ async def test_connect_eager_reports_an_unusable_address_on_a_later_pass(reactor
 
 @pytest_twisted.ensureDeferred
 async def test_connect_eager_sets_no_timeout_for_a_connection_made_at_once(
-    reactor: Any, monkeypatch: pytest.MonkeyPatch
+    reactor: Any, served: _Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The connect timeout is scheduled only for a connection still under way (no DelayedCall created and cancelled per local connection)."""
-    server = _HalfClose()
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
     factory = _Recorder()
     delays: list[float] = []
     real_call_later = reactor.callLater
@@ -609,18 +626,12 @@ async def test_connect_eager_sets_no_timeout_for_a_connection_made_at_once(
         delays.append(delay)
         return real_call_later(delay, f, *args, **kwargs)
 
-    try:
-        monkeypatch.setattr(reactor, "callLater", call_later)
-        connect_eager(reactor, "127.0.0.1", port.getHost().port, factory, timeout=30)
-        monkeypatch.undo()
-        assert factory.protocol_.made.called
-        assert 30 not in delays
-        await bounded(server.made, reactor)
-        server.transport.abortConnection()  # type: ignore[union-attr]
-        await bounded(factory.protocol_.lost, reactor)
-    finally:
-        monkeypatch.undo()
-        await port.stopListening()
+    monkeypatch.setattr(reactor, "callLater", call_later)
+    connect_eager(reactor, "127.0.0.1", served.number, factory, timeout=30)
+    monkeypatch.undo()
+    assert factory.protocol_.made.called
+    assert 30 not in delays
+    await served.cut(factory.protocol_)
 
 
 def test_connect_eager_copes_with_a_factory_that_stops_it_at_once() -> None:
@@ -641,29 +652,22 @@ def test_connect_eager_copes_with_a_factory_that_stops_it_at_once() -> None:
         assert factory.reason is not None
 
 
-def test_a_finished_splice_is_freed_without_the_cyclic_collector() -> None:
+def test_a_finished_splice_is_freed_without_the_cyclic_collector(no_cyclic_gc: None) -> None:
     """Once both ends are gone the splice, its sides and their transports hold no reference cycle: reference counting frees them at once (left to the cyclic collector, thousands of them made for a full collection that stopped the reactor ~100 ms)."""
-    import gc
     import weakref
 
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        splice = Splice(on_done=lambda s: None)
-        ta, tb = StringTransport(), StringTransport()
-        splice.a.makeConnection(ta)
-        splice.b.makeConnection(tb)
-        splice.a.dataReceived(b"to b")
-        splice.b.dataReceived(b"to a")
-        refs = [weakref.ref(o) for o in (splice, splice.a, splice.b)]
-        splice.a.connectionLost(Failure(ConnectionDone()))
-        splice.b.connectionLost(Failure(ConnectionDone()))
-        assert tb.value() == b"to b" and ta.value() == b"to a"
-        del splice
-        assert [r() for r in refs] == [None, None, None]
-    finally:
-        if enabled:
-            gc.enable()
+    splice = Splice(on_done=lambda s: None)
+    ta, tb = StringTransport(), StringTransport()
+    splice.a.makeConnection(ta)
+    splice.b.makeConnection(tb)
+    splice.a.dataReceived(b"to b")
+    splice.b.dataReceived(b"to a")
+    refs = [weakref.ref(o) for o in (splice, splice.a, splice.b)]
+    splice.a.connectionLost(Failure(ConnectionDone()))
+    splice.b.connectionLost(Failure(ConnectionDone()))
+    assert tb.value() == b"to b" and ta.value() == b"to a"
+    del splice
+    assert [r() for r in refs] == [None, None, None]
 
 
 def test_eager_connector_forgets_its_finished_transport() -> None:

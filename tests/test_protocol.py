@@ -1171,12 +1171,11 @@ async def test_loopback_read_size_grows_with_open_streams(reactor) -> None:
 
 
 def test_held_fin_waits_for_company_or_fin_hold() -> None:
-    """A stream marked hold_fin: its FIN waits up to the session's fin_hold, leaves sooner with any other write (in the same write, first), and a session that ends cancels the wait; other streams' FINs go at once."""
+    """A stream with fin_hold: its FIN waits up to that long, leaves sooner with any other write (in the same write, first), and a session that ends cancels the wait; a stream without sends its FIN at once."""
     clock = Clock()
     mux, tr = connect(Role.CLIENT, clock)
-    mux.fin_hold = 0.001
     held = mux.open_stream(Recorder())
-    held.hold_fin = True
+    held.fin_hold = 0.001
     plain = mux.open_stream(Recorder())
     take_frames(tr)
 
@@ -1186,7 +1185,7 @@ def test_held_fin_waits_for_company_or_fin_hold() -> None:
     assert take_frames(tr) == [Data(held.stream_id, b"", fin=True)]
 
     again = mux.open_stream(Recorder())
-    again.hold_fin = True
+    again.fin_hold = 0.001
     take_frames(tr)
     again.loseConnection()
     assert tr.value() == b""
@@ -1195,11 +1194,28 @@ def test_held_fin_waits_for_company_or_fin_hold() -> None:
     clock.advance(0.001)  # the timer finds nothing left
     assert tr.value() == b""
 
-    plain.loseWriteConnection()  # not marked: at once
+    plain.loseWriteConnection()  # no fin_hold: at once
     assert take_frames(tr) == [Data(plain.stream_id, b"", fin=True)]
 
     last = mux.open_stream(Recorder())
-    last.hold_fin = True
+    last.fin_hold = 0.001
     last.loseWriteConnection()
     mux.connectionLost(Failure(error.ConnectionDone()))
+    assert clock.getDelayedCalls() == []
+
+
+def test_flush_within_keeps_the_earliest_deadline() -> None:
+    """flush_within: a shorter wait brings a pending flush forward, a longer one leaves it; one timer at a time."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
+    take_frames(tr)
+    stream = mux.open_stream(Recorder(), flush=False)  # a SYN that waits
+    mux.flush_within(0.01)
+    mux.flush_within(0.002)
+    mux.flush_within(0.05)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0.0019)
+    assert tr.value() == b""
+    clock.advance(0.0001)
+    assert [(type(f).__name__, f.stream_id) for f in take_frames(tr)] == [("Syn", stream.stream_id)]
     assert clock.getDelayedCalls() == []

@@ -149,12 +149,16 @@ class ResolvedEndpoint:
         return attempt(0)
 
 
-class _Attempts:
+class _Attempts(ClientFactory):
     """
-    One ``connect_protocol``: the endpoint's addresses tried in turn.  (A
-    class rather than closures calling each other: those would be a
+    One ``connect_protocol``: the endpoint's addresses tried in turn, each
+    with ``connect_eager`` and this as the factory, which hands the protocol
+    over (not keeping it, nor telling it its factory) to the attempt that
+    works.  (A class rather than closures calling each other: those were a
     reference cycle per visitor, left for the cyclic garbage collector.)
     """
+
+    noisy = False
 
     def __init__(
         self, endpoint: ResolvedEndpoint, protocol: Protocol, failed: Callable[[Failure], None]
@@ -162,52 +166,25 @@ class _Attempts:
         self.endpoint = endpoint
         self.order = list(endpoint.addresses)
         self.index = -1
-        self.protocol: Optional[Protocol] = protocol
+        self.instance: Optional[Protocol] = protocol
+        """The protocol to connect, until an attempt takes it."""
         self.failed = failed
 
     def next(self) -> None:
         self.index += 1
         _, address = self.order[self.index]
-        assert self.protocol is not None
-        connect_eager(
-            self.endpoint.reactor,
-            address,
-            self.endpoint.port,
-            _OneShot(self.protocol, self.worked, self.one_failed),
-        )
+        connect_eager(self.endpoint.reactor, address, self.endpoint.port, self)
 
-    def worked(self) -> None:
-        self.protocol = None
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         self.endpoint._prefer(self.order[self.index])
+        protocol, self.instance = self.instance, None
+        return protocol
 
-    def one_failed(self, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if self.index + 1 < len(self.order) and reason.check(ConnectError):
             self.next()
         else:
             self.failed(reason)
-
-
-class _OneShot(ClientFactory):
-    """A client factory for exactly one protocol instance."""
-
-    noisy = False
-
-    def __init__(
-        self, protocol: Protocol, worked: Callable[[], None], failed: Callable[[Failure], None]
-    ) -> None:
-        self.protocol_instance: Optional[Protocol] = protocol
-        self.worked = worked
-        self.failed = failed
-
-    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
-        self.worked()
-        # Handed over, not kept, and not told its factory (nothing needs
-        # it): no reference cycle through this factory once it is done.
-        protocol, self.protocol_instance = self.protocol_instance, None
-        return protocol
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.failed(reason)
 
 
 _PREFIXES = {"tcp", "tcp6", "ssl", "tls", "unix", "systemd", "tor", "onion"}

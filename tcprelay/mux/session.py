@@ -169,7 +169,6 @@ class _Stream:
     send_window: int = INITIAL_WINDOW
     recv_window: int = INITIAL_WINDOW
     recv_credit: int = 0
-    deferred_grant: int = 0
     pending: deque[Buffer] = attrs.Factory(deque)
     pending_len: int = 0
     fin_queued: bool = False
@@ -198,8 +197,10 @@ class Session:
         self._decoder = f.FrameDecoder(merge_data=True)
         self._out: list[Buffer] = []
         self._events: list[Event] = []
+        self._extra_window = config.receive_window - INITIAL_WINDOW
+        """Granted on top of muxado's initial window as each stream opens."""
         self._deferred: dict[int, _Stream] = {}
-        """Peer-opened streams whose extra receive window is not granted yet."""
+        """Peer-opened streams whose extra window is not granted yet."""
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2, so a client SYN with id 1 is
         # already "not above the highest seen".
@@ -514,7 +515,12 @@ class Session:
             )
             return
         st.recv_window -= n
-        if st.deferred_grant and not frame.fin and st.recv_window < INITIAL_WINDOW // 2:
+        if (
+            self._deferred
+            and st.recv_window < INITIAL_WINDOW // 2
+            and not frame.fin
+            and st.id in self._deferred
+        ):
             self._grant(st)
         if st.heartbeat is not _Heartbeat.NONE:
             self._on_heartbeat_data(st, frame)
@@ -525,7 +531,7 @@ class Session:
             self._recv_fin(st)
 
     def _recv_fin(self, st: _Stream) -> None:
-        self._drop_deferred(st)
+        self._deferred.pop(st.id, None)  # the peer sends no more: no window for it
         self._events.append(StreamEnded(st.id))
         st.state = _TRANSITIONS[(st.state, _StreamInput.RECV_FIN)]
         if st.state is StreamState.CLOSED:
@@ -682,7 +688,7 @@ class Session:
     def _add(self, sid: int, stream_type: int, local: bool, hb: _Heartbeat) -> _Stream:
         st = _Stream(sid, stream_type, local, hb)
         self._streams[sid] = st
-        extra = self.config.receive_window - INITIAL_WINDOW
+        extra = self._extra_window
         if extra and hb is _Heartbeat.NONE:
             if local:
                 # Leaves with the SYN.
@@ -693,17 +699,14 @@ class Session:
                 # peer) while the stream's first answer is being prepared:
                 # it goes with the next frames we send, or alone once the
                 # peer has used half of its initial window.
-                st.deferred_grant = extra
                 self._deferred[sid] = st
         return st
 
     def _grant(self, st: _Stream) -> None:
         """One WNDINC for the consumed credit and any deferred extra window."""
         credit = st.recv_credit
-        if st.deferred_grant:
-            credit += st.deferred_grant
-            st.deferred_grant = 0
-            del self._deferred[st.id]
+        if self._deferred and self._deferred.pop(st.id, None) is not None:
+            credit += self._extra_window
         st.recv_credit = 0
         st.recv_window += credit
         self._out.append(f.encode_wndinc(st.id, credit))
@@ -801,7 +804,7 @@ class Session:
     ) -> None:
         if self._streams.pop(st.id, None) is None:
             return
-        self._drop_deferred(st)
+        self._deferred.pop(st.id, None)
         st.state = StreamState.CLOSED
         st.pending.clear()
         st.pending_len = 0
@@ -811,12 +814,6 @@ class Session:
                 self._unaccepted -= 1
         if st.heartbeat is _Heartbeat.NONE:
             self._events.append(StreamClosed(st.id, error_code, remote, reason))
-
-    def _drop_deferred(self, st: _Stream) -> None:
-        """The peer sends no more on ``st``: no use granting it window."""
-        if st.deferred_grant:
-            st.deferred_grant = 0
-            del self._deferred[st.id]
 
     def _die(
         self,

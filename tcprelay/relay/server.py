@@ -169,7 +169,7 @@ class Registration:
                 stream = session.open_stream(None, stream_type, flush=False)
             except SessionClosedError:
                 return None
-            stream.hold_fin = True
+            stream.fin_hold = FIN_HOLD
             if first:
                 stream.write(first)  # SYN, window and bytes: one write
                 if stream.disconnected:
@@ -179,7 +179,7 @@ class Registration:
                 # microseconds, and the SYN leaves with them (any flush of the
                 # session sends it); a service that speaks first hears of the
                 # visitor at most SYN_HOLD later.
-                self.relay.reactor.callLater(SYN_HOLD, session.flush)  # type: ignore[attr-defined]
+                session.flush_within(SYN_HOLD)
             splice = Splice(on_done=self._visitor_done)
             splice.bytes_ab = len(first)
             stream.attach(splice.b)
@@ -201,7 +201,7 @@ class Registration:
             try:
                 # The SYN waits for the header, which needs the visitor's
                 # transport; ``first`` follows them.
-                session.open_stream(splice.b, stream_type, flush=False).hold_fin = True
+                session.open_stream(splice.b, stream_type, flush=False).fin_hold = FIN_HOLD
             except SessionClosedError:
                 return None
 
@@ -510,8 +510,6 @@ class ExtendedHandshake(_Handshake):
 
 class RelaySession(MuxProtocol):
     """One service's control connection (server role)."""
-
-    fin_hold = FIN_HOLD
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
