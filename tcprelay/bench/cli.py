@@ -51,6 +51,16 @@ def _conns(text: str) -> tuple[int, ...]:
     return items
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive whole number, not {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tcprelay.bench",
@@ -80,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
                    help="sequential connections for latency (default: 1000; quick: 300)")
     p.add_argument("--cps-seconds", type=float, default=None,
                    help="seconds of the connections-per-second run (default: 3; quick: 1)")
+    p.add_argument("--rounds", type=_positive, default=None,
+                   help="split each throughput and connections-per-second run into this "
+                        "many rounds, in which the stacks take turns (default: 3; quick: 1)")
+    p.add_argument("--latency-block", type=_positive, default=50, metavar="N",
+                   help="latency: connections to one stack before the next takes its "
+                        "turn (default: 50)")
     p.add_argument("--hold", type=int, default=None, metavar="N",
                    help="idle visitor connections to hold (default: 10000; quick: 2000)")
     p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
@@ -107,6 +123,8 @@ def _settings(args: argparse.Namespace, original_nofile: tuple[int, int]) -> Set
         latency_n=args.latency_n or (300 if quick else 1000),
         cps_seconds=args.cps_seconds or (1.0 if quick else 3.0),
         hold_n=args.hold or (2000 if quick else 10000),
+        rounds=args.rounds or (1 if quick else 3),
+        latency_block=args.latency_block,
         warmup=not args.no_warmup,
         relay_nofile=None if args.inherit_nofile else original_nofile,
         profile_dir=Path(args.profile).resolve() if args.profile else None,
@@ -216,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "latency_n": settings.latency_n,
                 "cps_conns": settings.cps_conns,
                 "cps_seconds": settings.cps_seconds,
+                "rounds": settings.rounds,
+                "latency_block": settings.latency_block,
                 "hold_n": settings.hold_n,
                 "open_files": {"original_soft": soft, "raised_soft": raised, "hard": hard},
             },

@@ -1,15 +1,23 @@
 """
-The benchmark itself: start each stack, measure it with ``goload``, stop it.
+The benchmark itself: start every stack, measure them with ``goload`` in
+turns, stop them.
 
-Order within a stack: a short warm-up, then the idle-connection hold (first,
-so the relay's RSS baseline is that of a fresh process), then throughput
-with 1, 8 and 64 connections (the CPU time of every process of the stack and
-of the machine is read around each run), then sequential connect latency,
-then connections per second.
+Every stack runs from the start to the end of the run, and each measurement
+is made for all of them before the next one: the stacks are compared seconds
+apart instead of a minute (on a shared VM the machine's speed drifts by tens
+of percent within minutes).  Order: a short warm-up of each stack; the
+idle-connection hold of each (first, so a relay's RSS baseline is that of a
+fresh process); throughput with 1, 8 and 64 connections, each split into
+rounds in which the stacks take turns, the order rotating (the CPU time of
+every process of the stack and of the machine is read around each run);
+sequential connect latency, by one ``goload`` that alternates blocks of
+connections between the stacks; connections per second, in rounds like
+throughput.  A stack waiting for its turn is idle.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -59,6 +67,11 @@ class Settings:
     cps_seconds: float = 3.0
     hold_n: int = 10000
     warmup: bool = True
+    #: throughput and connections-per-second runs are split into this many
+    #: rounds, in which the stacks take turns
+    rounds: int = 3
+    #: latency: connections to one stack before the next takes its turn
+    latency_block: int = 50
     #: the open-files soft limit tcprelay's relay starts with (it must raise
     #: its own); None: inherit the benchmark's raised limit
     relay_nofile: Optional[tuple[int, int]] = None
@@ -106,8 +119,8 @@ class Stack:
 class Runner:
     """Starts the stacks of a run and measures them with ``goload``.
 
-    Used by :func:`run_benchmark`, one stack at a time; the direct echo
-    server is shared by the ``direct`` and ``expose`` stacks.
+    Used by :func:`run_benchmark`; the direct echo server is shared by the
+    ``direct`` and ``expose`` stacks.
     """
 
     def __init__(
@@ -243,134 +256,109 @@ class Runner:
     # --------------------------------------------------------- measuring
 
     @contextmanager
-    def profiled(self, stack: Stack, phase: str) -> Iterator[None]:
-        """py-spy on tcprelay's processes for the duration of a phase."""
+    def profiled(self, stacks: list[Stack], phase: str) -> Iterator[None]:
+        """py-spy on tcprelay's processes for the duration of a phase (a
+        stack waiting for its turn is idle and adds no samples)."""
         s = self.settings
-        if s.profile_dir is None or stack.name not in ("tcprelay", "expose"):
+        if s.profile_dir is None:
             yield
             return
         profilers = [
-            (role, Profiler(s.py_spy, proc.pid, s.profile_dir / f"{stack.name}-{role}-{phase}.txt"))
+            (f"{stack.name} {role}",
+             Profiler(s.py_spy, proc.pid, s.profile_dir / f"{stack.name}-{role}-{phase}.txt"))
+            for stack in stacks
+            if stack.name in ("tcprelay", "expose")
             for role, proc in stack.watched().items()
         ]
         try:
             yield
         finally:
-            for role, profiler in profilers:
+            for who, profiler in profilers:
                 summary = profiler.stop()
                 if summary is None:
-                    self.log(f"  profile of {role} ({phase}): none, see {profiler.log}")
+                    self.log(f"  profile of {who} ({phase}): none, see {profiler.log}")
                 else:
-                    self.log(f"  profile of {role} ({phase}): {profiler.out}")
+                    self.log(f"  profile of {who} ({phase}): {profiler.out}")
 
-    def measure(self, stack: Stack) -> dict[str, Any]:
-        s = self.settings
+    def describe(self, stack: Stack) -> dict[str, Any]:
+        """A stack's result record, before any measurement."""
         out: dict[str, Any] = {
             "address": stack.address,
             "errors": 0,
             "error_messages": [],
             "loadavg_start": os.getloadavg()[0],
         }
-        watched = stack.watched()
-        for role, proc in watched.items():
+        for role, proc in stack.watched().items():
             out[f"{role}_pid"] = proc.pid
             limit = open_files_limit(proc.pid)
             if limit is not None:
                 out[f"{role}_nofile"] = limit[0]
-
-        def note_errors(what: str, result: dict[str, Any]) -> None:
-            if result.get("errors"):
-                out["errors"] += result["errors"]
-                out["error_messages"].append(
-                    f"{what}: {result['errors']} errors, first: {result.get('error')}"
-                )
-
-        if s.warmup:
-            self.goload(["latency", "-addr", stack.address, "-n", "50"], 60)
-            if "throughput" in s.tests:
-                self.goload(
-                    ["throughput", "-addr", stack.address, "-conns", "1", "-seconds", "0.2"], 60
-                )
-
-        if "hold" in s.tests and stack.name != "direct":
-            out["hold"] = self.hold(stack)
-            note_errors("hold", out["hold"])
-
-        if "throughput" in s.tests:
-            with self.profiled(stack, "throughput"):
-                self.throughput(stack, out, note_errors)
-
-        if "latency" in s.tests:
-            result = self.goload(
-                ["latency", "-addr", stack.address, "-n", str(s.latency_n)],
-                60 + s.latency_n * 0.05,
-            )
-            out["latency"] = result
-            note_errors("latency", result)
-            self.log(f"  latency: p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us")
-
-        if "cps" in s.tests:
-            with self.profiled(stack, "cps"):
-                result = self.goload(
-                    ["cps", "-addr", stack.address, "-conns", str(s.cps_conns),
-                     "-seconds", f"{s.cps_seconds:g}"],
-                    s.cps_seconds + 60,
-                )
-            out["cps"] = result
-            note_errors("cps", result)
-            self.log(f"  connections/s ({s.cps_conns} clients): {result['cps']:.0f}")
-        out["loadavg_end"] = os.getloadavg()[0]
         return out
 
-    def throughput(
-        self, stack: Stack, out: dict[str, Any], note_errors: Callable[[str, dict[str, Any]], None]
-    ) -> None:
+    def warm_up(self, stack: Stack) -> None:
+        self.goload(["latency", "-addr", stack.address, "-n", "50"], 60)
+        if "throughput" in self.settings.tests:
+            self.goload(
+                ["throughput", "-addr", stack.address, "-conns", "1", "-seconds", "0.2"], 60
+            )
+
+    def throughput_round(self, stack: Stack, seconds: float, n: int) -> dict[str, Any]:
         """
-        Echo throughput per connection count, with the CPU time of every
-        process of the stack (relay, agent, service, load client) and of the
-        whole machine during each run, and CPU per GB over all of them.
+        One echo throughput run with ``n`` connections, with the CPU time of
+        every process of the stack (relay, agent, service, load client) and
+        of the whole machine during it.
         """
-        s = self.settings
         watched = stack.cpu_watched()
         roles = [*watched, "load"]
-        totals = {role: 0.0 for role in roles}
-        total_bytes = 0
-        out["throughput"] = {}
-        for n in s.conns:
-            before = {role: cpu_seconds(p.pid) for role, p in watched.items()}
-            before["load"] = children_cpu_seconds()
-            machine_before = machine_cpu_seconds()
-            waited = {role: runqueue_wait(p.pid) for role, p in stack.watched().items()}
-            result = self.goload(
-                ["throughput", "-addr", stack.address, "-conns", str(n),
-                 "-seconds", f"{s.throughput_seconds:g}",
-                 "-timeout", f"{s.throughput_seconds + 60:g}s"],
-                s.throughput_seconds + 120,
-            )
-            machine_after = machine_cpu_seconds()
-            after = {role: cpu_seconds(p.pid) for role, p in watched.items()}
-            after["load"] = children_cpu_seconds()
-            result["cpu_seconds"] = {role: after[role] - before[role] for role in roles}
-            if machine_before is not None and machine_after is not None:
-                busy, idle, softirq = (a - b for a, b in zip(machine_after, machine_before))
-                result["machine_cpu_seconds"] = {"busy": busy, "idle": idle, "softirq": softirq}
-            result["runqueue_wait_seconds"] = {}
-            for role, proc in stack.watched().items():
-                now, then = runqueue_wait(proc.pid), waited[role]
-                if now is not None and then is not None:
-                    result["runqueue_wait_seconds"][role] = now - then
-            for role in roles:
-                totals[role] += after[role] - before[role]
-            total_bytes += result["bytes"]
-            out["throughput"][str(n)] = result
-            note_errors(f"throughput x{n}", result)
-            self.log(f"  throughput x{n}: {result['mbps']:.1f} MB/s")
-        if total_bytes:
-            # bytes cross the relay twice: visitor -> service and back
-            relayed_gb = 2 * total_bytes / 1e9
-            for role in roles:
-                out[f"{role}_cpu_s_per_gb"] = totals[role] / relayed_gb
-        out["throughput_bytes"] = total_bytes
+        before = {role: cpu_seconds(p.pid) for role, p in watched.items()}
+        before["load"] = children_cpu_seconds()
+        machine_before = machine_cpu_seconds()
+        waited = {role: runqueue_wait(p.pid) for role, p in stack.watched().items()}
+        result = self.goload(
+            ["throughput", "-addr", stack.address, "-conns", str(n),
+             "-seconds", f"{seconds:g}", "-timeout", f"{seconds + 60:g}s"],
+            seconds + 120,
+        )
+        machine_after = machine_cpu_seconds()
+        after = {role: cpu_seconds(p.pid) for role, p in watched.items()}
+        after["load"] = children_cpu_seconds()
+        result["cpu_seconds"] = {role: after[role] - before[role] for role in roles}
+        if machine_before is not None and machine_after is not None:
+            busy, idle, softirq = (a - b for a, b in zip(machine_after, machine_before))
+            result["machine_cpu_seconds"] = {"busy": busy, "idle": idle, "softirq": softirq}
+        result["runqueue_wait_seconds"] = {}
+        for role, proc in stack.watched().items():
+            now, then = runqueue_wait(proc.pid), waited[role]
+            if now is not None and then is not None:
+                result["runqueue_wait_seconds"][role] = now - then
+        return result
+
+    def cps_round(self, stack: Stack, seconds: float) -> dict[str, Any]:
+        s = self.settings
+        return self.goload(
+            ["cps", "-addr", stack.address, "-conns", str(s.cps_conns), "-seconds", f"{seconds:g}"],
+            seconds + 60,
+        )
+
+    def latency(self, stacks: list[Stack]) -> list[dict[str, Any]]:
+        """
+        Sequential connect + 1-byte echo + close, ``latency_n`` times per
+        stack, by one ``goload`` that has the stacks take turns in blocks of
+        ``latency_block`` connections (the order rotating every round); one
+        result per stack, in order.
+        """
+        s = self.settings
+        result = self.goload(
+            ["latency", "-addr", ",".join(stack.address for stack in stacks),
+             "-n", str(s.latency_n), "-block", str(s.latency_block)],
+            60 + len(stacks) * s.latency_n * 0.05,
+        )
+        if len(stacks) == 1:
+            return [result]
+        found: list[dict[str, Any]] = result["results"]
+        if len(found) != len(stacks):
+            raise BenchError(f"goload latency gave {len(found)} results for {len(stacks)} stacks")
+        return found
 
     def hold(self, stack: Stack) -> dict[str, Any]:
         s = self.settings
@@ -415,29 +403,219 @@ class Runner:
         return result
 
 
+def _rotated(items: list[Any], by: int) -> list[Any]:
+    """``items`` starting at index ``by`` (modulo its length), wrapping round."""
+    if not items:
+        return []
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One throughput or cps figure from the rounds of a stack: bytes (or
+    connections) and seconds added up, CPU times added up, errors counted."""
+    merged: dict[str, Any] = {
+        "seconds": sum(r["seconds"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "rounds": len(rounds),
+    }
+    errors = [r["error"] for r in rounds if r.get("error")]
+    if errors:
+        merged["error"] = errors[0]
+    if "bytes" in rounds[0]:
+        merged["bytes"] = sum(r["bytes"] for r in rounds)
+        merged["conns"] = rounds[0]["conns"]
+        merged["mbps"] = merged["bytes"] / merged["seconds"] / 1e6 if merged["seconds"] else 0.0
+        merged["round_mbps"] = [r["mbps"] for r in rounds]
+    else:
+        merged["completed"] = sum(r["completed"] for r in rounds)
+        merged["cps"] = merged["completed"] / merged["seconds"] if merged["seconds"] else 0.0
+        merged["round_cps"] = [r["cps"] for r in rounds]
+    for key in ("cpu_seconds", "machine_cpu_seconds", "runqueue_wait_seconds"):
+        if all(key in r for r in rounds):
+            total: dict[str, float] = {}
+            for r in rounds:
+                for role, value in r[key].items():
+                    total[role] = total.get(role, 0.0) + value
+            merged[key] = total
+    return merged
+
+
+class _Run:
+    """
+    One benchmark run: every stack started at once, then each measurement
+    made for every stack in turn, so that the stacks are measured seconds
+    apart rather than minutes (this shared VM's speed drifts by tens of
+    percent within minutes).  Throughput and connections per second are
+    split into rounds in which the stacks take turns (the order rotating);
+    latency is one ``goload`` alternating blocks of connections.  A stack
+    whose start or measurement fails is stopped and reported as failed; the
+    others go on.
+    """
+
+    def __init__(self, runner: Runner, log: Log) -> None:
+        self.runner = runner
+        self.settings = runner.settings
+        self.log = log
+        self.stacks: dict[str, Stack] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def live(self) -> list[Stack]:
+        return list(self.stacks.values())
+
+    def fail(self, name: str, e: BenchError) -> None:
+        self.log(f"  {name}: FAILED: {e}")
+        result = self.results.setdefault(name, {})
+        result["failed"] = str(e)
+        result["errors"] = result.get("errors", 0) + 1
+        stack = self.stacks.pop(name, None)
+        if stack is not None:
+            self.runner.stop_stack(stack)
+
+    def note_errors(self, name: str, what: str, result: dict[str, Any]) -> None:
+        if result.get("errors"):
+            out = self.results[name]
+            out["errors"] += result["errors"]
+            out["error_messages"].append(
+                f"{what}: {result['errors']} errors, first: {result.get('error')}"
+            )
+
+    def each(self, step: Callable[[Stack], None]) -> None:
+        """``step`` for every live stack; a stack whose step fails is dropped."""
+        for stack in self.live():
+            try:
+                step(stack)
+            except BenchError as e:
+                self.fail(stack.name, e)
+
+    def start(self, processes: Processes) -> None:
+        for name in self.settings.scenarios:
+            self.log(f"[{name}] starting")
+            before = processes.running()
+            try:
+                stack = self.runner.start_stack(name)
+            except BenchError as e:
+                self.results[name] = {}
+                self.fail(name, e)
+                # whatever the failed start left behind (the shared echo server stays)
+                for proc in processes.running():
+                    if proc not in before and proc is not self.runner.echo:
+                        processes.stop(proc)
+                continue
+            self.stacks[name] = stack
+            self.results[name] = self.runner.describe(stack)
+
+    def rounds(
+        self, what: str, measure: Callable[[Stack, float], dict[str, Any]], seconds: float
+    ) -> dict[str, dict[str, Any]]:
+        """``measure`` every live stack in turns; name -> merged result."""
+        count = max(1, self.settings.rounds)
+        found: dict[str, list[dict[str, Any]]] = {}
+        for r in range(count):
+            for stack in _rotated(self.live(), r):
+                try:
+                    found.setdefault(stack.name, []).append(measure(stack, seconds / count))
+                except BenchError as e:
+                    found.pop(stack.name, None)
+                    self.fail(stack.name, e)
+        merged = {}
+        for name, results in found.items():
+            if name in self.stacks:
+                merged[name] = _merge_rounds(results)
+                self.note_errors(name, what, merged[name])
+        return merged
+
+    def measure(self) -> None:
+        s = self.settings
+        runner = self.runner
+        if s.warmup:
+            self.log("warming up")
+            self.each(runner.warm_up)
+
+        if "hold" in s.tests:
+            def hold(stack: Stack) -> None:
+                if stack.name == "direct":
+                    return
+                self.log(f"[{stack.name}] hold")
+                result = runner.hold(stack)
+                self.results[stack.name]["hold"] = result
+                self.note_errors(stack.name, "hold", result)
+
+            self.each(hold)
+
+        if "throughput" in s.tests:
+            with runner.profiled(self.live(), "throughput"):
+                for n in s.conns:
+                    merged = self.rounds(
+                        f"throughput x{n}",
+                        functools.partial(runner.throughput_round, n=n),
+                        s.throughput_seconds,
+                    )
+                    for name, result in merged.items():
+                        self.results[name].setdefault("throughput", {})[str(n)] = result
+                    self.log(f"throughput x{n}: " + ", ".join(
+                        f"{name} {result['mbps']:.1f}" for name, result in merged.items()
+                    ) + " MB/s")
+            for name in self.stacks:
+                self._cpu_per_gb(self.results[name])
+
+        if "latency" in s.tests and self.stacks:
+            stacks = self.live()
+            try:
+                found = runner.latency(stacks)
+            except BenchError as e:
+                for stack in stacks:
+                    self.note_errors(stack.name, "latency", {"errors": 1, "error": str(e)})
+            else:
+                for stack, result in zip(stacks, found):
+                    self.results[stack.name]["latency"] = result
+                    self.note_errors(stack.name, "latency", result)
+                self.log("latency p50/p99: " + ", ".join(
+                    f"{stack.name} {result['p50_us']:.0f}/{result['p99_us']:.0f} us"
+                    for stack, result in zip(stacks, found)
+                ))
+
+        if "cps" in s.tests:
+            with runner.profiled(self.live(), "cps"):
+                merged = self.rounds("cps", runner.cps_round, s.cps_seconds)
+            for name, result in merged.items():
+                self.results[name]["cps"] = result
+            self.log(f"connections/s ({s.cps_conns} clients): " + ", ".join(
+                f"{name} {result['cps']:.0f}" for name, result in merged.items()
+            ))
+        for name in self.stacks:
+            self.results[name]["loadavg_end"] = os.getloadavg()[0]
+
+    @staticmethod
+    def _cpu_per_gb(out: dict[str, Any]) -> None:
+        """CPU seconds per GB relayed for each role, over every throughput run."""
+        runs = out.get("throughput", {}).values()
+        total_bytes = sum(run["bytes"] for run in runs)
+        out["throughput_bytes"] = total_bytes
+        if not total_bytes:
+            return
+        totals: dict[str, float] = {}
+        for run in runs:
+            for role, seconds in run.get("cpu_seconds", {}).items():
+                totals[role] = totals.get(role, 0.0) + seconds
+        # bytes cross the relay twice: visitor -> service and back
+        relayed_gb = 2 * total_bytes / 1e9
+        for role, seconds in totals.items():
+            out[f"{role}_cpu_s_per_gb"] = seconds / relayed_gb
+
+    def stop(self) -> None:
+        for name in list(self.stacks):
+            self.runner.stop_stack(self.stacks.pop(name))
+
+
 def run_benchmark(
     settings: Settings, binaries: dict[str, Path], processes: Processes, log: Log
 ) -> dict[str, dict[str, Any]]:
     """Run every scenario of ``settings``; scenario name -> results."""
-    runner = Runner(settings, binaries, processes, log)
-    results: dict[str, dict[str, Any]] = {}
-    for name in settings.scenarios:
-        log(f"[{name}]")
-        started = time.monotonic()
-        stack: Optional[Stack] = None
-        before = processes.running()
-        try:
-            stack = runner.start_stack(name)
-            results[name] = runner.measure(stack)
-        except BenchError as e:
-            log(f"  FAILED: {e}")
-            results[name] = {"failed": str(e), "errors": 1}
-        finally:
-            if stack is not None:
-                runner.stop_stack(stack)
-            # whatever a failed start left behind (the shared echo server stays)
-            for proc in processes.running():
-                if proc not in before and proc is not runner.echo:
-                    processes.stop(proc)
-        results[name]["wall_seconds"] = time.monotonic() - started
-    return results
+    run = _Run(Runner(settings, binaries, processes, log), log)
+    try:
+        run.start(processes)
+        run.measure()
+    finally:
+        run.stop()
+    return {name: run.results[name] for name in settings.scenarios if name in run.results}

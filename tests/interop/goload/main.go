@@ -3,7 +3,7 @@
 //
 //	goload echo       -listen 127.0.0.1:0
 //	goload throughput -addr H:P [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
-//	goload latency    -addr H:P [-n 1000] [-timeout 10s]
+//	goload latency    -addr H:P[,H:P...] [-n 1000] [-block 50] [-timeout 10s]
 //	goload cps        -addr H:P [-conns 8] [-seconds 3] [-timeout 10s]
 //	goload hold       -addr H:P [-n 10000] [-parallel 32] [-ping] [-timeout 120s]
 //
@@ -23,7 +23,10 @@
 // mbps is echoed bytes (one direction) per second, MB = 10^6 bytes.
 //
 // latency: -n times in a row: connect, write 1 byte, read it back, close;
-// prints {"n","errors","p50_us","p99_us","mean_us","max_us","min_us"}.
+// prints {"n","errors","p50_us","p99_us","mean_us","max_us","min_us"}. With
+// several addresses, each gets -n connections: they take turns, -block
+// connections at a time, the order rotating every round; prints
+// {"addrs":[..],"block":..,"results":[one object as above per address]}.
 //
 // cps: -conns goroutines each loop connect + 1-byte echo + close for
 // -seconds; prints {"cps","completed","errors","seconds"}.
@@ -50,6 +53,7 @@ import (
 	"os"
 	"os/signal"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -416,38 +420,69 @@ func percentile(sorted []float64, p float64) float64 {
 
 func latencyMain(args []string) {
 	fs := flag.NewFlagSet("latency", flag.ContinueOnError)
-	addr := fs.String("addr", "", "host:port to connect to")
-	n := fs.Int("n", 1000, "connections, one after another")
+	addrList := fs.String("addr", "", "host:port to connect to; several, comma-separated, take turns")
+	n := fs.Int("n", 1000, "connections, one after another (to each address)")
+	block := fs.Int("block", 50, "with several addresses: connections to one before the next takes its turn")
 	timeout := fs.Duration("timeout", 10*time.Second, "give up on one connection after this long")
 	parse(fs, args)
-	if *addr == "" || *n < 1 {
-		usage("latency: need -addr and -n >= 1")
+	addrs := strings.Split(*addrList, ",")
+	if *addrList == "" || *n < 1 || *block < 1 {
+		usage("latency: need -addr, -n >= 1 and -block >= 1")
 	}
-	var errs firstError
-	samples := make([]float64, 0, *n)
-	var sum float64
-	for i := 0; i < *n; i++ {
-		t0 := time.Now()
-		c, err := ping(*addr, *timeout)
-		us := float64(time.Since(t0).Nanoseconds()) / 1e3
-		if err != nil {
-			errs.add(err)
-			continue
+	errs := make([]firstError, len(addrs))
+	samples := make([][]float64, len(addrs))
+	done := make([]int, len(addrs))
+	// Several addresses take turns in blocks, the order rotating every
+	// round, so that a machine that speeds up or slows down during the run
+	// affects them alike.
+	for round := 0; ; round++ {
+		busy := false
+		for k := range addrs {
+			j := (k + round) % len(addrs)
+			for i := 0; i < *block && done[j] < *n; i++ {
+				busy = true
+				done[j]++
+				t0 := time.Now()
+				c, err := ping(addrs[j], *timeout)
+				us := float64(time.Since(t0).Nanoseconds()) / 1e3
+				if err != nil {
+					errs[j].add(err)
+					continue
+				}
+				c.Close()
+				samples[j] = append(samples[j], us)
+			}
 		}
-		c.Close()
-		samples = append(samples, us)
-		sum += us
+		if !busy {
+			break
+		}
 	}
+	results := make([]latencyResult, len(addrs))
+	for j := range addrs {
+		results[j] = summarize(samples[j], &errs[j])
+	}
+	if len(addrs) == 1 {
+		emitJSON(results[0])
+		return
+	}
+	emitJSON(map[string]interface{}{"addrs": addrs, "block": *block, "results": results})
+}
+
+func summarize(samples []float64, errs *firstError) latencyResult {
 	sort.Float64s(samples)
 	res := latencyResult{N: len(samples), Errors: errs.n, Error: errs.text()}
 	if len(samples) > 0 {
+		var sum float64
+		for _, us := range samples {
+			sum += us
+		}
 		res.P50 = percentile(samples, 50)
 		res.P99 = percentile(samples, 99)
 		res.Mean = sum / float64(len(samples))
 		res.Min = samples[0]
 		res.Max = samples[len(samples)-1]
 	}
-	emitJSON(res)
+	return res
 }
 
 // ----------------------------------------------------------------- cps
