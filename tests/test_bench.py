@@ -1,7 +1,9 @@
 """
 Regression guard for the data path: ``python -m tcprelay.bench`` in a narrow
 quick slice (1-connection echo throughput through the Go relay and through
-tcprelay, both with the Go echo service behind them, in the same run).
+tcprelay, both with the Go echo service behind them, in the same run, in two
+rounds in which they take turns); and the latency run in which the stacks
+take turns within one load client.
 
 It fails only on a gross slowdown: the ratio tcprelay / Go relay falling
 below a third of the ratio recorded in docs/benchmarks.rst.  The ratio is
@@ -38,19 +40,15 @@ SLOWDOWN_FACTOR = 3.0
 RUN_TIMEOUT = 120.0
 
 
-def _run_slice(tmp_path: Path, attempt: int) -> dict[str, Any]:
+def _run_slice(tmp_path: Path, attempt: int, *args: str) -> dict[str, Any]:
     out = tmp_path / f"bench-{attempt}.json"
     argv = [
         sys.executable,
         "-m",
         "tcprelay.bench",
         "--quick",
-        "--scenarios",
-        "go-relay,tcprelay",
-        "--tests",
-        "throughput",
-        "--conns",
-        "1",
+        *(args or ("--scenarios", "go-relay,tcprelay", "--tests", "throughput", "--conns", "1",
+                   "--rounds", "2")),
         "--go-src",
         str(REPO_ROOT / "tests" / "interop"),
         "--json",
@@ -86,6 +84,8 @@ def test_tcprelay_throughput_is_not_grossly_slower_than_go_relay(tmp_path: Path)
         assert go["errors"] == 0 and ours["errors"] == 0, (go, ours)
         assert go["bytes"] > 0 and ours["bytes"] > 0, (go, ours)
         for run in (go, ours):
+            # two rounds each, the stacks taking turns
+            assert run["rounds"] == 2 and len(run["round_mbps"]) == 2, run
             # every process of the stack is accounted for, and the machine
             cpu = run["cpu_seconds"]
             assert cpu["relay"] > 0 and cpu["service"] > 0 and cpu["load"] > 0, run
@@ -99,3 +99,22 @@ def test_tcprelay_throughput_is_not_grossly_slower_than_go_relay(tmp_path: Path)
         f"(a third of the recorded {RECORDED_RATIO_1_CONN}, docs/benchmarks.rst) "
         f"twice: {'; '.join(seen)}"
     )
+
+
+def test_latency_stacks_take_turns_in_one_load_client(tmp_path: Path) -> None:
+    """Each stack gets its own latency figures from the alternating run."""
+    gobuild.require_go()
+    document = _run_slice(
+        tmp_path, 0,
+        "--scenarios", "direct,go-relay,tcprelay", "--tests", "latency",
+        "--latency-n", "30", "--latency-block", "7", "--no-warmup",
+    )
+    assert document["settings"]["latency_block"] == 7
+    results = document["results"]
+    assert set(results) == {"direct", "go-relay", "tcprelay"}
+    addresses = {result["address"] for result in results.values()}
+    assert len(addresses) == 3, addresses
+    for name, result in results.items():
+        latency = result["latency"]
+        assert latency["n"] == 30 and latency["errors"] == 0, (name, latency)
+        assert 0 < latency["min_us"] <= latency["p50_us"] <= latency["p99_us"] <= latency["max_us"]

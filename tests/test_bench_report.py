@@ -1,6 +1,7 @@
 """
 The benchmark's arithmetic on synthetic results (no processes): the CPU
-bound of a throughput run and the notes and rows built from it.
+bound of a throughput run, the notes and rows built from it, and how the
+rounds in which the stacks take turns are ordered and merged.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tcprelay.bench.report import cpu_bound, cpu_notes, figures, ratios, table
+from tcprelay.bench.run import _merge_rounds, _rotated
 
 
 def _run(mbps: float, busy: float, idle: float, **cpu: float) -> dict[str, Any]:
@@ -89,3 +91,52 @@ def test_busy_rows_are_shown_but_not_divided() -> None:
     text = table(results, (1, 8), 10000)
     busy_line = next(line for line in text.splitlines() if line.startswith("CPUs busy %, 8 conns"))
     assert busy_line.split()[-3:] == ["97", "100", "-"]
+
+
+def test_rounds_are_merged_into_one_figure_over_their_total_time() -> None:
+    """Throughput from rounds is all bytes over all seconds (not a mean of
+    rates), CPU times add up, errors count and the first message is kept."""
+    rounds = [
+        {"mbps": 100.0, "bytes": 100_000_000, "seconds": 1.0, "conns": 8, "errors": 0,
+         "cpu_seconds": {"relay": 0.5, "load": 0.25},
+         "machine_cpu_seconds": {"busy": 1.5, "idle": 0.5, "softirq": 0.25},
+         "runqueue_wait_seconds": {"relay": 0.125}},
+        {"mbps": 300.0, "bytes": 600_000_000, "seconds": 2.0, "conns": 8, "errors": 2,
+         "error": "read: reset",
+         "cpu_seconds": {"relay": 1.0, "load": 0.5},
+         "machine_cpu_seconds": {"busy": 3.0, "idle": 1.0, "softirq": 0.5},
+         "runqueue_wait_seconds": {"relay": 0.25}},
+    ]
+    merged = _merge_rounds(rounds)
+    assert merged["bytes"] == 700_000_000
+    assert merged["seconds"] == 3.0
+    assert merged["mbps"] == pytest.approx(700 / 3)
+    assert merged["round_mbps"] == [100.0, 300.0]
+    assert merged["rounds"] == 2 and merged["conns"] == 8
+    assert merged["errors"] == 2 and merged["error"] == "read: reset"
+    assert merged["cpu_seconds"] == {"relay": 1.5, "load": 0.75}
+    assert merged["machine_cpu_seconds"] == {"busy": 4.5, "idle": 1.5, "softirq": 0.75}
+    assert merged["runqueue_wait_seconds"] == {"relay": 0.375}
+
+
+def test_cps_rounds_are_merged_into_connections_over_total_time() -> None:
+    merged = _merge_rounds([
+        {"cps": 1000.0, "completed": 1000, "seconds": 1.0, "errors": 0},
+        {"cps": 3000.0, "completed": 6000, "seconds": 2.0, "errors": 0},
+    ])
+    assert merged["completed"] == 7000
+    assert merged["cps"] == pytest.approx(7000 / 3)
+    assert merged["round_cps"] == [1000.0, 3000.0]
+    assert "error" not in merged and "cpu_seconds" not in merged
+
+
+def test_stacks_take_turns_in_a_rotating_order() -> None:
+    stacks = ["direct", "go-relay", "tcprelay"]
+    orders = [_rotated(stacks, r) for r in range(4)]
+    assert orders == [
+        ["direct", "go-relay", "tcprelay"],
+        ["go-relay", "tcprelay", "direct"],
+        ["tcprelay", "direct", "go-relay"],
+        ["direct", "go-relay", "tcprelay"],
+    ]
+    assert _rotated([], 3) == []
