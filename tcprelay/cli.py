@@ -231,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tcprelay.relay.server import raise_open_files_limit
 
     raise_open_files_limit(Logger("tcprelay.cli"))
-    from tcprelay._reactor import freeze_heap, tune_reactor
+    from tcprelay._reactor import freeze_heap, tune_malloc, tune_reactor
 
+    tune_malloc()
     tune_reactor(reactor, options.subOptions["busy-poll"])
     code: list[int] = [0]
 

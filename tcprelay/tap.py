@@ -354,11 +354,12 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
     Build the relay from parsed :class:`Options`: a MultiService with the
     named children ``control``, ``pool`` and ``public``.  Nothing listens
     until the service starts.  Without ``reactor`` (as twistd calls it: the
-    daemon owns its process) the service freezes its start-up heap once
-    running (:func:`tcprelay._reactor.freeze_heap`); given one (a process
-    embedding the relay, tests), it does not.
+    daemon owns its process) the service tunes the process's allocator when
+    it starts and freezes its start-up heap once running
+    (:func:`tcprelay._reactor.tune_malloc`, :func:`~tcprelay._reactor.freeze_heap`);
+    given one (a process embedding the relay, tests), it does neither.
     """
-    freeze = reactor is None
+    daemon = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -400,5 +401,5 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         notifier,
         log_observer,
         busy_poll=options["busy-poll"],
-        freeze=freeze,
+        daemon=daemon,
     )

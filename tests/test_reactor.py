@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +23,16 @@ import pytest
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 
-from tcprelay._reactor import IdleGauge, freeze_heap, tune_reactor, usable_cpus
+from tcprelay._reactor import (
+    MALLOC_MMAP_THRESHOLD,
+    MALLOC_TOP_PAD,
+    MALLOC_TRIM_THRESHOLD,
+    IdleGauge,
+    freeze_heap,
+    tune_malloc,
+    tune_reactor,
+    usable_cpus,
+)
 
 READ = 1
 
@@ -341,3 +353,85 @@ def test_freeze_heap_collects_then_freezes() -> None:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
     assert any(o is kept for o in gc.get_objects())
+
+
+class _FakeLibc:
+    def __init__(self, answer: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.answer = answer
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.answer
+
+
+def test_tune_malloc_sets_mmap_then_trim_threshold_and_top_pad() -> None:
+    """M_MMAP_THRESHOLD (-3), M_TRIM_THRESHOLD (-1) and M_TOP_PAD (-2), in that order."""
+    libc = _FakeLibc()
+    assert tune_malloc(libc, environ={"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
+    assert libc.calls == [
+        (-3, MALLOC_MMAP_THRESHOLD),
+        (-1, MALLOC_TRIM_THRESHOLD),
+        (-2, MALLOC_TOP_PAD),
+    ]
+    assert MALLOC_MMAP_THRESHOLD >= 1 << 20, "a 256 KiB read buffer must come from the heap"
+
+
+@pytest.mark.parametrize("environ", [
+    {"MALLOC_TOP_PAD_": "0"},
+    {"MALLOC_TRIM_THRESHOLD_": "131072"},
+    {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
+])
+def test_tune_malloc_leaves_the_operators_settings_alone(environ: dict[str, str]) -> None:
+    libc = _FakeLibc()
+    assert not tune_malloc(libc, environ=environ)
+    assert libc.calls == []
+
+
+def test_tune_malloc_says_when_glibc_refused() -> None:
+    libc = _FakeLibc(answer=0)
+    assert not tune_malloc(libc, environ={})
+    assert len(libc.calls) == 3
+
+
+_FAULTS_SCRIPT = """
+import os, sys
+from tcprelay._reactor import tune_malloc
+
+def minor_faults():
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+tuned = sys.argv[1] == "tune" and tune_malloc(environ={})
+for _ in range(3):  # the heap's first growth is not what is measured
+    buffers = [bytearray(262144) for _ in range(64)]
+    del buffers
+before = minor_faults()
+for _ in range(20):
+    # a burst of 16 MiB of read-sized buffers, all freed: the heap's top
+    buffers = [os.urandom(1) * 262144 for _ in range(64)]
+    del buffers
+print(tuned, minor_faults() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_tune_malloc_stops_the_heap_from_being_given_back_and_faulted_in_again() -> None:
+    """Bursts of 256 KiB buffers fault pages in again and again with glibc's
+    defaults (the freed top of the heap is trimmed), and not once tuned."""
+    found = {}
+    for mode in ("tune", "default"):
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode],
+            capture_output=True, text=True, timeout=60, check=True,
+            env={**{k: v for k, v in os.environ.items()
+                    if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"},
+                 "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        ).stdout.split()
+        found[mode] = (out[0] == "True", int(out[1]))
+    pages = 20 * 64 * 262144 // 4096
+    assert found["tune"][0], "tune_malloc did not apply on this glibc"
+    assert found["tune"][1] < pages // 100, found
+    # and the measurement can tell: the defaults do fault the heap in again
+    assert found["default"][1] > pages // 20, found

@@ -19,6 +19,7 @@ from twisted.python import usage
 from tcprelay import tap
 from tcprelay._reactor import freeze_heap
 from tcprelay.relay.pool import PortPool
+from tcprelay.relay import server
 from tcprelay.relay.server import Relay
 
 
@@ -147,8 +148,8 @@ def test_make_service_children_and_no_listening_until_started() -> None:
 
     service.startService()
     try:
-        # given a reactor (embedded, tests): no freezing of the process's heap
-        assert not service.freeze
+        # given a reactor (embedded, tests): the process's heap is left alone
+        assert not service.daemon
         assert (freeze_heap, (), {}) not in reactor.whenRunningHooks
         assert len(reactor.tcpServers) == 1
         port, factory, _backlog, interface = reactor.tcpServers[0]
@@ -303,14 +304,24 @@ def test_expose_busy_poll_option(argv: list[str], seconds: float, tmp_path) -> N
                                    "--busy-poll", "-5"])
 
 
-def test_the_daemon_freezes_its_start_up_heap_once_running() -> None:
-    """As twistd calls it (no reactor given), makeService's service is the daemon's and freezes; a freezing service registers freeze_heap for when the reactor runs."""
-    assert tap.makeService(parse("--control", "9000")).freeze
+def test_the_daemon_tunes_malloc_and_freezes_its_start_up_heap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As twistd calls it (no reactor given), makeService's service is the daemon's: on start it tunes the allocator at once and registers freeze_heap for when the reactor runs."""
+    assert tap.makeService(parse("--control", "9000")).daemon
+    tuned: list[bool] = []
+    monkeypatch.setattr(server, "tune_malloc", lambda: tuned.append(True) or True)
+    embedded = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"),
+                               MemoryReactorClock())
+    embedded.startService()
+    embedded.stopService()
+    assert tuned == [], "an embedded relay leaves the process's allocator alone"
     reactor = MemoryReactorClock()
     service = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"), reactor)
-    service.freeze = True
+    service.daemon = True
     service.startService()
     try:
+        assert tuned == [True]
         assert (freeze_heap, (), {}) in reactor.whenRunningHooks
     finally:
         service.stopService()

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
 from tcprelay._fastio import listen_eager
-from tcprelay._reactor import DEFAULT_BUSY_POLL, freeze_heap, tune_reactor
+from tcprelay._reactor import DEFAULT_BUSY_POLL, freeze_heap, tune_malloc, tune_reactor
 from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
@@ -842,15 +842,16 @@ class RelayService(MultiService):
         notifier: Optional[Service] = None,
         log_observer: Optional[object] = None,
         busy_poll: float = DEFAULT_BUSY_POLL,
-        freeze: bool = False,
+        daemon: bool = False,
     ) -> None:
         super().__init__()
         self.relay = relay
         self.busy_poll = busy_poll
         """Seconds to keep polling after activity (see tcprelay._reactor)."""
-        self.freeze = freeze
-        """Once running, freeze the start-up heap (:func:`tcprelay._reactor.freeze_heap`):
-        for the daemon, which owns its process."""
+        self.daemon = daemon
+        """The daemon owns its process: on start, tune its allocator
+        (:func:`tcprelay._reactor.tune_malloc`) and, once running, freeze its
+        start-up heap (:func:`tcprelay._reactor.freeze_heap`)."""
         self.log_observer = log_observer
         relay.pool.setServiceParent(self)
         relay.setServiceParent(self)
@@ -896,10 +897,12 @@ class RelayService(MultiService):
                 reactor.callFromThread(self.relay.reload_secrets)  # type: ignore[attr-defined]
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
+        if self.daemon:
+            tune_malloc()
         call_when_running = getattr(self.relay.reactor, "callWhenRunning", None)
         if call_when_running is not None:
             call_when_running(self._calm_repeated_signals)
-            if self.freeze:
+            if self.daemon:
                 call_when_running(freeze_heap)
 
     def _calm_repeated_signals(self) -> None:
