@@ -1136,7 +1136,7 @@ async def test_loopback_bulk_transfer_with_half_close(reactor) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_loopback_read_size_grows_with_open_streams(reactor) -> None:
-    """A session socket reads 64 KiB per open stream, never less than 64 KiB (a 0-byte read would be EOF) nor more than 256 KiB."""
+    """A session socket reads 64 KiB per open stream, never less than 64 KiB (a 0-byte read would be EOF) nor more than 1 MiB."""
     acceptor = Acceptor(Recorder)
     port, factory, client = await _loopback(reactor, acceptor)
 
@@ -1152,20 +1152,20 @@ async def test_loopback_read_size_grows_with_open_streams(reactor) -> None:
         assert server.transport.bufferSize == 65536  # type: ignore[union-attr]
         streams = []
         sizes = []
-        for n in range(1, 7):
+        for n in range(1, 19):
             streams.append(client.open_stream(Recorder()))
             streams[-1].write(b"x")
             await arrived(n)
             sizes.append(server.transport.bufferSize)  # type: ignore[union-attr]
-        assert sizes == [65536, 131072, 196608, 262144, 262144, 262144]
+        assert sizes == [65536 * n for n in range(1, 17)] + [1 << 20, 1 << 20]
         for stream in streams:
             stream.abortConnection()
         # the read with the last RST leaves no stream open: 64 KiB, not 0
         await wait_for(reactor, lambda: not server.streams, what="the streams to close")
         assert server.transport.bufferSize == 65536  # type: ignore[union-attr]
         client.open_stream(Recorder()).write(b"y")
-        await arrived(7)
-        assert bytes(acceptor.protocols[6].received) == b"y"
+        await arrived(19)
+        assert bytes(acceptor.protocols[18].received) == b"y"
     finally:
         await _teardown(reactor, port, factory, client)
 
