@@ -16,7 +16,9 @@ service).  Each side's protocol holds the other's transport:
 - a TCP socket side gets ``TCP_NODELAY`` (as Go sets on every TCP
   connection): each read is forwarded as one write already, and Nagle's
   algorithm would only hold back the tail of a reply until the peer's
-  (possibly delayed) ACK.
+  (possibly delayed) ACK;
+- a TCP socket side reads :data:`FEED_READ_SIZE` bytes at a time: whole
+  muxado frames.
 """
 
 from __future__ import annotations
@@ -28,9 +30,29 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import close_finished, close_now, lose_write_now, nodelay, write_now
+from tcprelay._fastio import (
+    close_finished,
+    close_now,
+    lose_write_now,
+    nodelay,
+    read_size,
+    write_now,
+)
+from tcprelay.mux.frames import MAX_PAYLOAD
 
-__all__ = ["Splice"]
+__all__ = ["FEED_READ_SIZE", "Splice"]
+
+FEED_READ_SIZE = 4 * MAX_PAYLOAD
+"""
+Bytes a socket feeding a stream reads at a time: four whole muxado v1
+frames (65532), where Twisted's 65536 made four frames and a 4-byte one.
+With a Go peer every such frame costs the peer a read, a wake-up, a WNDINC
+and an echoed 4-byte frame of its own.  Together with whole-frame sending
+behind a shut window (:meth:`tcprelay.mux.session.Session.release_short`),
+alternating rounds with 8 connections through the Go echo service: 354
+against 329 MB/s (higher in nine of ten), and the service's CPU per MB
+15% lower.
+"""
 
 
 @implementer(interfaces.IPushProducer)
@@ -145,6 +167,7 @@ class _Side(Protocol):
         peer = self.peer
         splice = self.splice
         nodelay(self.transport)
+        read_size(self.transport, FEED_READ_SIZE)
         if self is splice.a and splice.preamble is not None and peer.transport is not None:
             preamble, splice.preamble = splice.preamble, None
             peer.transport.write(preamble(self.transport))

@@ -74,6 +74,14 @@ grants 64 KiB windows; with this margin a stream holds at most one more
 read (64 KiB) than it would otherwise.
 """
 
+SHORT_HOLD = 0.001
+"""
+Seconds a stream may hold back queued data when its send window is less
+than one frame (:meth:`tcprelay.mux.session.Session.release_short`): a
+peer's WNDINC almost always comes sooner; this only bounds the wait on a
+peer that grants window only once it has consumed nearly all of it.
+"""
+
 StreamAcceptor = Callable[["MuxStream"], Optional[interfaces.IProtocol]]
 """Given a peer-opened stream, return the protocol to run on it, or None."""
 
@@ -365,6 +373,7 @@ class MuxProtocol(Protocol):
         self._timer: Optional[IDelayedCall] = None
         self._abort_timer: Optional[IDelayedCall] = None
         self._held_flush: Optional[IDelayedCall] = None
+        self._short_release: Optional[IDelayedCall] = None
         self._connected = False
 
     # -- Protocol ----------------------------------------------------------
@@ -400,10 +409,10 @@ class MuxProtocol(Protocol):
         self._connected = False
         self.session.connection_lost(reason.getErrorMessage())
         self.flush()
-        for call in (self._timer, self._abort_timer, self._held_flush):
+        for call in (self._timer, self._abort_timer, self._held_flush, self._short_release):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._abort_timer = self._held_flush = None
+        self._timer = self._abort_timer = self._held_flush = self._short_release = None
         if not self.ended.called:
             end = self.end_event or self.session.end_reason
             assert end is not None
@@ -542,6 +551,13 @@ class MuxProtocol(Protocol):
                 events = None
         finally:
             self._pumping = False
+        if session.holding_short and self._short_release is None and self._connected:
+            self._short_release = self.clock.callLater(SHORT_HOLD, self._release_short)
+
+    def _release_short(self) -> None:
+        self._short_release = None
+        self.session.release_short()
+        self.flush()
 
     def _dispatch(self, event: ev.Event) -> None:
         kind = type(event)

@@ -38,7 +38,8 @@ from tcprelay._fastio import (
     listen_eager,
     lose_write_now,
 )
-from tcprelay.forward import Splice
+from tcprelay.forward import FEED_READ_SIZE, Splice
+from tcprelay.mux.frames import MAX_PAYLOAD
 from tests.relay_helpers import bounded, wait_for
 
 
@@ -101,7 +102,7 @@ class _Pair:
 
 @pytest_twisted.ensureDeferred
 async def test_connected_tcp_side_gets_nodelay_and_forwards(reactor: Any) -> None:
-    """A splice side connected out over TCP turns Nagle off and forwards."""
+    """A splice side connected out over TCP turns Nagle off, reads whole muxado frames at a time, and forwards."""
     splice = Splice()
     splice.b.makeConnection(StringTransport())  # stands in for the mux stream (no TCP options)
     seen: Deferred[Any] = Deferred()
@@ -111,6 +112,7 @@ async def test_connected_tcp_side_gets_nodelay_and_forwards(reactor: Any) -> Non
         await pair.connect()
         assert await bounded(seen, reactor) is splice.a
         assert splice.a.transport.getTcpNoDelay()
+        assert splice.a.transport.bufferSize == FEED_READ_SIZE == 4 * MAX_PAYLOAD
         splice.b.dataReceived(b"from the stream")
         await wait_for(
             reactor, lambda: bytes(pair.server.received) == b"from the stream", what="the bytes"

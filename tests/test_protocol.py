@@ -44,11 +44,15 @@ from tcprelay.mux.session import INITIAL_WINDOW, Role, SessionClosedError, Sessi
 from tcprelay.protocol import (
     CLOSE_TIMEOUT,
     PAUSE_PENDING,
+    SHORT_HOLD,
     MuxProtocol,
     MuxStream,
     StreamResetError,
 )
 from tests.relay_helpers import wait_for
+
+WHOLE_WINDOW = INITIAL_WINDOW - INITIAL_WINDOW % MAX_PAYLOAD
+"""What a stream sends of a larger write into a fresh window: whole frames."""
 
 from tests.adapter_helpers import (
     Acceptor,
@@ -269,8 +273,9 @@ def test_get_peer_and_host_default_to_the_session_transport() -> None:
 
 
 def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> None:
-    """A streaming producer pauses once more than PAUSE_PENDING bytes wait for the peer's window, and resumes only when WNDINC has drained them all."""
-    mux, tr = connect(Role.CLIENT, Clock())
+    """A streaming producer pauses once more than PAUSE_PENDING bytes wait for the peer's window, and resumes only when WNDINC has drained them all; a window of less than one frame is held back for at most SHORT_HOLD."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
     a = mux.open_stream(Recorder())
     b = mux.open_stream(Recorder())
     take_frames(tr)
@@ -278,12 +283,16 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     a.registerProducer(pa, True)
     b.registerProducer(pb, True)
     assert not pa.paused and not pb.paused
-    data = payload(INITIAL_WINDOW + PAUSE_PENDING + 1)
+    whole = WHOLE_WINDOW  # 4 frames, 4 bytes short of the window
+    data = payload(whole + PAUSE_PENDING + 1)
 
-    # Up to PAUSE_PENDING bytes may wait without pausing the producer.
+    # Whole frames up to the window; up to PAUSE_PENDING bytes may wait
+    # without pausing the producer.
     a.write(data[:-1])
-    sent = data_on(take_frames(tr), a.stream_id)
-    assert sent == data[:INITIAL_WINDOW]
+    frames = take_frames(tr)
+    assert [len(fr.data) for fr in frames] == [MAX_PAYLOAD] * 4  # type: ignore[attr-defined]
+    sent = data_on(frames, a.stream_id)
+    assert sent == data[:whole]
     assert mux.session.pending(a.stream_id) == PAUSE_PENDING
     assert not pa.paused
     a.write(data[-1:])
@@ -296,11 +305,16 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     assert take_frames(tr) == [Data(b.stream_id, b"y" * 1000)]
     assert not pb.paused
 
-    # A partial grant sends that much and keeps the producer paused, even
-    # though less than PAUSE_PENDING now waits.
+    # A grant that leaves less than a frame of window waits for more...
     mux.dataReceived(encode_wndinc(a.stream_id, 1000))
+    assert take_frames(tr) == []
+    clock.advance(SHORT_HOLD / 2)
+    assert take_frames(tr) == []
+    # ... for at most SHORT_HOLD, then goes, and the producer stays paused
+    # even though less than PAUSE_PENDING now waits.
+    clock.advance(SHORT_HOLD / 2)
     more = data_on(take_frames(tr), a.stream_id)
-    assert more == data[INITIAL_WINDOW : INITIAL_WINDOW + 1000]
+    assert more == data[whole : INITIAL_WINDOW + 1000]
     assert 0 < mux.session.pending(a.stream_id) < PAUSE_PENDING
     assert pa.paused and pa.resumes == 0
 
@@ -310,6 +324,33 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     assert sent + more + rest == data
     assert not pa.paused and pa.resumes == 1
     assert pb.pauses == 0 and pb.resumes == 0
+
+
+def test_a_grant_of_a_frame_or_more_sends_whole_frames_at_once() -> None:
+    """With more queued than the window, a WNDINC that makes a frame's worth of window sends whole frames at once, no sub-frame remainder and no timer wait."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
+    a = mux.open_stream(Recorder())
+    take_frames(tr)
+    data = payload(200_000)
+    a.write(data)
+    sent = data_on(take_frames(tr), a.stream_id)
+    assert len(sent) == 4 * MAX_PAYLOAD
+    mux.dataReceived(encode_wndinc(a.stream_id, MAX_PAYLOAD))  # 4 + 16383 of window
+    one = take_frames(tr)
+    assert [len(fr.data) for fr in one] == [MAX_PAYLOAD]  # type: ignore[attr-defined]
+    mux.dataReceived(encode_wndinc(a.stream_id, 2 * MAX_PAYLOAD + 100))  # 4 + 32866
+    two = take_frames(tr)
+    assert [len(fr.data) for fr in two] == [MAX_PAYLOAD] * 2  # type: ignore[attr-defined]
+    assert mux.session.send_window(a.stream_id) == 104
+    # the tail of the data goes as a short frame once the window covers it
+    mux.dataReceived(encode_wndinc(a.stream_id, 200_000))
+    rest = data_on(take_frames(tr), a.stream_id)
+    assert len(rest) == 200_000 - 7 * MAX_PAYLOAD
+    assert sent + data_on(one, a.stream_id) + data_on(two, a.stream_id) + rest == data
+    assert mux.session.pending(a.stream_id) == 0
+    clock.advance(SHORT_HOLD)  # the hold's timer, if any, has nothing to add
+    assert take_frames(tr) == []
 
 
 def test_send_window_backpressure_between_two_mux_protocols() -> None:
@@ -406,12 +447,14 @@ def test_paused_protocol_holds_data_and_withholds_wndinc() -> None:
     assert proto.received == b""
     frames = take_frames(tr)
     assert not any(isinstance(fr, WndInc) for fr in frames)
-    assert peer.session.send_window(sid) == 0
-    assert peer.session.pending(sid) == 100000 - INITIAL_WINDOW
+    # the peer sent whole frames up to its window (the rest of it is less
+    # than a frame and waits for a WNDINC)
+    assert peer.session.send_window(sid) == INITIAL_WINDOW - WHOLE_WINDOW
+    assert peer.session.pending(sid) == 100000 - WHOLE_WINDOW
 
     acceptor.streams[0].resumeProducing()
 
-    assert bytes(proto.received) == data[:INITIAL_WINDOW]
+    assert bytes(proto.received) == data[:WHOLE_WINDOW]
     granted = sum(fr.increment for fr in take_frames(tr) if isinstance(fr, WndInc) and fr.stream_id == sid)
     assert granted >= INITIAL_WINDOW // 2
     peer.session.receive_data(encode_wndinc(sid, granted))
@@ -539,7 +582,7 @@ def test_slow_stream_does_not_stall_others() -> None:
     slow_proto, fast_proto = acceptor.protocols
     assert bytes(fast_proto.received) == fast_data
     assert slow_proto.received == b""
-    assert pair.client.session.pending(slow.stream_id) == 150000 - INITIAL_WINDOW
+    assert pair.client.session.pending(slow.stream_id) == 150000 - WHOLE_WINDOW
     assert not pair.client.paused and not pair.server.paused
 
     # More on the fast stream still flows while the slow one is held.

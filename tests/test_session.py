@@ -48,6 +48,8 @@ from tests.mux_helpers import (
 )
 
 HB_TYPE = 0xFFFFFEFF
+WHOLE = INITIAL_WINDOW - INITIAL_WINDOW % f.MAX_PAYLOAD
+"""Whole frames within a fresh window: 4 frames of 16383 bytes, 4 bytes short."""
 HB_PRIORITY = 0x7FFFFFFF
 HEARTBEAT_SYN_3 = bytes.fromhex("0008 0601 00000003 7fffffff fffffeff")
 HEARTBEAT_SYN_2 = bytes.fromhex("0008 0601 00000002 7fffffff fffffeff")
@@ -259,20 +261,26 @@ def test_data_after_fin_resets_stream() -> None:
 
 
 def test_sender_never_exceeds_window() -> None:
-    """Of 200 KB sent on a fresh stream exactly 65536 bytes go out until a WNDINC arrives."""
+    """Of 200 KB sent on a fresh stream, whole frames up to the 65536-byte window go out until a WNDINC arrives; the last 4 bytes of window (less than a frame) wait, unless released."""
     client, sid = client_with_stream()
     body = payload(200_000)
     client.send_data(sid, body)
     frames = sent_frames(client)
     assert all(isinstance(x, Data) for x in frames)
-    assert all(len(x.data) <= f.MAX_PAYLOAD for x in frames)  # type: ignore[union-attr]
-    assert data_payload(frames) == body[:INITIAL_WINDOW]
-    assert client.pending(sid) == 200_000 - INITIAL_WINDOW
-    assert client.send_window(sid) == 0
+    assert [len(x.data) for x in frames] == [f.MAX_PAYLOAD] * 4  # type: ignore[union-attr]
+    assert data_payload(frames) == body[:WHOLE]
+    assert client.pending(sid) == 200_000 - WHOLE
+    assert client.send_window(sid) == INITIAL_WINDOW - WHOLE
+    assert client.holding_short
     # More writes only queue.
     client.send_data(sid, b"tail")
     assert client.data_to_send() == b""
     assert client.events() == []
+    # Released (the adapter does so after a short hold): the window's rest goes.
+    client.release_short()
+    assert sent_frames(client) == [Data(sid, body[WHOLE:INITIAL_WINDOW])]
+    assert client.send_window(sid) == 0
+    assert not client.holding_short
 
 
 def test_queued_data_flushed_in_order_after_wndinc() -> None:
@@ -282,10 +290,15 @@ def test_queued_data_flushed_in_order_after_wndinc() -> None:
     for chunk in (first, second, third):
         client.send_data(sid, chunk)
     out = data_payload(sent_frames(client))
-    assert len(out) == INITIAL_WINDOW
+    assert len(out) == WHOLE
+    # less than a frame of window with more queued: it waits...
     assert feed(client, WndInc(sid, 1000)) == []
+    assert client.data_to_send() == b""
+    assert client.holding_short
+    # ... until released
+    client.release_short()
     step = data_payload(sent_frames(client))
-    assert len(step) == 1000
+    assert len(step) == INITIAL_WINDOW - WHOLE + 1000
     out += step
     events = feed(client, WndInc(sid, 1_000_000))
     assert events == [SendWindowOpened(sid)]
@@ -319,7 +332,8 @@ def test_fin_waits_behind_queued_data() -> None:
     assert client.state(sid) is StreamState.OPEN
     feed(client, WndInc(sid, 10))
     frames = sent_frames(client)
-    assert frames == [Data(sid, body[-10:], fin=True)]
+    # the window now covers everything queued: the short tail goes with FIN
+    assert frames == [Data(sid, body[WHOLE:], fin=True)]
     assert client.state(sid) is StreamState.HALF_CLOSED_LOCAL
 
 
@@ -584,7 +598,7 @@ def test_close_stream_with_queued_data_fins_after_it() -> None:
     assert client.data_to_send() == b""
     assert client.events() == []
     events = feed(client, WndInc(sid, 100))
-    assert sent_frames(client) == [Data(sid, body[-100:], fin=True)]
+    assert sent_frames(client) == [Data(sid, body[WHOLE:], fin=True)]
     assert events == [SendWindowOpened(sid), StreamClosed(sid, None, False, "")]
 
 
@@ -1301,3 +1315,45 @@ def test_peer_stream_extra_window_not_sent_with_the_peers_last_data() -> None:
     frames[-1] = Data(3, frames[-1].data, fin=True)
     feed(server, *frames)
     assert server.data_to_send() == b""
+
+
+def test_a_window_below_one_frame_waits_only_while_more_is_queued_than_it_allows() -> None:
+    """Data that fits the window goes at once, short tail included; only more than the window holds back the sub-frame rest."""
+    client, sid = client_with_stream()
+    client.send_data(sid, payload(100))
+    assert data_payload(sent_frames(client)) == payload(100)
+    assert not client.holding_short
+    client.send_data(sid, payload(INITIAL_WINDOW - 100, 2))  # exactly the window
+    assert len(data_payload(sent_frames(client))) == INITIAL_WINDOW - 100
+    assert client.send_window(sid) == 0 and not client.holding_short
+
+
+def test_held_back_streams_are_forgotten_when_they_end() -> None:
+    """A reset stream holds nothing back, and releasing then sends nothing."""
+    client, sid = client_with_stream()
+    client.send_data(sid, payload(100_000))
+    sent_frames(client)
+    assert client.holding_short
+    client.reset_stream(sid, ErrorCode.CANCEL)
+    assert not client.holding_short
+    client.data_to_send()
+    client.release_short()
+    assert client.data_to_send() == b""
+
+
+def test_whole_frames_go_across_queued_chunks() -> None:
+    """Chunks queued behind the window go out in whole frames when window opens, the rest waiting for the next grant."""
+    client, sid = client_with_stream()
+    chunks = [payload(4 * f.MAX_PAYLOAD, n) for n in range(3)]
+    for chunk in chunks:
+        client.send_data(sid, chunk)
+    first = data_payload(sent_frames(client))
+    assert first == chunks[0]
+    feed(client, WndInc(sid, 3 * f.MAX_PAYLOAD - 4 + 50))  # window: 3 frames + 50
+    frames = sent_frames(client)
+    assert [len(x.data) for x in frames] == [f.MAX_PAYLOAD] * 3  # type: ignore[union-attr]
+    assert client.send_window(sid) == 50 and client.holding_short
+    feed(client, WndInc(sid, 10 * f.MAX_PAYLOAD))
+    rest = data_payload(sent_frames(client))
+    assert first + data_payload(frames) + rest == b"".join(chunks)
+    assert not client.holding_short

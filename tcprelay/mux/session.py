@@ -201,6 +201,9 @@ class Session:
         """Granted on top of muxado's initial window as each stream opens."""
         self._deferred: dict[int, _Stream] = {}
         """Peer-opened streams whose extra window is not granted yet."""
+        self._short: dict[int, _Stream] = {}
+        """Streams holding queued data back because their window is less
+        than one frame (see :meth:`release_short`)."""
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2, so a client SYN with id 1 is
         # already "not above the highest seen".
@@ -269,6 +272,30 @@ class Session:
         """A stream's state; CLOSED when it is gone."""
         st = self._streams.get(stream_id)
         return st.state if st is not None else StreamState.CLOSED
+
+    @property
+    def holding_short(self) -> bool:
+        """Whether a stream holds queued data back because its send window
+        is less than one frame: the adapter should call
+        :meth:`release_short` if no WNDINC came within a short while."""
+        return bool(self._short)
+
+    def release_short(self) -> None:
+        """
+        Send what the window allows of the streams holding back less than a
+        frame.  A stream with more queued than its window sends whole
+        frames only and waits for the peer's WNDINC rather than send the
+        remainder (a muxado v1 frame carries at most 16383 bytes and a Go
+        peer's window is 65536, so the remainder is often a few bytes:
+        each such frame costs the peer a read, a wake-up, a WNDINC and an
+        echo frame of its own).  A peer that grants window only once it has
+        consumed nearly everything would wait for ever, hence this, called
+        by the adapter after a short hold.
+        """
+        short, self._short = self._short, {}
+        for st in short.values():
+            if st.pending_len and st.send_window and st.id in self._streams:
+                self._flush(st, whole=False)
 
     def pending(self, stream_id: int) -> int:
         """Bytes of a stream waiting for send window."""
@@ -741,10 +768,14 @@ class Session:
             st.send_window = window - n
             self._frame(st, data, st.fin_queued)
             return
+        # more than the window allows: whole frames now, the rest waits
+        take -= take % f.MAX_PAYLOAD
         view = memoryview(data)
         if take:
-            st.send_window = 0
+            st.send_window = window = window - take
             self._frame(st, view[:take], False)
+        if window:
+            self._short[st.id] = st
         st.pending.append(view[take:])
         st.pending_len += n - take
 
@@ -774,13 +805,25 @@ class Session:
         if fin:
             self._fin_sent(st)
 
-    def _flush(self, st: _Stream) -> None:
-        """The send window grew: frame queued data, in order."""
+    def _flush(self, st: _Stream, whole: bool = True) -> None:
+        """
+        The send window grew: frame queued data, in order.  With more queued
+        than the window allows, only whole frames (unless not ``whole``).
+        """
         pending = st.pending
-        while pending and st.send_window:
+        budget = st.send_window
+        rest = budget % f.MAX_PAYLOAD if whole and st.pending_len > budget else 0
+        if rest:
+            # less than a frame's window left: it waits for the next WNDINC
+            budget -= rest
+            self._short[st.id] = st
+        elif self._short:
+            self._short.pop(st.id, None)
+        while pending and budget:
             chunk = pending[0]
             n = len(chunk)
-            take = min(n, st.send_window)
+            take = n if n <= budget else budget
+            budget -= take
             if take == n:
                 pending.popleft()
                 piece = chunk
@@ -805,6 +848,7 @@ class Session:
         if self._streams.pop(st.id, None) is None:
             return
         self._deferred.pop(st.id, None)
+        self._short.pop(st.id, None)
         st.state = StreamState.CLOSED
         st.pending.clear()
         st.pending_len = 0
