@@ -552,11 +552,15 @@ class MuxProtocol(Protocol):
         finally:
             self._pumping = False
         if session.holding_short and self._short_release is None and self._connected:
-            self._short_release = self.clock.callLater(SHORT_HOLD, self._release_short)
+            self._short_release = self.clock.callLater(
+                SHORT_HOLD, self._release_short, session.start_short_period()
+            )
 
-    def _release_short(self) -> None:
+    def _release_short(self, period: int) -> None:
+        """Streams that have held back less than a frame for SHORT_HOLD or
+        more send it (no WNDINC came meanwhile)."""
         self._short_release = None
-        self.session.release_short()
+        self.session.release_short(period)
         self.flush()
 
     def _dispatch(self, event: ev.Event) -> None:

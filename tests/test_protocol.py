@@ -326,6 +326,27 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     assert pb.pauses == 0 and pb.resumes == 0
 
 
+def test_a_stream_that_keeps_sending_whole_frames_is_not_released_early() -> None:
+    """The sub-frame rest goes only after SHORT_HOLD without progress: a stream that sent whole frames meanwhile starts holding anew."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
+    a = mux.open_stream(Recorder())
+    take_frames(tr)
+    a.write(payload(200_000))
+    assert len(data_on(take_frames(tr), a.stream_id)) == WHOLE_WINDOW  # 4 bytes held
+    clock.advance(SHORT_HOLD / 2)
+    mux.dataReceived(encode_wndinc(a.stream_id, MAX_PAYLOAD))  # progress: one more frame
+    assert [len(fr.data) for fr in take_frames(tr)] == [MAX_PAYLOAD]  # type: ignore[attr-defined]
+    clock.advance(SHORT_HOLD / 2)  # the first hold's timer: this stream's hold is younger
+    assert take_frames(tr) == []
+    clock.advance(SHORT_HOLD)  # the next timer: held a whole SHORT_HOLD without progress
+    assert data_on(take_frames(tr), a.stream_id) == payload(200_000)[WHOLE_WINDOW + MAX_PAYLOAD:INITIAL_WINDOW + MAX_PAYLOAD]
+    assert mux.session.send_window(a.stream_id) == 0
+    assert not mux.session.holding_short
+    clock.advance(10 * SHORT_HOLD)
+    assert take_frames(tr) == []
+
+
 def test_a_grant_of_a_frame_or_more_sends_whole_frames_at_once() -> None:
     """With more queued than the window, a WNDINC that makes a frame's worth of window sends whole frames at once, no sub-frame remainder and no timer wait."""
     clock = Clock()

@@ -201,9 +201,11 @@ class Session:
         """Granted on top of muxado's initial window as each stream opens."""
         self._deferred: dict[int, _Stream] = {}
         """Peer-opened streams whose extra window is not granted yet."""
-        self._short: dict[int, _Stream] = {}
+        self._short: dict[int, int] = {}
         """Streams holding queued data back because their window is less
-        than one frame (see :meth:`release_short`)."""
+        than one frame, by id: the hold period they started in (see
+        :meth:`release_short`)."""
+        self._short_period = 0
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2, so a client SYN with id 1 is
         # already "not above the highest seen".
@@ -276,26 +278,40 @@ class Session:
     @property
     def holding_short(self) -> bool:
         """Whether a stream holds queued data back because its send window
-        is less than one frame: the adapter should call
-        :meth:`release_short` if no WNDINC came within a short while."""
+        is less than one frame (see :meth:`release_short`)."""
         return bool(self._short)
 
-    def release_short(self) -> None:
+    def start_short_period(self) -> int:
         """
-        Send what the window allows of the streams holding back less than a
-        frame.  A stream with more queued than its window sends whole
-        frames only and waits for the peer's WNDINC rather than send the
-        remainder (a muxado v1 frame carries at most 16383 bytes and a Go
-        peer's window is 65536, so the remainder is often a few bytes:
-        each such frame costs the peer a read, a wake-up, a WNDINC and an
-        echo frame of its own).  A peer that grants window only once it has
-        consumed nearly everything would wait for ever, hence this, called
-        by the adapter after a short hold.
+        Begin a new hold period and return the number of the one that ends:
+        the adapter calls this when it starts its timer, and passes the
+        number to :meth:`release_short` when the timer fires.
         """
-        short, self._short = self._short, {}
-        for st in short.values():
-            if st.pending_len and st.send_window and st.id in self._streams:
-                self._flush(st, whole=False)
+        period = self._short_period
+        self._short_period = period + 1
+        return period
+
+    def release_short(self, period: Optional[int] = None) -> None:
+        """
+        Send what the window allows of the streams that have held back less
+        than a frame since hold period ``period`` or earlier (all of them
+        without ``period``).
+
+        A stream with more queued than its window sends whole frames only
+        and waits for the peer's WNDINC rather than send the remainder: a
+        muxado v1 frame carries at most 16383 bytes and a Go peer's window
+        is 65536, so the remainder is often a few bytes, and each such frame
+        costs the peer a read, a wake-up, a WNDINC and an echo frame of its
+        own.  A stream starts holding anew whenever it sends.  A peer that
+        grants window only once it has consumed nearly everything would wait
+        for ever, hence this, called by the adapter after a short hold.
+        """
+        for sid, since in list(self._short.items()):
+            if period is None or since <= period:
+                del self._short[sid]
+                st = self._streams.get(sid)
+                if st is not None and st.pending_len and st.send_window:
+                    self._flush(st, whole=False)
 
     def pending(self, stream_id: int) -> int:
         """Bytes of a stream waiting for send window."""
@@ -775,7 +791,7 @@ class Session:
             st.send_window = window = window - take
             self._frame(st, view[:take], False)
         if window:
-            self._short[st.id] = st
+            self._short[st.id] = self._short_period
         st.pending.append(view[take:])
         st.pending_len += n - take
 
@@ -816,7 +832,10 @@ class Session:
         if rest:
             # less than a frame's window left: it waits for the next WNDINC
             budget -= rest
-            self._short[st.id] = st
+            if budget:  # progress: a new hold starts
+                self._short[st.id] = self._short_period
+            else:
+                self._short.setdefault(st.id, self._short_period)
         elif self._short:
             self._short.pop(st.id, None)
         while pending and budget:
