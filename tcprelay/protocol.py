@@ -76,8 +76,10 @@ read (64 KiB) than it would otherwise.
 
 SHORT_HOLD = 0.001
 """
-Seconds a stream may hold back queued data when its send window is less
-than one frame (:meth:`tcprelay.mux.session.Session.release_short`): a
+Seconds after which a stream that holds back queued data because its send
+window is less than one frame, and has made no progress since, sends it
+anyway (:meth:`tcprelay.mux.session.Session.release_short`).  One timer
+serves the session, so a hold lasts between SHORT_HOLD and twice that.  A
 peer's WNDINC almost always comes sooner; this only bounds the wait on a
 peer that grants window only once it has consumed nearly all of it.
 """

@@ -347,6 +347,20 @@ def test_a_stream_that_keeps_sending_whole_frames_is_not_released_early() -> Non
     assert take_frames(tr) == []
 
 
+def test_the_hold_timer_ends_with_the_connection() -> None:
+    """A session that loses its connection while a stream holds back a sub-frame remainder leaves no release timer behind."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
+    a = mux.open_stream(Recorder())
+    a.write(payload(100_000))
+    assert mux.session.holding_short
+    held = [c for c in clock.getDelayedCalls() if c.func == mux._release_short]
+    assert len(held) == 1 and held[0].active()
+    mux.connectionLost(Failure(error.ConnectionDone()))
+    assert not held[0].active()
+    assert not [c for c in clock.getDelayedCalls() if c.func == mux._release_short]
+
+
 def test_a_grant_of_a_frame_or_more_sends_whole_frames_at_once() -> None:
     """With more queued than the window, a WNDINC that makes a frame's worth of window sends whole frames at once, no sub-frame remainder and no timer wait."""
     clock = Clock()

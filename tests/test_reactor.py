@@ -416,7 +416,17 @@ print(tuned, minor_faults() - before)
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/stat") or not _glibc(),
+    reason="needs Linux's /proc and glibc's allocator",
+)
 def test_tune_malloc_stops_the_heap_from_being_given_back_and_faulted_in_again() -> None:
     """Bursts of 256 KiB buffers fault pages in again and again with glibc's
     defaults (the freed top of the heap is trimmed), and not once tuned."""

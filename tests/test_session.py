@@ -1341,6 +1341,24 @@ def test_held_back_streams_are_forgotten_when_they_end() -> None:
     assert client.data_to_send() == b""
 
 
+def test_frames_span_the_boundaries_of_queued_writes() -> None:
+    """Writes of uneven sizes queued behind a shut window go out as whole 16383-byte frames whose payloads run across the writes."""
+    client, sid = client_with_stream()
+    client.send_data(sid, payload(INITIAL_WINDOW))  # the window, exactly
+    sent_frames(client)
+    chunks = [payload(n, k) for k, n in enumerate((100, 30_000, 40_000))]
+    for chunk in chunks:
+        client.send_data(sid, chunk)
+    feed(client, WndInc(sid, INITIAL_WINDOW))
+    frames = sent_frames(client)
+    assert [len(x.data) for x in frames] == [f.MAX_PAYLOAD] * 4  # type: ignore[union-attr]
+    assert client.send_window(sid) == INITIAL_WINDOW - 4 * f.MAX_PAYLOAD
+    feed(client, WndInc(sid, 100_000))
+    rest = sent_frames(client)
+    assert [len(x.data) for x in rest] == [70_100 - 4 * f.MAX_PAYLOAD]  # type: ignore[union-attr]
+    assert data_payload(frames + rest) == b"".join(chunks)
+
+
 def test_whole_frames_go_across_queued_chunks() -> None:
     """Chunks queued behind the window go out in whole frames when window opens, the rest waiting for the next grant."""
     client, sid = client_with_stream()
@@ -1357,3 +1375,19 @@ def test_whole_frames_go_across_queued_chunks() -> None:
     rest = data_payload(sent_frames(client))
     assert first + data_payload(frames) + rest == b"".join(chunks)
     assert not client.holding_short
+
+
+def test_fin_rides_on_the_last_frame_spanning_queued_writes() -> None:
+    """A FIN queued behind several writes goes on the last frame of all, exactly once."""
+    client, sid = client_with_stream()
+    client.send_data(sid, payload(INITIAL_WINDOW))
+    sent_frames(client)
+    client.send_data(sid, payload(100, 1))
+    client.send_data(sid, payload(30_000, 2), fin=True)
+    feed(client, WndInc(sid, 1_000_000))
+    frames = sent_frames(client)
+    assert [(len(x.data), x.fin) for x in frames] == [  # type: ignore[union-attr]
+        (f.MAX_PAYLOAD, False), (30_100 - f.MAX_PAYLOAD, True)
+    ]
+    assert data_payload(frames) == payload(100, 1) + payload(30_000, 2)
+    assert client.state(sid) is StreamState.HALF_CLOSED_LOCAL

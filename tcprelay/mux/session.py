@@ -824,7 +824,8 @@ class Session:
     def _flush(self, st: _Stream, whole: bool = True) -> None:
         """
         The send window grew: frame queued data, in order.  With more queued
-        than the window allows, only whole frames (unless not ``whole``).
+        than the window allows, only whole frames (unless not ``whole``);
+        frames run across the queued writes' boundaries.
         """
         pending = st.pending
         budget = st.send_window
@@ -838,23 +839,58 @@ class Session:
                 self._short.setdefault(st.id, self._short_period)
         elif self._short:
             self._short.pop(st.id, None)
+        if not budget or not pending:
+            return
+        pieces: list[Buffer] = []
+        total = 0
         while pending and budget:
             chunk = pending[0]
             n = len(chunk)
-            take = n if n <= budget else budget
-            budget -= take
-            if take == n:
+            if n <= budget:
                 pending.popleft()
-                piece = chunk
+                pieces.append(chunk)
             else:
                 view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                piece = view[:take]
-                pending[0] = view[take:]
-            st.pending_len -= take
-            st.send_window -= take
-            if not pending:
-                self._events.append(SendWindowOpened(st.id))
-            self._frame(st, piece, not pending and st.fin_queued)
+                pieces.append(view[:budget])
+                pending[0] = view[budget:]
+                n = budget
+            budget -= n
+            total += n
+        st.pending_len -= total
+        st.send_window -= total
+        fin = not pending and st.fin_queued
+        if not pending:
+            self._events.append(SendWindowOpened(st.id))
+        if len(pieces) == 1:
+            self._frame(st, pieces[0], fin)
+        else:
+            self._frame_pieces(st, pieces, total, fin)
+
+    def _frame_pieces(self, st: _Stream, pieces: list[Buffer], total: int, fin: bool) -> None:
+        """DATA frames of up to MAX_PAYLOAD bytes over several buffers in
+        order (a frame's payload may span two or more of them)."""
+        out = self._out
+        header = f.encode_data_header
+        sid = st.id
+        room = 0  # payload bytes the current frame still takes
+        for piece in pieces:
+            n = len(piece)
+            pos = 0
+            while pos < n:
+                if not room:
+                    room = f.MAX_PAYLOAD if total > f.MAX_PAYLOAD else total
+                    total -= room
+                    out.append(header(sid, room, fin and not total))
+                take = n - pos if n - pos <= room else room
+                if take == n:
+                    out.append(piece)
+                else:
+                    view = piece if isinstance(piece, memoryview) else memoryview(piece)
+                    out.append(view[pos : pos + take])
+                pos += take
+                room -= take
+        if fin:
+            self._fin_sent(st)
 
     def _fin_sent(self, st: _Stream) -> None:
         st.state = _TRANSITIONS[(st.state, _StreamInput.SEND_FIN)]

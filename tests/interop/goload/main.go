@@ -25,7 +25,8 @@
 // latency: -n times in a row: connect, write 1 byte, read it back, close;
 // prints {"n","errors","p50_us","p99_us","mean_us","max_us","min_us"}. With
 // several addresses, each gets -n connections: they take turns, -block
-// connections at a time, the order rotating every round; prints
+// connections at a time, the order rotating every round (an address that
+// fails 10 times in a row is not tried again: the rest count as errors); prints
 // {"addrs":[..],"block":..,"results":[one object as above per address]}.
 //
 // cps: -conns goroutines each loop connect + 1-byte echo + close for
@@ -432,6 +433,8 @@ func latencyMain(args []string) {
 	errs := make([]firstError, len(addrs))
 	samples := make([][]float64, len(addrs))
 	done := make([]int, len(addrs))
+	failing := make([]int, len(addrs)) // consecutive errors
+	const giveUp = 10
 	// Several addresses take turns in blocks, the order rotating every
 	// round, so that a machine that speeds up or slows down during the run
 	// affects them alike.
@@ -442,13 +445,21 @@ func latencyMain(args []string) {
 			for i := 0; i < *block && done[j] < *n; i++ {
 				busy = true
 				done[j]++
+				if failing[j] >= giveUp {
+					// a dead or hung address: count the rest as errors
+					// rather than let it hold up the others
+					errs[j].add(fmt.Errorf("gave up after %d errors in a row", giveUp))
+					continue
+				}
 				t0 := time.Now()
 				c, err := ping(addrs[j], *timeout)
 				us := float64(time.Since(t0).Nanoseconds()) / 1e3
 				if err != nil {
 					errs[j].add(err)
+					failing[j]++
 					continue
 				}
+				failing[j] = 0
 				c.Close()
 				samples[j] = append(samples[j], us)
 			}
