@@ -54,6 +54,8 @@ __all__ = [
     "MAX_BUSY_POLL",
     "IdleGauge",
     "freeze_heap",
+    "is_glibc",
+    "own_process",
     "tune_malloc",
     "tune_reactor",
     "usable_cpus",
@@ -306,6 +308,26 @@ _M_MMAP_THRESHOLD = -3
 _MALLOC_ENVIRONMENT = ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+
+
+def own_process(reactor: Any) -> None:
+    """
+    The tunings for a daemon that owns its process (``twistd tcprelay``,
+    ``tcprelay expose``), not for one that embeds the relay: the allocator
+    now (:func:`tune_malloc`), the start-up heap frozen once the reactor
+    runs (:func:`freeze_heap`; call this before registering anything else
+    to run then, so that what that creates is not frozen).
+    """
+    tune_malloc()
+    reactor.callWhenRunning(freeze_heap)
+
+
 def tune_malloc(libc: Any = None, environ: Mapping[str, str] = os.environ) -> bool:
     """
     Keep glibc's heap from shrinking and growing with every burst of large
@@ -330,11 +352,7 @@ def tune_malloc(libc: Any = None, environ: Mapping[str, str] = os.environ) -> bo
     if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         return False
     if libc is None:
-        try:
-            glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
-            glibc = False
-        if not glibc:  # pragma: no cover - musl and others
+        if not is_glibc():  # pragma: no cover - musl and others
             return False
         try:
             libc = ctypes.CDLL(None)

@@ -231,9 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tcprelay.relay.server import raise_open_files_limit
 
     raise_open_files_limit(Logger("tcprelay.cli"))
-    from tcprelay._reactor import freeze_heap, tune_malloc, tune_reactor
+    from tcprelay._reactor import own_process, tune_reactor
 
-    tune_malloc()
     tune_reactor(reactor, options.subOptions["busy-poll"])
     code: list[int] = [0]
 
@@ -249,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tcprelay._signals import calm_repeated_signals
 
-    # first, before the relay connection's objects exist
-    reactor.callWhenRunning(freeze_heap)  # type: ignore[attr-defined]
+    # first, so that the heap is frozen before the relay connection's objects exist
+    own_process(reactor)
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.callWhenRunning(calm_repeated_signals, reactor)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -272,6 +272,15 @@ def test_get_peer_and_host_default_to_the_session_transport() -> None:
 # Backpressure: stream -> peer (send window)
 
 
+def _stream_on_clock() -> tuple[Clock, MuxProtocol, StringTransport, MuxStream]:
+    """A client session on a fake clock with one stream open, its SYN taken."""
+    clock = Clock()
+    mux, tr = connect(Role.CLIENT, clock)
+    stream = mux.open_stream(Recorder())
+    take_frames(tr)
+    return clock, mux, tr, stream
+
+
 def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> None:
     """A streaming producer pauses once more than PAUSE_PENDING bytes wait for the peer's window, and resumes only when WNDINC has drained them all; a window of less than one frame is held back for at most SHORT_HOLD."""
     clock = Clock()
@@ -328,10 +337,7 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
 
 def test_a_stream_that_keeps_sending_whole_frames_is_not_released_early() -> None:
     """The sub-frame rest goes only after SHORT_HOLD without progress: a stream that sent whole frames meanwhile starts holding anew."""
-    clock = Clock()
-    mux, tr = connect(Role.CLIENT, clock)
-    a = mux.open_stream(Recorder())
-    take_frames(tr)
+    clock, mux, tr, a = _stream_on_clock()
     a.write(payload(200_000))
     assert len(data_on(take_frames(tr), a.stream_id)) == WHOLE_WINDOW  # 4 bytes held
     clock.advance(SHORT_HOLD / 2)
@@ -349,9 +355,7 @@ def test_a_stream_that_keeps_sending_whole_frames_is_not_released_early() -> Non
 
 def test_the_hold_timer_ends_with_the_connection() -> None:
     """A session that loses its connection while a stream holds back a sub-frame remainder leaves no release timer behind."""
-    clock = Clock()
-    mux, tr = connect(Role.CLIENT, clock)
-    a = mux.open_stream(Recorder())
+    clock, mux, tr, a = _stream_on_clock()
     a.write(payload(100_000))
     assert mux.session.holding_short
     held = [c for c in clock.getDelayedCalls() if c.func == mux._release_short]
@@ -363,10 +367,7 @@ def test_the_hold_timer_ends_with_the_connection() -> None:
 
 def test_a_grant_of_a_frame_or_more_sends_whole_frames_at_once() -> None:
     """With more queued than the window, a WNDINC that makes a frame's worth of window sends whole frames at once, no sub-frame remainder and no timer wait."""
-    clock = Clock()
-    mux, tr = connect(Role.CLIENT, clock)
-    a = mux.open_stream(Recorder())
-    take_frames(tr)
+    clock, mux, tr, a = _stream_on_clock()
     data = payload(200_000)
     a.write(data)
     sent = data_on(take_frames(tr), a.stream_id)
@@ -424,10 +425,7 @@ def test_producer_registered_on_blocked_stream_starts_paused() -> None:
 
 def test_pull_producer_is_asked_for_more_while_window_allows() -> None:
     """A non-streaming producer is resumed through the clock while the stream can send, and again after WNDINC."""
-    clock = Clock()
-    mux, tr = connect(Role.CLIENT, clock)
-    stream = mux.open_stream(Recorder())
-    take_frames(tr)
+    clock, mux, tr, stream = _stream_on_clock()
     chunk = payload(16384)
 
     class Pull:

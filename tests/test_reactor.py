@@ -29,6 +29,7 @@ from tcprelay._reactor import (
     MALLOC_TRIM_THRESHOLD,
     IdleGauge,
     freeze_heap,
+    is_glibc,
     tune_malloc,
     tune_reactor,
     usable_cpus,
@@ -416,15 +417,8 @@ print(tuned, minor_faults() - before)
 """
 
 
-def _glibc() -> bool:
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (ValueError, OSError, AttributeError):
-        return False
-
-
 @pytest.mark.skipif(
-    not os.path.exists("/proc/self/stat") or not _glibc(),
+    not os.path.exists("/proc/self/stat") or not is_glibc(),
     reason="needs Linux's /proc and glibc's allocator",
 )
 def test_tune_malloc_stops_the_heap_from_being_given_back_and_faulted_in_again() -> None:

@@ -17,9 +17,9 @@ from twisted.logger import LogLevel
 from twisted.python import usage
 
 from tcprelay import tap
+from tcprelay import _reactor
 from tcprelay._reactor import freeze_heap
 from tcprelay.relay.pool import PortPool
-from tcprelay.relay import server
 from tcprelay.relay.server import Relay
 
 
@@ -310,7 +310,7 @@ def test_the_daemon_tunes_malloc_and_freezes_its_start_up_heap(
     """As twistd calls it (no reactor given), makeService's service is the daemon's: on start it tunes the allocator at once and registers freeze_heap for when the reactor runs."""
     assert tap.makeService(parse("--control", "9000")).daemon
     tuned: list[bool] = []
-    monkeypatch.setattr(server, "tune_malloc", lambda: tuned.append(True) or True)
+    monkeypatch.setattr(_reactor, "tune_malloc", lambda: tuned.append(True) or True)
     embedded = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"),
                                MemoryReactorClock())
     embedded.startService()

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
 from tcprelay._fastio import listen_eager
-from tcprelay._reactor import DEFAULT_BUSY_POLL, freeze_heap, tune_malloc, tune_reactor
+from tcprelay._reactor import DEFAULT_BUSY_POLL, own_process, tune_reactor
 from tcprelay._signals import calm_repeated_signals
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
@@ -849,9 +849,8 @@ class RelayService(MultiService):
         self.busy_poll = busy_poll
         """Seconds to keep polling after activity (see tcprelay._reactor)."""
         self.daemon = daemon
-        """The daemon owns its process: on start, tune its allocator
-        (:func:`tcprelay._reactor.tune_malloc`) and, once running, freeze its
-        start-up heap (:func:`tcprelay._reactor.freeze_heap`)."""
+        """The daemon owns its process: on start, its tunings
+        (:func:`tcprelay._reactor.own_process`)."""
         self.log_observer = log_observer
         relay.pool.setServiceParent(self)
         relay.setServiceParent(self)
@@ -898,12 +897,10 @@ class RelayService(MultiService):
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
         if self.daemon:
-            tune_malloc()
+            own_process(self.relay.reactor)
         call_when_running = getattr(self.relay.reactor, "callWhenRunning", None)
         if call_when_running is not None:
             call_when_running(self._calm_repeated_signals)
-            if self.daemon:
-                call_when_running(freeze_heap)
 
     def _calm_repeated_signals(self) -> None:
         """A second SIGTERM/SIGINT while draining is ignored."""
