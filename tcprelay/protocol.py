@@ -553,6 +553,11 @@ class MuxProtocol(Protocol):
                 events = None
         finally:
             self._pumping = False
+        held = self._held_flush
+        if held is not None:
+            # what it held has just left: no timer pass for nothing
+            self._held_flush = None
+            held.cancel()
         if session.holding_short and self._short_release is None and self._connected:
             self._short_release = self.clock.callLater(
                 SHORT_HOLD, self._release_short, session.start_short_period()

@@ -779,45 +779,26 @@ class Session:
         """Frame what the window allows now and queue the rest (queue empty)."""
         n = len(data)
         window = st.send_window
-        take = n if n <= window else window
-        if take == n:
+        if n <= window:
             st.send_window = window - n
             self._frame(st, data, st.fin_queued)
             return
-        # more than the window allows: whole frames now, the rest waits
-        take -= take % f.MAX_PAYLOAD
-        view = memoryview(data)
-        if take:
-            st.send_window = window = window - take
-            self._frame(st, view[:take], False)
-        if window:
-            self._short[st.id] = self._short_period
-        st.pending.append(view[take:])
-        st.pending_len += n - take
+        # more than the window allows: queued, and framed as a queue is
+        st.pending.append(data)
+        st.pending_len += n
+        self._flush(st)
 
     def _frame(self, st: _Stream, data: Buffer, fin: bool) -> None:
         """Put DATA frames for ``data`` (window already counted) on the wire."""
         n = len(data)
-        out = self._out
-        if n <= f.MAX_PAYLOAD:
-            if n or fin:
-                out.append(f.encode_data_header(st.id, n, fin))
-                if n:
-                    out.append(data)
-        else:
-            view = memoryview(data)
-            header = f.encode_data_header
-            sid = st.id
-            pos = 0
-            while pos < n:
-                end = pos + f.MAX_PAYLOAD
-                if end >= n:
-                    end = n
-                    out.append(header(sid, end - pos, fin))
-                else:
-                    out.append(header(sid, f.MAX_PAYLOAD, False))
-                out.append(view[pos:end])
-                pos = end
+        if n > f.MAX_PAYLOAD:
+            self._frame_pieces(st, [data], n, fin)
+            return
+        if n or fin:
+            out = self._out
+            out.append(f.encode_data_header(st.id, n, fin))
+            if n:
+                out.append(data)
         if fin:
             self._fin_sent(st)
 
@@ -876,6 +857,7 @@ class Session:
         for piece in pieces:
             n = len(piece)
             pos = 0
+            view = None
             while pos < n:
                 if not room:
                     room = f.MAX_PAYLOAD if total > f.MAX_PAYLOAD else total
@@ -885,7 +867,8 @@ class Session:
                 if take == n:
                     out.append(piece)
                 else:
-                    view = piece if isinstance(piece, memoryview) else memoryview(piece)
+                    if view is None:
+                        view = piece if isinstance(piece, memoryview) else memoryview(piece)
                     out.append(view[pos : pos + take])
                 pos += take
                 room -= take
