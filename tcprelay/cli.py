@@ -18,7 +18,8 @@ from typing import Any, Optional
 from twisted.python import usage
 
 from tcprelay._reactor import DEFAULT_BUSY_POLL
-from tcprelay.tap import busy_poll_option, read_secrets
+from tcprelay.options import busy_poll_option
+from tcprelay.secrets import read_secrets
 
 EXIT_REFUSED = 3
 """Exit status when the relay refuses the agent for good (e.g. bad secret)."""
@@ -228,12 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    from tcprelay.relay.server import raise_open_files_limit
-
-    raise_open_files_limit(Logger("tcprelay.cli"))
-    from tcprelay._reactor import own_process, tune_reactor
-
-    tune_reactor(reactor, options.subOptions["busy-poll"])
     code: list[int] = [0]
 
     def done(value: int) -> None:
@@ -247,9 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_expose(reactor, options.subOptions, relay, local).addCallback(done)
 
     from tcprelay._signals import calm_repeated_signals
+    from tcprelay.process import own_process
 
     # first, so that the heap is frozen before the relay connection's objects exist
-    own_process(reactor)
+    own_process(reactor, options.subOptions["busy-poll"], Logger("tcprelay.cli"))
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.callWhenRunning(calm_repeated_signals, reactor)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from twisted.internet import error, interfaces
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -45,13 +46,10 @@ __all__ = ["FEED_READ_SIZE", "Splice"]
 FEED_READ_SIZE = 4 * MAX_PAYLOAD
 """
 Bytes a socket feeding a stream reads at a time: four whole muxado v1
-frames (65532), where Twisted's 65536 made four frames and a 4-byte one.
-With a Go peer every such frame costs the peer a read, a wake-up, a WNDINC
-and an echoed 4-byte frame of its own.  Together with whole-frame sending
-behind a shut window (:meth:`tcprelay.mux.session.Session.release_short`),
-alternating rounds with 8 connections through the Go echo service: 354
-against 329 MB/s (higher in nine of ten), and the service's CPU per MB
-15% lower.
+frames (65532).  Twisted's 65536 would make four frames and a 4-byte one,
+and with a Go peer every such tiny frame costs the peer a read, a wake-up,
+a WNDINC and a tiny echoed frame of its own (about 7% of throughput with 8
+connections; docs/benchmarks.rst).
 """
 
 
@@ -95,39 +93,44 @@ def _producer_done(transport: Any) -> None:
 
 class Splice:
     """
-    One spliced pair: ``a`` and ``b`` are the two protocols, each running
-    on its own transport.  ``on_done`` is called once, when both sides have
-    closed.
+    One spliced pair of protocols, each running on its own transport:
+    :attr:`visitor` carries the visitor's bytes (a visitor's socket on the
+    relay, the stream from the relay on the agent), :attr:`service` the
+    service's (the stream to the service on the relay, the local service's
+    socket on the agent).  Counts and names are by direction:
+    :attr:`bytes_to_service` were read on the visitor side,
+    :attr:`bytes_to_visitor` on the service side.
+
+    :attr:`done` fires (with None) once, when both sides have closed; the
+    splice is unlinked right after its callbacks ran.
     """
 
-    def __init__(
-        self,
-        on_done: Optional[Callable[[Splice], None]] = None,
-        preamble: Optional[Callable[[Any], bytes]] = None,
-    ) -> None:
-        self.preamble = preamble
-        """Given side a's transport once it is connected, bytes to send to
-        side b before anything read from a (e.g. a PROXY header)."""
-        self.connected: Optional[Callable[[_Side], None]] = None
-        """Called with side a at the end of its connectionMade."""
-        self.greeting_a = b""
-        """Bytes written to side a before anything read from b (set before
-        a connects; e.g. a PROXY header for a local service)."""
-        self.a = _Side(self)
-        self.b = _Side(self)
-        self.a.peer = self.b
-        self.b.peer = self.a
-        self.on_done = on_done
-        self.bytes_ab = 0
-        """Bytes read on side a and written to side b."""
-        self.bytes_ba = 0
+    def __init__(self) -> None:
+        self.visitor = _Side(self, to_service=True)
+        self.service = _Side(self, to_service=False)
+        self.visitor.peer = self.service
+        self.service.peer = self.visitor
+        self.greeting = b""
+        """Bytes written to the service side before anything from the
+        visitor side (set before it connects; e.g. the agent's PROXY header
+        for a local service)."""
+        self.on_linked: Optional[Callable[[Splice], None]] = None
+        """Called once both sides are connected, before either reads."""
+        self.done: Deferred[None] = Deferred()
+        self.bytes_to_service = 0
+        """Bytes read on the visitor side (written to the service side)."""
+        self.bytes_to_visitor = 0
+        """Bytes read on the service side (written to the visitor side)."""
+
+    def _linked(self) -> None:
+        on_linked, self.on_linked = self.on_linked, None
+        if on_linked is not None:
+            on_linked(self)
 
     def _side_done(self) -> None:
-        if self.a.lost and self.b.lost:
-            on_done, self.on_done = self.on_done, None
+        if self.visitor.lost and self.service.lost and not self.done.called:
             try:
-                if on_done is not None:
-                    on_done(self)
+                self.done.callback(None)
             finally:
                 self._unlink()
 
@@ -135,17 +138,15 @@ class Splice:
         """
         Both ends are gone: break the reference cycles between the two
         sides, this splice and their transports, so that reference counting
-        frees a finished connection at once.  Left to the cyclic garbage
-        collector, ten thousand finished connections were some 90,000
-        objects for one full collection that stopped the reactor for about
-        100 ms.
+        frees a finished connection at once instead of the cyclic garbage
+        collector, whose full passes stop the reactor.
         """
-        for side in (self.a, self.b):
+        for side in (self.visitor, self.service):
             side.peer = None  # type: ignore[assignment]
             side.transport = None
             side.splice = None  # type: ignore[assignment]
             side.factory = None  # (a factory building it may hold the splice)
-        self.preamble = self.connected = None
+        self.on_linked = None
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -155,8 +156,10 @@ class _Side(Protocol):
     peer: _Side
     transport: Any
 
-    def __init__(self, splice: Splice) -> None:
+    def __init__(self, splice: Splice, to_service: bool) -> None:
         self.splice = splice
+        self.to_service = to_service
+        """What this side reads goes to the service (the visitor side)."""
         self.lost = False
         self.read_done = False
         self.write_done = False
@@ -165,20 +168,14 @@ class _Side(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.peer
-        splice = self.splice
         nodelay(self.transport)
         read_size(self.transport, FEED_READ_SIZE)
-        if self is splice.a and splice.preamble is not None and peer.transport is not None:
-            preamble, splice.preamble = splice.preamble, None
-            peer.transport.write(preamble(self.transport))
         if peer.transport is not None and not peer.lost:
             self._link()
             peer._link()
+            self.splice._linked()
         elif peer.lost:
             self.transport.loseConnection()
-        if self is splice.a and splice.connected is not None:
-            connected, splice.connected = splice.connected, None
-            connected(self)
 
     def _link(self) -> None:
         """Both transports exist: wire producers and flush early bytes."""
@@ -186,8 +183,8 @@ class _Side(Protocol):
         peer = self.peer
         splice = self.splice
         transport.registerProducer(_PauseOnly(peer.transport), True)
-        if self is splice.a and splice.greeting_a:
-            greeting, splice.greeting_a = splice.greeting_a, b""
+        if not self.to_service and splice.greeting:
+            greeting, splice.greeting = splice.greeting, b""
             transport.write(greeting)
         if self._pending:
             pending, self._pending = self._pending, []
@@ -198,10 +195,10 @@ class _Side(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
-        if self is self.splice.a:
-            self.splice.bytes_ab += len(data)
+        if self.to_service:
+            self.splice.bytes_to_service += len(data)
         else:
-            self.splice.bytes_ba += len(data)
+            self.splice.bytes_to_visitor += len(data)
         if peer.transport is None:
             peer._pending.append(data)
         elif not peer.lost:

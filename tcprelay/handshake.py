@@ -172,13 +172,22 @@ def compute_mac(secret: bytes, nonce: str) -> str:
 
 def check_mac(secrets: list[bytes], nonce: str, mac: object) -> bool:
     """Constant-time check of ``mac`` against every accepted secret."""
+    return matching_secret(secrets, nonce, mac) is not None
+
+
+def matching_secret(secrets: list[bytes], nonce: str, mac: object) -> Optional[bytes]:
+    """
+    The accepted secret ``mac`` was computed with, or None.  Every secret is
+    compared, in constant time, whichever matches.
+    """
     if not isinstance(mac, str):
-        return False
+        return None
     given = mac.encode("ascii", "replace")
-    ok = False
+    found: Optional[bytes] = None
     for secret in secrets:
-        ok |= hmac.compare_digest(compute_mac(secret, nonce).encode("ascii"), given)
-    return ok
+        if hmac.compare_digest(compute_mac(secret, nonce).encode("ascii"), given):
+            found = secret
+    return found
 
 
 @attrs.frozen

@@ -13,31 +13,22 @@ from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from tcprelay._reactor import DEFAULT_BUSY_POLL, MAX_BUSY_POLL
+from tcprelay._reactor import DEFAULT_BUSY_POLL
 from tcprelay.mux.session import SessionConfig
+from tcprelay.options import busy_poll_option, normalise_endpoint
+from tcprelay.relay.config import RelayConfig
+from tcprelay.relay.core import Relay
+from tcprelay.relay.doors.muxado import ControlFactory
 from tcprelay.relay.pool import PortPool, parse_port_range
-from tcprelay.relay.server import Relay, RelayConfig, RelayService
+from tcprelay.relay.service import RelayService
+from tcprelay.secrets import read_secrets
 from tcprelay.systemd import SystemdNotifier
 
 DEFAULT_POOL_SIZE = 50
 """Public ports after the control port, as the original's ``-max 50``."""
 
-
-
-def normalise_endpoint(description: str) -> str:
-    """
-    Turn the shorthand of a bare port (``"8080"``) into ``"tcp:8080"``.
-    Anything else is taken to be an endpoint string already.
-    """
-    if description.isascii() and description.isdigit():
-        port = int(description)
-        if not 0 <= port <= 65535:
-            raise usage.UsageError(f"port out of range: {description}")
-        return f"tcp:{port}"
-    return description
 
 
 def control_port(description: str) -> Optional[int]:
@@ -53,34 +44,6 @@ def control_port(description: str) -> Optional[int]:
     if fields and fields[0].isdigit():
         return int(fields[0])
     return None
-
-
-def read_secrets(path: str) -> list[bytes]:
-    """
-    Secrets from a file: one per line, surrounding blanks stripped, empty
-    lines and lines starting with ``#`` ignored.  ValueError if none.
-    """
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
-    found = [
-        line.strip() for line in lines if line.strip() and not line.strip().startswith(b"#")
-    ]
-    if not found:
-        raise ValueError(f"{path} holds no secret")
-    return found
-
-
-def busy_poll_option(value: Any) -> float:
-    """``--busy-poll`` microseconds (0-10000) as seconds; UsageError otherwise."""
-    try:
-        micros = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--busy-poll must be a number, not {value!r}") from None
-    if not 0 <= micros <= MAX_BUSY_POLL * 1e6:
-        raise usage.UsageError(
-            f"--busy-poll must be between 0 and {MAX_BUSY_POLL * 1e6:.0f} microseconds"
-        )
-    return micros / 1e6
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> Any:
@@ -249,6 +212,10 @@ class Options(usage.Options):
         self._check()
 
     def _check(self) -> None:
+        # endpoint strings are checked by parsing them against a reactor
+        # that never runs (only the relay's options need it)
+        from twisted.internet.testing import MemoryReactor
+
         control = normalise_endpoint(self["control"])
         try:
             serverFromString(MemoryReactor(), control)
@@ -349,26 +316,31 @@ class Options(usage.Options):
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> RelayService:
+def makeService(
+    options: Options,
+    reactor: Any = None,
+    service_class: type[RelayService] = RelayService,
+    config: Optional[RelayConfig] = None,
+) -> RelayService:
     """
-    Build the relay from parsed :class:`Options`: a MultiService with the
-    named children ``control``, ``pool`` and ``public``.  Nothing listens
-    until the service starts.  Without ``reactor`` (as twistd calls it: the
-    daemon owns its process) the service tunes the process's allocator when
-    it starts and freezes its start-up heap once running
-    (:func:`tcprelay._reactor.tune_malloc`, :func:`~tcprelay._reactor.freeze_heap`);
-    given one (a process embedding the relay, tests), it does neither.
+    Build the relay from parsed :class:`Options`: a
+    :class:`~tcprelay.relay.service.RelayService` with the named children
+    ``control``, ``pool`` and ``public`` (and ``metrics``, ``systemd``),
+    on ``reactor`` (default: the global one), with ``config`` (default:
+    what the options say; the test kit refines it).  Nothing listens until the
+    service starts, and nothing process-wide is changed: twistd runs
+    :func:`tcprelay.relay.daemon.makeService`, which owns the process.
     """
-    daemon = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    config = options.relay_config()
+    if config is None:
+        config = options.relay_config()
     pool = PortPool(config.ports, reactor, config.bind_retry)
     relay = Relay(config, pool, reactor)
     endpoint = serverFromString(reactor, options["control"])
-    control = StreamServerEndpointService(endpoint, relay.factory())
+    control = StreamServerEndpointService(endpoint, ControlFactory(relay))
     control._raiseSynchronously = True
     metrics = None
     if options["metrics"] is not None:
@@ -394,12 +366,11 @@ def makeService(options: Options, reactor: Any = None) -> RelayService:
         else:
             log_observer = json_lines_observer()
     notifier = SystemdNotifier(reactor, control)
-    return RelayService(
+    return service_class(
         relay,
         control,
         metrics,
         notifier,
         log_observer,
         busy_poll=options["busy-poll"],
-        daemon=daemon,
     )

@@ -40,19 +40,21 @@ from __future__ import annotations
 
 import random
 import socket
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
+import attrs
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from zope.interface import implementer
 
+from tcprelay import tap
 from tcprelay.agent.client import AgentConfig
 from tcprelay.agent.endpoint import RelayListeningPort, RelayServerEndpoint
-from tcprelay.forward import Splice
 from tcprelay.mux.session import SessionConfig
-from tcprelay.relay.pool import PortPool
-from tcprelay.relay.server import Registration, Relay, RelayConfig, RelayService
+from tcprelay.relay.core import Relay
+from tcprelay.relay.interfaces import ITunnel
+from tcprelay.relay.service import RelayService
 
 __all__ = ["RelayFixture", "free_port_block", "free_ports"]
 
@@ -107,62 +109,116 @@ def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 300) ->
     raise RuntimeError(f"no block of {count} free ports on {host}")
 
 
+@implementer(interfaces.IStreamServerEndpoint)
+class _Recording:
+    """A server endpoint that remembers the port it listened on."""
+
+    def __init__(self, endpoint: interfaces.IStreamServerEndpoint) -> None:
+        self.endpoint = endpoint
+        self.port: Optional[interfaces.IListeningPort] = None
+        self.listened: Deferred[None] = Deferred()
+
+    def listen(self, factory: interfaces.IProtocolFactory) -> Deferred[interfaces.IListeningPort]:
+        def record(port: interfaces.IListeningPort) -> interfaces.IListeningPort:
+            self.port = port
+            self.listened.callback(None)
+            return port
+
+        return self.endpoint.listen(factory).addCallback(record)
+
+
 class RelayFixture:
     """
-    An in-process relay on 127.0.0.1.  Create it with :meth:`start`; serve
-    factories with :meth:`serve`; finish with :meth:`stop`.
+    An in-process relay on 127.0.0.1, built as twistd builds it
+    (:class:`tcprelay.tap.Options` and :func:`tcprelay.tap.makeService`)
+    but without touching the process (no reactor tuning, no signal
+    handlers).  Create it with :meth:`start`; serve factories with
+    :meth:`serve`; finish with :meth:`stop`.
     """
 
-    def __init__(self, reactor: Any, service: RelayService, control: StreamServerEndpointService) -> None:
+    def __init__(self, reactor: Any, service: RelayService, options: tap.Options) -> None:
         self.reactor = reactor
         self.service = service
+        self.options = options
+        """The parsed relay options (as ``twistd tcprelay`` would have them)."""
         self.relay: Relay = service.relay
-        self._control = control
+        self._control = _Recording(service.control.endpoint)  # type: ignore[attr-defined]
+        service.control.endpoint = self._control  # type: ignore[attr-defined]
         self._served: list[RelayListeningPort] = []
         self.control_port = 0
+        """The control port's number (once started)."""
+        ports = self.relay.config.ports
+        self.public_ports = range(ports[0], ports[-1] + 1)
+        """The public port range."""
 
     @classmethod
     def start(
         cls,
         reactor: Any,
+        *args: str,
         ports: int = 8,
         secrets: Sequence[bytes] = (),
         wait_timeout: float = 5.0,
         lease: float = 0.5,
-        session: SessionConfig = SessionConfig(),
+        session: Optional[SessionConfig] = None,
     ) -> Deferred[RelayFixture]:
-        """Start a relay with ``ports`` public ports; fires with the fixture."""
-        config = RelayConfig(
-            ports=free_ports(ports),
-            public_interface="127.0.0.1",
-            public_host="127.0.0.1",
-            wait_timeout=wait_timeout,
-            drain_timeout=2.0,
-            lease=lease,
-            secrets=tuple(secrets),
-            session=session,
-        )
-        pool = PortPool(config.ports, reactor, config.bind_retry)
-        relay = Relay(config, pool, reactor)
-        control = StreamServerEndpointService(
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), relay.factory()
-        )
-        control._raiseSynchronously = True
-        service = RelayService(relay, control)
-        fixture = cls(reactor, service, control)
+        """
+        Start a relay with ``ports`` public ports; fires with the fixture.
+        ``args`` are more ``twistd tcprelay`` options (``"--metrics",
+        "tcp:0"``...), applied after the fixture's own; ``session`` replaces
+        the session settings the options give.
+        """
+        base = free_port_block(ports)
+        argv = [
+            "--control",
+            "tcp:0:interface=127.0.0.1",
+            "--ports",
+            f"{base}-{base + ports - 1}",
+            "--public-interface",
+            "127.0.0.1",
+            "--public-host",
+            "127.0.0.1",
+            "--wait-timeout",
+            str(wait_timeout),
+            "--lease",
+            str(lease),
+            "--drain-timeout",
+            "2",
+        ]
+        for secret in secrets:
+            argv += ["--secret", secret.decode("utf-8")]
+        options = tap.Options()
+        options.parseOptions([*argv, *args])
+        config = options.relay_config()
+        if session is not None:
+            config = attrs.evolve(config, session=session)
+        service = tap.makeService(options, reactor, config=config)
+        fixture = cls(reactor, service, options)
+        service.startService()
+        return ensureDeferred(fixture._listening())
 
-        async def run() -> RelayFixture:
-            service.startService()
-            listening = await control._waitingForPort  # type: ignore[misc]
-            fixture.control_port = listening.getHost().port
-            return fixture
+    async def _listening(self) -> RelayFixture:
+        await self._control.listened
+        assert self._control.port is not None
+        self.control_port = self._control.port.getHost().port  # type: ignore[attr-defined]
+        return self
 
-        return ensureDeferred(run())
+    @property
+    def control_listener(self) -> Optional[interfaces.IListeningPort]:
+        """The control port's listener (None before it listens)."""
+        return self._control.port
 
     @property
     def control_endpoint(self) -> interfaces.IStreamClientEndpoint:
         """A client endpoint for the control port (for your own agents)."""
         return TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.control_port)
+
+    def tunnel_at(self, port: int) -> ITunnel:
+        """The tunnel registered at public ``port`` (KeyError if none)."""
+        tunnel = self.relay.tunnel_at(port)
+        if tunnel is None:
+            raise KeyError(port)
+        return tunnel
 
     def serve(
         self,
@@ -192,34 +248,16 @@ class RelayFixture:
         """Stop every served factory, then the relay; fires when all is closed."""
 
         async def run() -> None:
-            # A session's registration is forgotten as it ends, but its
+            # A tunnel leaves the registry as its session ends, but its
             # visitor sockets may close a reactor turn later (an aborted
             # TCP connection is lost from a callLater(0)): keep them to wait on.
-            registrations = set(self.relay.registrations.values())
+            tunnels = set(self.relay.tunnels())
             served, self._served = self._served, []
             await DeferredList([p.stopListening() for p in served])
-            registrations.update(self.relay.registrations.values())
+            tunnels.update(self.relay.tunnels())
             if self.service.running:
                 await self.service.stopService()
             await self.relay.when_idle()
-            await _visitors_closed(registrations)
+            await DeferredList([s.done for t in tunnels for s in list(t.visitors)])
 
         return ensureDeferred(run())
-
-
-def _visitors_closed(registrations: Iterable[Registration]) -> Deferred[None]:
-    """Fires once every visitor connection of ``registrations`` is closed."""
-    waits: list[Deferred[None]] = []
-    for reg in registrations:
-        for splice in list(reg.visitors):
-            closed: Deferred[None] = Deferred()
-            previous = splice.on_done
-
-            def done(s: Splice, previous: Any = previous, closed: Deferred[None] = closed) -> None:
-                if previous is not None:
-                    previous(s)
-                closed.callback(None)
-
-            splice.on_done = done
-            waits.append(closed)
-    return DeferredList(waits).addCallback(lambda _: None)

@@ -40,7 +40,9 @@ from tcprelay import tap, testing
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
-from tcprelay.relay.server import Registration, Relay, RelayService, RelaySession
+from tcprelay.relay.core import Relay
+from tcprelay.relay.doors.muxado import ControlSession, MuxTunnel
+from tcprelay.relay.service import RelayService
 
 T = TypeVar("T")
 
@@ -171,11 +173,19 @@ class InProcessRelay:
         if self.service.running:
             await bounded(self.service.stopService(), self.reactor, timeout)
 
-    def registration(self, port: int) -> Registration:
-        return self.relay.registrations[port]
+    def registration(self, port: int) -> MuxTunnel:
+        """The tunnel registered at public ``port``."""
+        tunnel = self.relay.tunnel_at(port)
+        assert isinstance(tunnel, MuxTunnel), f"nothing registered at {port}"
+        return tunnel
 
-    def session_for(self, port: int) -> RelaySession:
-        return self.relay.registrations[port].session
+    def session_for(self, port: int) -> ControlSession:
+        """The control session of the service at public ``port``."""
+        return self.registration(port).control
+
+    def registered_ports(self) -> set[int]:
+        """Public ports with a registered service."""
+        return {t.route.port for t in self.relay.tunnels()}
 
 
 # -- protocols on both ends ----------------------------------------------

@@ -118,7 +118,7 @@ async def test_handshake_gives_localhost_address(reactor: Any, env: Cleanup) -> 
     assert service.address == f"localhost:{service.port}"
     assert service.port == relay.public_ports.start
     assert relay.pool.free == free - 1
-    assert set(relay.relay.registrations) == {service.port}
+    assert relay.registered_ports() == {service.port}
     assert len(relay.relay.sessions) == 1
     await wait_for(
         reactor, lambda: relay.relay.stream_count == 0, 1, "the handshake stream to close"
@@ -137,7 +137,7 @@ async def test_visitor_echo(reactor: Any, env: Cleanup) -> None:
     echo = await service.stream(0)
     assert bytes(echo.received) == b"hello relay"
     assert relay.relay.visitor_count == 1
-    assert relay.relay.visitors_accepted == 1
+    assert relay.relay.stats.visitors_accepted == 1
     assert relay.relay.stream_count == 1
 
 
@@ -228,7 +228,7 @@ async def test_session_end_closes_port_and_visitors(
     relay = env.relay(*args, ports=1)
     service = await env.service(relay)
     port = service.port
-    session = relay.session_for(port)
+    control = relay.session_for(port)
     visitors = [await env.visitor(port) for _ in range(2)]
     for i, visitor in enumerate(visitors):
         visitor.send(b"v%d" % i)
@@ -238,23 +238,23 @@ async def test_session_end_closes_port_and_visitors(
 
     end(service)
     # A heartbeat timeout takes up to interval + tolerance to be noticed.
-    await wait_for(reactor, lambda: session.session.ended, 3 if args else 1, "session end")
+    await wait_for(reactor, lambda: control.session.ended, 3 if args else 1, "session end")
     ended = time.monotonic()
     await bounded(DeferredList([v.lost for v in visitors]), reactor, 1.0)
     await wait_for(reactor, lambda: relay.pool.free == 1, 1.0, "port back in the pool")
-    await wait_for(reactor, lambda: session not in relay.relay.sessions, 1.0, "session socket closed")
+    await wait_for(reactor, lambda: control not in relay.relay.sessions, 1.0, "session socket closed")
     assert time.monotonic() - ended < 1.0
     assert await refused(reactor, port)
-    assert relay.relay.registrations == {}
+    assert relay.registered_ports() == set()
     assert relay.relay.visitor_count == 0
     assert relay.relay.stream_count == 0
 
     if end is end_garbage:
-        assert relay.relay.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
+        assert relay.relay.stats.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
         await bounded(service.mux.socket_lost, reactor)  # type: ignore[union-attr]
         assert [g.error_code for g in service.mux.goaways] == [ErrorCode.PROTOCOL_ERROR]  # type: ignore[union-attr]
     if end is end_silent:
-        assert relay.relay.heartbeat_timeouts == 1
+        assert relay.relay.stats.heartbeat_timeouts == 1
 
     successor = await env.service(relay)
     assert successor.port == port, "the freed port is handed to the next service"
@@ -271,8 +271,8 @@ async def test_service_not_reading_pauses_visitor(reactor: Any, env: Cleanup) ->
     window = relay.options["receive-window"]
     service, visitor, echo = await env.echoed(relay)
     splice = only_splice(relay, service.port)
-    relay_visitor = splice.a.transport
-    relay_stream = splice.b.transport
+    relay_visitor = splice.visitor.transport
+    relay_stream = splice.service.transport
     relay_session = relay_stream.mux.session
     sid = relay_stream.stream_id
 
@@ -310,8 +310,8 @@ async def test_visitor_not_reading_pauses_service(reactor: Any, env: Cleanup) ->
     service, visitor, echo = await env.echoed(relay)
     echo.echo = False  # type: ignore[misc]
     splice = only_splice(relay, service.port)
-    relay_visitor = splice.a.transport
-    relay_stream = splice.b.transport
+    relay_visitor = splice.visitor.transport
+    relay_stream = splice.service.transport
 
     def relay_buffered() -> int:
         return transport_buffered(relay_visitor) + inbox_size(relay_stream)
@@ -347,8 +347,8 @@ async def test_service_fin_reaches_visitor_behind_full_buffer(reactor: Any, env:
     service, visitor, echo = await env.echoed(relay)
     echo.echo = False  # type: ignore[misc]
     splice = only_splice(relay, service.port)
-    relay_visitor = splice.a.transport
-    relay_stream = splice.b.transport
+    relay_visitor = splice.visitor.transport
+    relay_stream = splice.service.transport
     visitor.pause_reading()
     sent = [1]
     chunks: list[bytes] = [b"x"]
@@ -360,7 +360,7 @@ async def test_service_fin_reaches_visitor_behind_full_buffer(reactor: Any, env:
         sent[0] += size
         await wait_for(
             reactor,
-            lambda: splice.bytes_ba + inbox_size(relay_stream) == sent[0],
+            lambda: splice.bytes_to_visitor + inbox_size(relay_stream) == sent[0],
             what="the relay to take the chunk",
         )
 
@@ -381,7 +381,7 @@ async def test_service_fin_reaches_visitor_behind_full_buffer(reactor: Any, env:
     assert relay_stream._paused and inbox_size(relay_stream) == 0
 
     echo.half_close()
-    await wait_for(reactor, lambda: splice.b.read_done or relay_stream._eof_pending, what="FIN at the relay")
+    await wait_for(reactor, lambda: splice.service.read_done or relay_stream._eof_pending, what="FIN at the relay")
     visitor.resume_reading()
     await bounded(visitor.wait_received(sent[0]), reactor, 10)
     await bounded(visitor.eof, reactor, 2)
@@ -400,7 +400,7 @@ async def test_churn_leaves_no_leaks(reactor: Any, env: Cleanup) -> None:
     relay = env.relay(ports=8)
     core = relay.relay
     start = time.monotonic()
-    baseline = (len(core.sessions), len(core.registrations), core.stream_count, core.visitor_count)
+    baseline = (len(core.sessions), len(core.tunnels()), core.stream_count, core.visitor_count)
     free = relay.pool.free
     fds = fd_count()
     calls_before = set(reactor.getDelayedCalls())
@@ -443,10 +443,10 @@ async def test_churn_leaves_no_leaks(reactor: Any, env: Cleanup) -> None:
     await gatherResults(
         [Deferred.fromCoroutine(worker(list(range(k, 100, 4)))) for k in range(4)]
     )
-    assert core.visitors_accepted == 1000
+    assert core.stats.visitors_accepted == 1000
 
     await wait_for(reactor, lambda: not core.sessions, 5, "sessions to end")
-    assert (len(core.sessions), len(core.registrations), core.stream_count, core.visitor_count) == baseline
+    assert (len(core.sessions), len(core.tunnels()), core.stream_count, core.visitor_count) == baseline
     await wait_for(reactor, lambda: relay.pool.free == free, 2, "ports to return")
     await wait_for(reactor, lambda: fd_count() <= fds + 2, 5, "descriptors to close")
     await wait_for(
@@ -474,15 +474,15 @@ async def test_protocol_error_isolated_to_its_session(reactor: Any, env: Cleanup
     bad.transport.write(b"\xff" * 32)
     await bounded(bad.mux.socket_lost, reactor)  # type: ignore[union-attr]
     assert [g.error_code for g in bad.mux.goaways] == [ErrorCode.PROTOCOL_ERROR]  # type: ignore[union-attr]
-    await wait_for(reactor, lambda: bad.port not in relay.relay.registrations, 1, "bad service gone")
-    assert relay.relay.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
+    await wait_for(reactor, lambda: bad.port not in relay.registered_ports(), 1, "bad service gone")
+    assert relay.relay.stats.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
 
     visitor.send(b" after")
     await bounded(visitor.wait_received(12), reactor)
     assert bytes(visitor.received) == b"before after"
     assert await echo_once(reactor, good.port, b"new visitor") == b"new visitor"
     assert good.is_open
-    assert set(relay.relay.registrations) == {good.port}
+    assert relay.registered_ports() == {good.port}
 
 
 # -- drain on stop ---------------------------------------------------------------
@@ -585,7 +585,7 @@ async def test_service_waits_for_port_then_times_out(reactor: Any, env: Cleanup)
     assert 0.4 <= time.monotonic() - started < 1.5
     await bounded(refused_service.mux.socket_lost, reactor, 1)  # type: ignore[union-attr]
     assert [g.error_code for g in refused_service.mux.goaways] == [ErrorCode.REFUSED_STREAM]  # type: ignore[union-attr]
-    assert relay.relay.services_refused == 1
+    assert relay.relay.stats.services_refused == 1
     assert relay.pool.queued == 0
     assert waiting.is_open
 
@@ -618,7 +618,7 @@ async def test_service_goaway_closes_public_port_and_lets_visitors_finish(
     relay = env.relay(ports=1)
     service = await env.service(relay)
     port = service.port
-    session = relay.session_for(port)
+    control = relay.session_for(port)
     visitor = await env.visitor(port)
     visitor.send(b"before")
     await bounded(visitor.wait_received(6), reactor)
@@ -626,15 +626,15 @@ async def test_service_goaway_closes_public_port_and_lets_visitors_finish(
     service.mux.go_away()  # type: ignore[union-attr]
     await wait_for(reactor, lambda: relay.pool.free == 1, 1.0, "port back in the pool")
     assert await refused(reactor, port)
-    assert relay.relay.registrations == {}
-    assert not session.session.ended, "the open visitor keeps the session up"
+    assert relay.registered_ports() == set()
+    assert not control.session.ended, "the open visitor keeps the session up"
 
     visitor.send(b" after")
     await bounded(visitor.wait_received(12), reactor)
     assert bytes(visitor.received) == b"before after"
     visitor.half_close()
     await bounded(visitor.lost, reactor)
-    await wait_for(reactor, lambda: session.session.ended, 1.0, "session closed once quiet")
+    await wait_for(reactor, lambda: control.session.ended, 1.0, "session closed once quiet")
 
 
 class _Silent(Protocol):
@@ -670,7 +670,7 @@ async def test_session_without_handshake_is_closed_after_the_deadline(
     assert time.monotonic() - started >= 0.25
     goaways = [f for f in FrameDecoder().feed(bytes(silent.received)) if isinstance(f, GoAway)]
     assert [g.error_code for g in goaways] == [ErrorCode.PROTOCOL_ERROR]
-    assert relay.relay.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
+    assert relay.relay.stats.protocol_errors == {ErrorCode.PROTOCOL_ERROR: 1}
     service = await env.service(relay)
     assert service.address.endswith(f":{service.port}"), "a service that does handshake is unaffected"
 
@@ -717,7 +717,7 @@ def _record_session_writes(monkeypatch: Any, relay: InProcessRelay, port: int) -
     """Every write the relay makes on the session of the service at ``port``, one entry each."""
     from tcprelay import protocol
 
-    session_transport = relay.registration(port).session.transport
+    session_transport = relay.session_for(port).transport
     writes: list[bytes] = []
     real = protocol.write_now
 
@@ -746,19 +746,19 @@ async def test_early_bytes_leave_with_the_syn_in_one_write(
     reactor: Any, env: Cleanup, monkeypatch: Any
 ) -> None:
     """A visitor that wrote before it was accepted: its SYN and those bytes reach the service's socket in a single write."""
-    from tcprelay.relay import server
+    from tcprelay.relay.core import Relay
 
     relay = env.relay()
     service = await env.service(relay)
     writes = _record_session_writes(monkeypatch, relay, service.port)
     read_at_accept: list[bytes] = []
-    real = server.Registration.visitor_connected
+    real = Relay.splice_visitor
 
-    def recording(self: Any, addr: Any, first: bytes = b"") -> Any:
+    def recording(self: Any, tunnel: Any, addr: Any, first: bytes) -> Any:
         read_at_accept.append(first)
-        return real(self, addr, first)
+        return real(self, tunnel, addr, first)
 
-    monkeypatch.setattr(server.Registration, "visitor_connected", recording)
+    monkeypatch.setattr(Relay, "splice_visitor", recording)
     sock = socket.create_connection(("127.0.0.1", service.port))
     try:
         sock.sendall(b"early bytes")  # before the reactor's next turn accepts it
@@ -777,7 +777,7 @@ async def test_silent_visitor_syn_waits_for_its_first_bytes(
     reactor: Any, env: Cleanup, monkeypatch: Any
 ) -> None:
     """A visitor that had sent nothing when accepted: its SYN is held for its first bytes, then both leave in one write."""
-    from tcprelay.relay import server
+    from tcprelay.relay.doors import muxado as server
 
     monkeypatch.setattr(server, "SYN_HOLD", 30.0)  # longer than this test
     relay = env.relay()
@@ -799,7 +799,7 @@ async def test_silent_visitor_syn_leaves_after_the_hold(
     reactor: Any, env: Cleanup, monkeypatch: Any
 ) -> None:
     """A visitor that never speaks: its SYN leaves on its own after SYN_HOLD, so a service that speaks first is heard."""
-    from tcprelay.relay import server
+    from tcprelay.relay.doors import muxado as server
 
     monkeypatch.setattr(server, "SYN_HOLD", 0.2)
     relay = env.relay()
@@ -819,7 +819,7 @@ async def test_visitor_socket_has_nagle_off(reactor: Any, env: Cleanup) -> None:
     """The relay's end of a visitor connection has TCP_NODELAY, as Go's relay has: no reply tail waits for an ACK."""
     relay = env.relay()
     service, _, _ = await env.echoed(relay)
-    side = only_splice(relay, service.port).a
+    side = only_splice(relay, service.port).visitor
     assert side.transport.getTcpNoDelay()
 
 
@@ -829,7 +829,7 @@ async def test_a_visitors_fin_waits_for_the_next_frames(
 ) -> None:
     """A visitor's FIN may wait (up to FIN_HOLD; 30 s here): the next visitor's SYN and bytes take it along, in one write to the service, FIN first."""
     from tcprelay.mux.frames import Data, FrameDecoder, Syn
-    from tcprelay.relay import server
+    from tcprelay.relay.doors import muxado as server
 
     assert server.FIN_HOLD > 0
     monkeypatch.setattr(server, "FIN_HOLD", 30.0)

@@ -20,7 +20,8 @@ from tcprelay import tap
 from tcprelay import _reactor
 from tcprelay._reactor import freeze_heap
 from tcprelay.relay.pool import PortPool
-from tcprelay.relay.server import Relay
+from tcprelay.relay import daemon
+from tcprelay.relay.core import Relay
 
 
 def parse(*argv: str) -> tap.Options:
@@ -148,8 +149,8 @@ def test_make_service_children_and_no_listening_until_started() -> None:
 
     service.startService()
     try:
-        # given a reactor (embedded, tests): the process's heap is left alone
-        assert not service.daemon
+        # composed (embedded, tests): the process's heap is left alone
+        assert not isinstance(service, daemon.RelayDaemon)
         assert (freeze_heap, (), {}) not in reactor.whenRunningHooks
         assert len(reactor.tcpServers) == 1
         port, factory, _backlog, interface = reactor.tcpServers[0]
@@ -307,8 +308,7 @@ def test_expose_busy_poll_option(argv: list[str], seconds: float, tmp_path) -> N
 def test_the_daemon_tunes_malloc_and_freezes_its_start_up_heap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As twistd calls it (no reactor given), makeService's service is the daemon's: on start it tunes the allocator at once and registers freeze_heap for when the reactor runs."""
-    assert tap.makeService(parse("--control", "9000")).daemon
+    """Only the daemon twistd runs tunes the allocator at start and registers freeze_heap for when the reactor runs; tap.makeService's service does neither."""
     tuned: list[bool] = []
     monkeypatch.setattr(_reactor, "tune_malloc", lambda: tuned.append(True) or True)
     embedded = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"),
@@ -317,11 +317,24 @@ def test_the_daemon_tunes_malloc_and_freezes_its_start_up_heap(
     embedded.stopService()
     assert tuned == [], "an embedded relay leaves the process's allocator alone"
     reactor = MemoryReactorClock()
-    service = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"), reactor)
-    service.daemon = True
+    service = tap.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"), reactor,
+                              service_class=daemon.RelayDaemon)
+    previous_hup = signal.getsignal(signal.SIGHUP)
     service.startService()
     try:
         assert tuned == [True]
         assert (freeze_heap, (), {}) in reactor.whenRunningHooks
+        assert signal.getsignal(signal.SIGHUP) is not previous_hup
     finally:
         service.stopService()
+    assert signal.getsignal(signal.SIGHUP) is previous_hup, "the daemon restores SIGHUP on stop"
+
+
+def test_twistd_plugin_builds_the_daemon() -> None:
+    """The twistd plugin's module is the daemon's: its makeService returns a RelayDaemon built from the tap's Options."""
+    from twisted.plugins import tcprelay_plugin
+
+    assert tcprelay_plugin.tcprelay_service.module == "tcprelay.relay.daemon"
+    assert daemon.Options is tap.Options
+    service = daemon.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"))
+    assert isinstance(service, daemon.RelayDaemon)

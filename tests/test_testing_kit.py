@@ -106,7 +106,7 @@ async def test_fixture_stop_leaves_no_ports_delayed_calls_or_sockets(reactor) ->
 
         await relay.stop()
 
-        assert not relay.relay.sessions and not relay.relay.registrations
+        assert not relay.relay.sessions and not relay.relay.tunnels()
         leftover = [c for c in reactor.getDelayedCalls() if c not in calls_before and c.active()]
         assert leftover == []
         assert set(reactor.getReaders()) - readers_before == set()

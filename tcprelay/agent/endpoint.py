@@ -118,7 +118,7 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
         raise ValueError("tcprelay: endpoint needs host= and port= of the relay")
     secret: Optional[bytes] = None
     if "secretFile" in kwargs:
-        from tcprelay.tap import read_secrets
+        from tcprelay.secrets import read_secrets
 
         secret = read_secrets(kwargs.pop("secretFile"))[0]
     if "secret" in kwargs:

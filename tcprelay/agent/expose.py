@@ -215,11 +215,12 @@ class LocalForwarder:
     def __call__(
         self, stream: MuxStream, header: Optional[hs.ProxyHeader]
     ) -> Optional[interfaces.IProtocol]:
-        splice = Splice(on_done=self._done)
+        splice = Splice()
+        splice.done.addCallback(self._done, splice)
         if header is not None and self.proxy_mode == "v2":
-            splice.greeting_a = hs.encode_proxy_v2(header)
+            splice.greeting = hs.encode_proxy_v2(header)
         elif header is not None and self.proxy_mode == "v1":
-            splice.greeting_a = hs.encode_proxy_v1(header)
+            splice.greeting = hs.encode_proxy_v1(header)
         self.active.add(splice)
         # Hold the visitor's bytes (and its window) until the local side is up.
         stream.pauseProducing()
@@ -231,22 +232,22 @@ class LocalForwarder:
             )
             # The local side ends like a lost connection: the visitor's
             # stream is reset and the splice finishes (and is unlinked).
-            splice.a.connectionLost(failure)
+            splice.service.connectionLost(failure)
 
         local = self.local
         if isinstance(local, ResolvedEndpoint):
             # The common case: straight to connectTCP, no endpoint wrapper
             # between the socket and the splice.
-            splice.connected = lambda side: stream.resumeProducing()
-            local.connect_protocol(splice.a, failed)
-            return splice.b
-        factory = Factory.forProtocol(lambda: splice.a)
+            splice.on_linked = lambda _: stream.resumeProducing()
+            local.connect_protocol(splice.service, failed)
+            return splice.visitor
+        factory = Factory.forProtocol(lambda: splice.service)
         factory.noisy = False
         d = local.connect(factory)
         d.addCallbacks(lambda _: stream.resumeProducing(), failed)
-        return splice.b
+        return splice.visitor
 
-    def _done(self, splice: Splice) -> None:
+    def _done(self, _: None, splice: Splice) -> None:
         self.active.discard(splice)
         if self.on_splice_done is not None:
             self.on_splice_done(splice)

@@ -23,7 +23,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tcprelay.mux.frames import error_name
-from tcprelay.relay.server import HANDSHAKE_BUCKETS, Relay
+from tcprelay.relay.core import Relay
+from tcprelay.relay.stats import HANDSHAKE_BUCKETS
 
 __all__ = ["RelayCollector", "status", "metrics_site"]
 
@@ -41,6 +42,7 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Any]:
         relay = self.relay
         pool = relay.pool
+        stats = relay.stats
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"tcprelay_{name}", doc, value=value)
@@ -50,7 +52,7 @@ class RelayCollector(Collector):
 
         yield gauge("sessions", "Service sessions connected.", len(relay.sessions))
         yield gauge(
-            "services_registered", "Services holding a public port.", len(relay.registrations)
+            "services_registered", "Services holding a public port.", len(relay.tunnels())
         )
         yield gauge("services_queued", "Services waiting for a free port.", pool.queued)
         yield gauge("port_pool_size", "Public ports in the configured range.", pool.size)
@@ -59,25 +61,29 @@ class RelayCollector(Collector):
         yield gauge(
             "port_pool_quarantined", "Ports set aside after a failed bind.", pool.quarantined
         )
-        yield gauge("port_leases_held", "Ports held for a lost agent's lease.", len(relay.leases))
+        yield gauge(
+            "port_leases_held",
+            "Ports held for a lost agent's lease.",
+            relay.registry.lease_count(),
+        )
         yield gauge("visitors_connected", "Visitor connections open.", relay.visitor_count)
         yield gauge("streams_open", "Mux streams open across sessions.", relay.stream_count)
         yield counter(
-            "visitors_accepted", "Visitor connections accepted.", relay.visitors_accepted
+            "visitors_accepted", "Visitor connections accepted.", stats.visitors_accepted
         )
         yield counter(
-            "visitors_refused", "Visitor connections refused.", relay.visitors_refused
+            "visitors_refused", "Visitor connections refused.", stats.visitors_refused
         )
         yield counter(
             "services_refused",
             "Services turned away (queue timeout, auth).",
-            relay.services_refused,
+            stats.services_refused,
         )
-        yield counter("auth_failures", "Failed authentications.", relay.auth_failures)
+        yield counter("auth_failures", "Failed authentications.", stats.auth_failures)
         yield counter(
             "heartbeat_timeouts",
             "Sessions closed because heartbeats went unanswered.",
-            relay.heartbeat_timeouts,
+            stats.heartbeat_timeouts,
         )
         to_service, to_visitor = relay.bytes_relayed()
         relayed = CounterMetricFamily(
@@ -91,19 +97,19 @@ class RelayCollector(Collector):
             "Sessions ended by a protocol error, by muxado error code.",
             labels=["code"],
         )
-        for code, count in sorted(relay.protocol_errors.items()):
+        for code, count in sorted(stats.protocol_errors.items()):
             errors.add_metric([error_name(code)], count)
         yield errors
         buckets = []
         running = 0
-        for bound, count in zip(HANDSHAKE_BUCKETS, relay.handshake_buckets):
+        for bound, count in zip(HANDSHAKE_BUCKETS, stats.handshake_buckets):
             running += count
             buckets.append((repr(float(bound)) if bound != float("inf") else "+Inf", running))
         yield HistogramMetricFamily(
             "tcprelay_handshake_duration_seconds",
             "Time from a service's handshake to its public port (queueing included).",
             buckets=buckets,
-            sum_value=relay.handshake_sum,
+            sum_value=stats.handshake_sum,
         )
 
 
@@ -111,21 +117,25 @@ def status(relay: Relay) -> dict[str, Any]:
     """The JSON document served at ``/status``."""
     pool = relay.pool
     to_service, to_visitor = relay.bytes_relayed()
+    stats = relay.stats
     services = []
-    for port, reg in sorted(relay.registrations.items()):
-        bytes_in, bytes_out = reg.bytes_relayed()
-        peer = reg.session.transport.getPeer() if reg.session.transport else None
+    for tunnel in sorted(relay.tunnels(), key=lambda t: (t.route.kind, getattr(t.route, "port", 0), t.route.name)):
+        route = tunnel.route
+        peer = tunnel.peer
         services.append(
             {
-                "address": reg.address,
-                "port": port,
+                "address": route.address,
+                "route": {"kind": route.kind, "name": route.name},
+                "port": getattr(route, "port", None),
                 "peer": f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
-                "dialect": "extended" if reg.extended else "legacy",
-                "connected_since": _iso(reg.connected_since),
-                "open_streams": reg.session.session.stream_count,
-                "visitors": len(reg.visitors),
-                "bytes_to_service": bytes_in,
-                "bytes_to_visitor": bytes_out,
+                "dialect": tunnel.dialect,
+                "connected_since": _iso(tunnel.connected_since),
+                "open_streams": tunnel.stream_count(),
+                "visitors": len(tunnel.visitors),
+                "bytes_to_service": tunnel.bytes_to_service
+                + sum(s.bytes_to_service for s in tunnel.visitors),
+                "bytes_to_visitor": tunnel.bytes_to_visitor
+                + sum(s.bytes_to_visitor for s in tunnel.visitors),
             }
         )
     return {
@@ -137,18 +147,18 @@ def status(relay: Relay) -> dict[str, Any]:
             "used": pool.in_use,
             "free": pool.free,
             "quarantined": pool.quarantined,
-            "leases_held": len(relay.leases),
+            "leases_held": relay.registry.lease_count(),
         },
         "visitors": {
             "connected": relay.visitor_count,
-            "accepted": relay.visitors_accepted,
-            "refused": relay.visitors_refused,
+            "accepted": stats.visitors_accepted,
+            "refused": stats.visitors_refused,
         },
         "bytes_relayed": {"to_service": to_service, "to_visitor": to_visitor},
-        "services_refused": relay.services_refused,
-        "auth_failures": relay.auth_failures,
-        "heartbeat_timeouts": relay.heartbeat_timeouts,
-        "protocol_errors": {error_name(c): n for c, n in sorted(relay.protocol_errors.items())},
+        "services_refused": stats.services_refused,
+        "auth_failures": stats.auth_failures,
+        "heartbeat_timeouts": stats.heartbeat_timeouts,
+        "protocol_errors": {error_name(c): n for c, n in sorted(stats.protocol_errors.items())},
         "draining": relay.draining,
     }
 

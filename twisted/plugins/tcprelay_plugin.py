@@ -3,7 +3,8 @@ twistd and endpoint plugins for tcprelay: declarative only.
 
 twistd imports every module in twisted/plugins/ when it lists or looks up
 plugins, so this file must stay cheap: it imports nothing from tcprelay at
-module level.  Options and makeService live in ``tcprelay.tap``; the
+module level.  The daemon's Options and makeService live in
+``tcprelay.relay.daemon`` (composing ``tcprelay.tap``); the
 endpoint lives in ``tcprelay.agent.endpoint``.
 """
 
@@ -16,7 +17,7 @@ from zope.interface import implementer
 
 tcprelay_service = ServiceMaker(
     "tcprelay",
-    "tcprelay.tap",
+    "tcprelay.relay.daemon",
     "Publish TCP services behind NAT through muxado v1 sessions (reverse tunnel relay)",
     "tcprelay",
 )

@@ -1,0 +1,40 @@
+"""
+Command-line values shared by the relay's options (:mod:`tcprelay.tap`)
+and the agent's (:mod:`tcprelay.cli`), with no dependency on either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from tcprelay._reactor import MAX_BUSY_POLL
+
+__all__ = ["busy_poll_option", "normalise_endpoint"]
+
+
+def normalise_endpoint(description: str) -> str:
+    """
+    Turn the shorthand of a bare port (``"8080"``) into ``"tcp:8080"``.
+    Anything else is taken to be an endpoint string already.
+    """
+    if description.isascii() and description.isdigit():
+        port = int(description)
+        if not 0 <= port <= 65535:
+            raise usage.UsageError(f"port out of range: {description}")
+        return f"tcp:{port}"
+    return description
+
+
+def busy_poll_option(value: Any) -> float:
+    """``--busy-poll`` microseconds (0-10000) as seconds; UsageError otherwise."""
+    try:
+        micros = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--busy-poll must be a number, not {value!r}") from None
+    if not 0 <= micros <= MAX_BUSY_POLL * 1e6:
+        raise usage.UsageError(
+            f"--busy-poll must be between 0 and {MAX_BUSY_POLL * 1e6:.0f} microseconds"
+        )
+    return micros / 1e6

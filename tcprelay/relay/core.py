@@ -1,0 +1,375 @@
+"""
+The relay's core (:class:`Relay`): what every door and entrance shares.
+
+- Doors (agents' side) authenticate with :meth:`Relay.credential_for`,
+  get a public port with :meth:`Relay.claim_port`, and put their tunnel on
+  its route with :meth:`Relay.publish` / :meth:`Relay.unpublish`.
+- Entrances (visitors' side) find a route's tunnel in
+  :attr:`Relay.registry` and splice a visitor to it with
+  :meth:`Relay.splice_visitor`.
+- The relay keeps the counters (:attr:`Relay.stats`), the leases (through
+  the registry), the secrets (reloaded on demand) and the drain on stop.
+
+Nothing here listens or changes the process: the ports entrance
+(:mod:`tcprelay.relay.entrances.ports`) owns the public listeners, and the
+daemon (:mod:`tcprelay.relay.daemon`) the process.
+"""
+
+from __future__ import annotations
+
+from secrets import token_hex
+from typing import Any, Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet import interfaces
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    succeed,
+)
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcprelay import handshake as hs
+from tcprelay.forward import Splice
+from tcprelay.relay.config import RelayConfig
+from tcprelay.relay.entrances.ports import PortEntrance
+from tcprelay.relay.interfaces import (
+    IAgentSession,
+    IRegistry,
+    ITunnel,
+    IVisitor,
+    TunnelUnavailable,
+)
+from tcprelay.relay.pool import PoolTimeout, PortPool
+from tcprelay.relay.registry import MemoryRegistry
+from tcprelay.relay.routes import PortRoute
+from tcprelay.relay.stats import RelayStats
+from tcprelay.secrets import credential_id, read_secrets
+
+__all__ = ["Relay", "Visitor"]
+
+
+@implementer(IVisitor)
+class Visitor:
+    """A visitor a tunnel opens a stream for (see :class:`IVisitor`)."""
+
+    __slots__ = ("peer", "first", "_waiting")
+
+    def __init__(self, peer: interfaces.IAddress, first: bytes) -> None:
+        self.peer = peer
+        self.first = first
+        self._waiting: Optional[list[Callable[[Any], None]]] = None
+
+    def when_connected(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback`` with the visitor's transport once it is connected."""
+        if self._waiting is None:
+            self._waiting = []
+        self._waiting.append(callback)
+
+    def _linked(self, splice: Splice) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for callback in waiting:
+            callback(splice.visitor.transport)
+
+
+class Relay(Service):
+    """
+    The registry of routes and tunnels with what surrounds it: the port
+    pool, the ports entrance, the counters, the agent sessions of every
+    door, and the drain.  ``stopService`` drains.
+    """
+
+    log = Logger()
+    name = "public"
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        pool: PortPool,
+        reactor: Any,
+        registry: Optional[IRegistry] = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.reactor = reactor
+        self.registry: IRegistry = (
+            registry if registry is not None else MemoryRegistry(reactor, self._lease_expired)
+        )
+        self.ports = PortEntrance(self)
+        self.stats = RelayStats()
+        self.sessions: set[IAgentSession] = set()
+        """Every agent connection of every door, registered or not."""
+        self.secrets: list[bytes] = list(config.secrets)
+        self.draining = False
+        self._idle_waiters: list[Deferred[None]] = []
+
+    # -- credentials -------------------------------------------------------
+
+    def credential_for(self, nonce: str, mac: object) -> Optional[str]:
+        """
+        The id of the secret ``mac`` proves (HMAC over ``nonce``), or None
+        when it proves none.  Only meaningful while :attr:`secrets` is set.
+        """
+        secret = hs.matching_secret(self.secrets, nonce, mac)
+        return None if secret is None else credential_id(secret)
+
+    def reload_secrets(self) -> bool:
+        """
+        Re-read the secrets file (SIGHUP).  A file that cannot be read or
+        holds no secret is refused with a log line and the old secrets stay.
+        Sessions are untouched either way.
+        """
+        path = self.config.secrets_file
+        if path is None:
+            self.log.info("SIGHUP: no --secrets-file to reload")
+            return False
+        try:
+            fresh = read_secrets(path)
+        except (OSError, ValueError) as e:
+            self.log.warn(
+                "SIGHUP: secrets file {path} refused ({error}); keeping {count} old secrets",
+                path=path,
+                error=str(e),
+                count=len(self.secrets),
+            )
+            return False
+        self.secrets = list(self.config.secrets_inline) + fresh
+        self.log.info(
+            "SIGHUP: reloaded {count} secrets from {path}", count=len(self.secrets), path=path
+        )
+        return True
+
+    # -- routes: claimed by doors -----------------------------------------
+
+    def claim_port(
+        self,
+        wanted: Optional[int],
+        lease: Optional[str],
+        credential: Optional[str],
+        on_queued: Callable[[int], None],
+    ) -> Deferred[PortRoute]:
+        """
+        A listening public port for an agent: the one its ``lease`` holds
+        (when ``credential`` created it), else ``wanted`` if free, else the
+        pool's next one, queueing (``on_queued`` is told each position) up
+        to the wait timeout (then :class:`PoolTimeout`).  A port that cannot
+        be bound is quarantined and the next one tried.  Cancelling the
+        Deferred leaves the queue.
+        """
+        acquiring: list[Optional[Deferred[int]]] = [None]
+
+        def cancel(_: Deferred[PortRoute]) -> None:
+            d, acquiring[0] = acquiring[0], None
+            if d is not None:
+                d.cancel()
+
+        result: Deferred[PortRoute] = Deferred(cancel)
+
+        def try_port(port: int) -> None:
+            acquiring[0] = None
+            if result.called:  # cancelled meanwhile
+                self.pool.release(port)
+                return
+            route = PortRoute(port, self.config.public_host)
+            try:
+                self.ports.listen(route)
+            except CannotListenError as e:
+                self.pool.quarantine(port)
+                self.log.warn(
+                    "cannot listen on public port {port}: {error}",
+                    port=port,
+                    error=str(e.socketError),
+                    service_port=port,
+                )
+                next_port()
+                return
+            result.callback(route)
+
+        def failed(failure: Failure) -> None:
+            acquiring[0] = None
+            if not result.called:
+                result.errback(failure)
+            elif not failure.check(CancelledError):
+                self.log.failure("acquiring a port", failure)
+
+        def next_port() -> None:
+            d = self.pool.acquire(self.config.wait_timeout, on_queued)
+            acquiring[0] = d
+            d.addCallbacks(try_port, failed)
+
+        held = self.registry.resume_lease(lease, credential) if lease else None
+        if isinstance(held, PortRoute):
+            try_port(held.port)
+        elif wanted and self.pool.take(wanted):
+            try_port(wanted)
+        else:
+            next_port()
+        return result
+
+    def publish(self, route: PortRoute, tunnel: ITunnel) -> None:
+        """``tunnel`` serves ``route`` (claimed with :meth:`claim_port`) from now on."""
+        self.registry.add(route, tunnel)
+
+    def unpublish(
+        self, tunnel: ITunnel, lease: Optional[tuple[str, Optional[str]]] = None
+    ) -> Deferred[None]:
+        """
+        ``tunnel`` is gone: its route leaves the registry and its public
+        port closes; the port is then held for ``lease`` (token,
+        credential) unless the relay is draining, or freed.
+        """
+        route = tunnel.route
+        self.registry.remove(route, tunnel)
+        return self.release_route(route, None if self.draining else lease)
+
+    def release_route(
+        self, route: PortRoute, lease: Optional[tuple[str, Optional[str]]] = None
+    ) -> Deferred[None]:
+        """
+        Stop listening on ``route``'s port, then free the port or hold it for
+        ``lease``; nothing when that was done already (idempotent).
+        """
+        closing = self.ports.close(route)
+        if closing is None:
+            return succeed(None)
+
+        def free(_: object) -> None:
+            if lease is not None and not self.draining:
+                token, credential = lease
+                self.registry.hold_lease(token, route, credential, self.config.lease)
+            else:
+                self.pool.release(route.port)
+
+        return closing.addBoth(free)
+
+    def new_lease_token(self) -> str:
+        """A fresh, unguessable lease token."""
+        return token_hex(16)
+
+    def _lease_expired(self, route: Any) -> None:
+        if isinstance(route, PortRoute):
+            self.pool.release(route.port)
+
+    # -- visitors: brought by entrances -----------------------------------
+
+    def splice_visitor(
+        self, tunnel: ITunnel, peer: interfaces.IAddress, first: bytes
+    ) -> Optional[Any]:
+        """
+        Splice a new visitor from ``peer``, who has already sent ``first``,
+        to a new stream of ``tunnel``: the protocol to run on the visitor's
+        transport, or None (counted as refused) when the tunnel cannot.
+        """
+        stats = self.stats
+        visitors = tunnel.visitors
+        if self.draining or len(visitors) >= self.config.session.max_streams:
+            stats.visitors_refused += 1
+            return None
+        visitor = Visitor(peer, first)
+        try:
+            stream = tunnel.open_stream(visitor)
+        except TunnelUnavailable:
+            stats.visitors_refused += 1
+            return None
+        splice = Splice()
+        splice.bytes_to_service = len(first)
+        if visitor._waiting is not None:
+            splice.on_linked = visitor._linked
+        stream.attach(splice.service)
+        visitors.add(splice)
+        splice.done.addCallback(self._visitor_done, tunnel, splice)
+        stats.visitors_accepted += 1
+        return splice.visitor
+
+    def _visitor_done(self, _: None, tunnel: ITunnel, splice: Splice) -> None:
+        tunnel.visitors.discard(splice)
+        tunnel.bytes_to_service += splice.bytes_to_service
+        tunnel.bytes_to_visitor += splice.bytes_to_visitor
+        self.stats.bytes_to_service += splice.bytes_to_service
+        self.stats.bytes_to_visitor += splice.bytes_to_visitor
+
+    # -- what operators read ----------------------------------------------
+
+    def tunnels(self) -> list[ITunnel]:
+        """Every registered tunnel, by route."""
+        return [tunnel for _, tunnel in self.registry.routes()]
+
+    def tunnel_at(self, port: int) -> Optional[ITunnel]:
+        """The tunnel serving public port ``port``, or None."""
+        return self.registry.lookup(PortRoute(port))  # type: ignore[no-any-return]
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Payload bytes relayed to services and to visitors, open visitors included."""
+        to_service, to_visitor = self.stats.bytes_to_service, self.stats.bytes_to_visitor
+        for tunnel in self.tunnels():
+            for splice in tunnel.visitors:
+                to_service += splice.bytes_to_service
+                to_visitor += splice.bytes_to_visitor
+        return to_service, to_visitor
+
+    @property
+    def stream_count(self) -> int:
+        """Streams open across every agent session."""
+        return sum(s.stream_count() for s in self.sessions)  # type: ignore[attr-defined]
+
+    @property
+    def visitor_count(self) -> int:
+        """Visitor connections currently spliced."""
+        return sum(len(t.visitors) for t in self.tunnels())
+
+    # -- sessions and shutdown --------------------------------------------
+
+    def session_gone(self, session: IAgentSession) -> None:
+        """A door's agent connection has closed for good."""
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no agent session remains."""
+        if not self.sessions:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def drain(self) -> Deferred[None]:
+        """
+        Stop accepting visitors and sessions, close every public port, tell
+        every session to go away, let open streams finish up to the drain
+        timeout, then close what is left.  Fires when every session is gone.
+        """
+        self.draining = True
+        for route in self.registry.release_leases():
+            self._lease_expired(route)
+        stops = [self.release_route(route) for route, _ in self.registry.routes()]
+        for session in list(self.sessions):
+            session.drain("relay shutting down")
+        idle = self.when_idle()
+        timer = self.reactor.callLater(self.config.drain_timeout, self._drain_expired)
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        idle.addBoth(done)
+        return DeferredList([idle, *stops]).addCallback(lambda _: None)
+
+    def _drain_expired(self) -> None:
+        if self.sessions:
+            self.log.warn(
+                "drain timeout: closing {count} sessions with open streams",
+                count=len(self.sessions),
+            )
+        for session in list(self.sessions):
+            session.end("drain timeout")
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        return self.drain()

@@ -1,0 +1,44 @@
+"""
+The counters operators read (:class:`RelayStats`), shown by
+:mod:`tcprelay.relay.metrics` at ``/metrics`` and ``/status``.
+
+Nothing here is updated per chunk of data: bytes are added up when a
+visitor's connection ends, and read from the open ones when scraped.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HANDSHAKE_BUCKETS", "RelayStats"]
+
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
+"""Upper bounds (seconds) of the handshake-duration histogram."""
+
+
+class RelayStats:
+    """Monotonic counters and the handshake-duration histogram of one relay."""
+
+    def __init__(self) -> None:
+        self.visitors_accepted = 0
+        self.visitors_refused = 0
+        self.services_refused = 0
+        self.heartbeat_timeouts = 0
+        self.auth_failures = 0
+        self.protocol_errors: dict[int, int] = {}
+        """Sessions ended by a protocol error, by muxado error code."""
+        self.bytes_to_service = 0
+        """Bytes of visitors' connections that have ended, to services."""
+        self.bytes_to_visitor = 0
+        self.handshake_buckets = [0] * len(HANDSHAKE_BUCKETS)
+        self.handshake_sum = 0.0
+
+    def record_handshake(self, seconds: float) -> None:
+        """Count one handshake's duration into the histogram."""
+        self.handshake_sum += seconds
+        for index, bound in enumerate(HANDSHAKE_BUCKETS):
+            if seconds <= bound:
+                self.handshake_buckets[index] += 1
+                break
+
+    def protocol_error(self, code: int) -> None:
+        """Count a session ended by a protocol error ``code``."""
+        self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
