@@ -74,12 +74,12 @@ grants 64 KiB windows; with this margin a stream holds at most one more
 read (64 KiB) than it would otherwise.
 """
 
-SHORT_HOLD = 0.001
+SUBFRAME_HOLD = 0.001
 """
-Seconds after which a stream that holds back queued data because its send
-window is less than one frame, and has made no progress since, sends it
-anyway (:meth:`tcprelay.mux.session.Session.release_short`).  One timer
-serves the session, so a hold lasts between SHORT_HOLD and twice that.  A
+Seconds after which a stream that holds back a sub-frame remainder (queued
+data beyond a send window of less than a frame's worth), and has made no
+progress since, sends it anyway (:meth:`tcprelay.mux.session.Session.release_subframe`).  One timer
+serves the session, so a hold lasts between SUBFRAME_HOLD and twice that.  A
 peer's WNDINC almost always comes sooner; this only bounds the wait on a
 peer that grants window only once it has consumed nearly all of it.
 """
@@ -323,19 +323,15 @@ READ_SIZE_PER_STREAM = 65536
 MAX_READ_STREAMS = 16
 """
 A session socket reads 64 KiB (Twisted's default) per open stream, up to
-1 MiB.  A peer interleaves its streams' frames (16 KiB at most each), so
-one 64 KiB read holds a frame or so per stream and every stream's chunk
-becomes its own small write; a read that grows with the number of streams
-carries several frames of each, which the decoder joins into one chunk per
-stream (fewer, larger writes to visitors, fewer reads).  With 8 busy
-streams behind the Go echo service, 256 KiB reads took throughput from
-about 290 to about 390 MB/s and the relay's CPU per GB from 1.2-1.8 to
-0.9-1.0 s in alternating runs.  Larger reads were slower then, but only
-because glibc gave each burst's memory back and faulted it in again; with
-the daemon's allocator tuned (:func:`tcprelay._reactor.tune_malloc`), 1 MiB
-against 256 KiB cut the relay's CPU per GB echoed by 18% with 64 busy
-streams and by 3.5% with 8 (alternating rounds).  A single stream keeps
-64 KiB.
+16 streams (1 MiB); a single stream keeps 64 KiB.  A peer interleaves its
+streams' frames (16 KiB at most each), so one 64 KiB read holds a frame or
+so per stream and every stream's chunk becomes its own small write; a read
+that grows with the number of streams carries several frames of each,
+which the decoder joins into one chunk per stream: fewer, larger writes to
+visitors and fewer reads (about a third more throughput with 8 busy
+streams).  The 1 MiB cap relies on the daemon's allocator tuning
+(:func:`tcprelay._reactor.tune_malloc`); without it, glibc gives each
+burst's memory back and faults it in again, and larger reads cost more.
 """
 
 
@@ -375,7 +371,7 @@ class MuxProtocol(Protocol):
         self._timer: Optional[IDelayedCall] = None
         self._abort_timer: Optional[IDelayedCall] = None
         self._held_flush: Optional[IDelayedCall] = None
-        self._short_release: Optional[IDelayedCall] = None
+        self._subframe_release: Optional[IDelayedCall] = None
         self._connected = False
 
     # -- Protocol ----------------------------------------------------------
@@ -411,10 +407,10 @@ class MuxProtocol(Protocol):
         self._connected = False
         self.session.connection_lost(reason.getErrorMessage())
         self.flush()
-        for call in (self._timer, self._abort_timer, self._held_flush, self._short_release):
+        for call in (self._timer, self._abort_timer, self._held_flush, self._subframe_release):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._abort_timer = self._held_flush = self._short_release = None
+        self._timer = self._abort_timer = self._held_flush = self._subframe_release = None
         if not self.ended.called:
             end = self.end_event or self.session.end_reason
             assert end is not None
@@ -558,16 +554,16 @@ class MuxProtocol(Protocol):
             # what it held has just left: no timer pass for nothing
             self._held_flush = None
             held.cancel()
-        if session.holding_short and self._short_release is None and self._connected:
-            self._short_release = self.clock.callLater(
-                SHORT_HOLD, self._release_short, session.start_short_period()
+        if session.holding_subframe and self._subframe_release is None and self._connected:
+            self._subframe_release = self.clock.callLater(
+                SUBFRAME_HOLD, self._release_subframe, session.start_subframe_period()
             )
 
-    def _release_short(self, period: int) -> None:
-        """Streams that have held back less than a frame for SHORT_HOLD or
-        more send it (no WNDINC came meanwhile)."""
-        self._short_release = None
-        self.session.release_short(period)
+    def _release_subframe(self, period: int) -> None:
+        """The hold timer fired: streams that have held back a sub-frame
+        remainder for SUBFRAME_HOLD or more send it (no WNDINC came)."""
+        self._subframe_release = None
+        self.session.release_subframe(period)
         self.flush()
 
     def _dispatch(self, event: ev.Event) -> None:

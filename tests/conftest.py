@@ -23,3 +23,34 @@ def no_cyclic_gc():
     finally:
         if enabled:
             gc.enable()
+
+
+_MARKED_ELSEWHERE = {
+    "test_bench.py": ("bench", None),
+    "test_packaging.py": ("e2e", "test_twistd_lists_plugin"),
+    "test_testing_kit.py": ("e2e", "test_trial_example_passes"),
+    "test_reactor.py": (
+        "e2e",
+        "test_tune_malloc_stops_the_heap_from_being_given_back_and_faulted_in_again",
+    ),
+}
+"""Tests in this directory that run real subprocesses (twistd, trial, Go
+programs, a fresh interpreter), by module: the marker, and the one test
+(None: the whole module).  tests/e2e and tests/interop mark themselves."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the subprocess tests of :data:`_MARKED_ELSEWHERE`; a name there that no longer exists is a usage error, not a silently unmarked test."""
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.parent != here or item.path.name not in _MARKED_ELSEWHERE:
+            continue
+        marker, name = _MARKED_ELSEWHERE[item.path.name]
+        if name is not None and not hasattr(item.module, name):
+            raise pytest.UsageError(
+                f"tests/conftest.py marks {item.path.name}::{name}, which no longer exists"
+            )
+        if name is None or item.originalname == name:
+            item.add_marker(getattr(pytest.mark, marker))

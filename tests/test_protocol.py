@@ -44,7 +44,7 @@ from tcprelay.mux.session import INITIAL_WINDOW, Role, SessionClosedError, Sessi
 from tcprelay.protocol import (
     CLOSE_TIMEOUT,
     PAUSE_PENDING,
-    SHORT_HOLD,
+    SUBFRAME_HOLD,
     MuxProtocol,
     MuxStream,
     StreamResetError,
@@ -282,7 +282,7 @@ def _stream_on_clock() -> tuple[Clock, MuxProtocol, StringTransport, MuxStream]:
 
 
 def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> None:
-    """A streaming producer pauses once more than PAUSE_PENDING bytes wait for the peer's window, and resumes only when WNDINC has drained them all; a window of less than one frame is held back for at most SHORT_HOLD."""
+    """A streaming producer pauses once more than PAUSE_PENDING bytes wait for the peer's window, and resumes only when WNDINC has drained them all; a window of less than one frame is held back for at most SUBFRAME_HOLD."""
     clock = Clock()
     mux, tr = connect(Role.CLIENT, clock)
     a = mux.open_stream(Recorder())
@@ -317,11 +317,11 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
     # A grant that leaves less than a frame of window waits for more...
     mux.dataReceived(encode_wndinc(a.stream_id, 1000))
     assert take_frames(tr) == []
-    clock.advance(SHORT_HOLD / 2)
+    clock.advance(SUBFRAME_HOLD / 2)
     assert take_frames(tr) == []
-    # ... for at most SHORT_HOLD, then goes, and the producer stays paused
+    # ... for at most SUBFRAME_HOLD, then goes, and the producer stays paused
     # even though less than PAUSE_PENDING now waits.
-    clock.advance(SHORT_HOLD / 2)
+    clock.advance(SUBFRAME_HOLD / 2)
     more = data_on(take_frames(tr), a.stream_id)
     assert more == data[whole : INITIAL_WINDOW + 1000]
     assert 0 < mux.session.pending(a.stream_id) < PAUSE_PENDING
@@ -336,20 +336,20 @@ def test_producer_paused_when_send_window_exhausted_and_resumed_on_wndinc() -> N
 
 
 def test_a_stream_that_keeps_sending_whole_frames_is_not_released_early() -> None:
-    """The sub-frame rest goes only after SHORT_HOLD without progress: a stream that sent whole frames meanwhile starts holding anew."""
+    """The sub-frame rest goes only after SUBFRAME_HOLD without progress: a stream that sent whole frames meanwhile starts holding anew."""
     clock, mux, tr, a = _stream_on_clock()
     a.write(payload(200_000))
     assert len(data_on(take_frames(tr), a.stream_id)) == WHOLE_WINDOW  # 4 bytes held
-    clock.advance(SHORT_HOLD / 2)
+    clock.advance(SUBFRAME_HOLD / 2)
     mux.dataReceived(encode_wndinc(a.stream_id, MAX_PAYLOAD))  # progress: one more frame
     assert [len(fr.data) for fr in take_frames(tr)] == [MAX_PAYLOAD]  # type: ignore[attr-defined]
-    clock.advance(SHORT_HOLD / 2)  # the first hold's timer: this stream's hold is younger
+    clock.advance(SUBFRAME_HOLD / 2)  # the first hold's timer: this stream's hold is younger
     assert take_frames(tr) == []
-    clock.advance(SHORT_HOLD)  # the next timer: held a whole SHORT_HOLD without progress
+    clock.advance(SUBFRAME_HOLD)  # the next timer: held a whole SUBFRAME_HOLD without progress
     assert data_on(take_frames(tr), a.stream_id) == payload(200_000)[WHOLE_WINDOW + MAX_PAYLOAD:INITIAL_WINDOW + MAX_PAYLOAD]
     assert mux.session.send_window(a.stream_id) == 0
-    assert not mux.session.holding_short
-    clock.advance(10 * SHORT_HOLD)
+    assert not mux.session.holding_subframe
+    clock.advance(10 * SUBFRAME_HOLD)
     assert take_frames(tr) == []
 
 
@@ -357,12 +357,12 @@ def test_the_hold_timer_ends_with_the_connection() -> None:
     """A session that loses its connection while a stream holds back a sub-frame remainder leaves no release timer behind."""
     clock, mux, tr, a = _stream_on_clock()
     a.write(payload(100_000))
-    assert mux.session.holding_short
-    held = [c for c in clock.getDelayedCalls() if c.func == mux._release_short]
+    assert mux.session.holding_subframe
+    held = [c for c in clock.getDelayedCalls() if c.func == mux._release_subframe]
     assert len(held) == 1 and held[0].active()
     mux.connectionLost(Failure(error.ConnectionDone()))
     assert not held[0].active()
-    assert not [c for c in clock.getDelayedCalls() if c.func == mux._release_short]
+    assert not [c for c in clock.getDelayedCalls() if c.func == mux._release_subframe]
 
 
 def test_a_grant_of_a_frame_or_more_sends_whole_frames_at_once() -> None:
@@ -379,13 +379,13 @@ def test_a_grant_of_a_frame_or_more_sends_whole_frames_at_once() -> None:
     two = take_frames(tr)
     assert [len(fr.data) for fr in two] == [MAX_PAYLOAD] * 2  # type: ignore[attr-defined]
     assert mux.session.send_window(a.stream_id) == 104
-    # the tail of the data goes as a short frame once the window covers it
+    # the tail of the data goes as a sub-frame once the window covers it
     mux.dataReceived(encode_wndinc(a.stream_id, 200_000))
     rest = data_on(take_frames(tr), a.stream_id)
     assert len(rest) == 200_000 - 7 * MAX_PAYLOAD
     assert sent + data_on(one, a.stream_id) + data_on(two, a.stream_id) + rest == data
     assert mux.session.pending(a.stream_id) == 0
-    clock.advance(SHORT_HOLD)  # the hold's timer, if any, has nothing to add
+    clock.advance(SUBFRAME_HOLD)  # the hold's timer, if any, has nothing to add
     assert take_frames(tr) == []
 
 

@@ -271,16 +271,16 @@ def test_sender_never_exceeds_window() -> None:
     assert data_payload(frames) == body[:WHOLE]
     assert client.pending(sid) == 200_000 - WHOLE
     assert client.send_window(sid) == INITIAL_WINDOW - WHOLE
-    assert client.holding_short
+    assert client.holding_subframe
     # More writes only queue.
     client.send_data(sid, b"tail")
     assert client.data_to_send() == b""
     assert client.events() == []
-    # Released (the adapter does so after a short hold): the window's rest goes.
-    client.release_short()
+    # Released (the adapter does so after SUBFRAME_HOLD): the window's rest goes.
+    client.release_subframe()
     assert sent_frames(client) == [Data(sid, body[WHOLE:INITIAL_WINDOW])]
     assert client.send_window(sid) == 0
-    assert not client.holding_short
+    assert not client.holding_subframe
 
 
 def test_queued_data_flushed_in_order_after_wndinc() -> None:
@@ -294,9 +294,9 @@ def test_queued_data_flushed_in_order_after_wndinc() -> None:
     # less than a frame of window with more queued: it waits...
     assert feed(client, WndInc(sid, 1000)) == []
     assert client.data_to_send() == b""
-    assert client.holding_short
+    assert client.holding_subframe
     # ... until released
-    client.release_short()
+    client.release_subframe()
     step = data_payload(sent_frames(client))
     assert len(step) == INITIAL_WINDOW - WHOLE + 1000
     out += step
@@ -332,7 +332,7 @@ def test_fin_waits_behind_queued_data() -> None:
     assert client.state(sid) is StreamState.OPEN
     feed(client, WndInc(sid, 10))
     frames = sent_frames(client)
-    # the window now covers everything queued: the short tail goes with FIN
+    # the window now covers everything queued: the sub-frame tail goes with FIN
     assert frames == [Data(sid, body[WHOLE:], fin=True)]
     assert client.state(sid) is StreamState.HALF_CLOSED_LOCAL
 
@@ -466,7 +466,7 @@ def test_peer_stream_extra_window_goes_alone_at_half_initial_window() -> None:
 
 
 def test_peer_stream_extra_window_combines_with_credit() -> None:
-    """Consumed credit due for a WNDINC and the deferred extra leave as one frame."""
+    """Consumed credit due for a WNDINC and the owed extra window leave as one frame."""
     server = _big_window_server()
     threshold = 256 * 1024 // 2
     # the peer has used less than half its initial window: nothing sent yet
@@ -1309,7 +1309,7 @@ def test_data_before_a_new_stream_is_delivered_before_it() -> None:
 
 
 def test_peer_stream_extra_window_not_sent_with_the_peers_last_data() -> None:
-    """DATA with FIN that uses more than half the initial window: the peer sends nothing more, so no deferred grant goes out for it."""
+    """DATA with FIN that uses more than half the initial window: the peer sends nothing more, so no owed grant goes out for it."""
     server = _big_window_server()
     frames = _frames(3, payload(INITIAL_WINDOW // 2 + 1))
     frames[-1] = Data(3, frames[-1].data, fin=True)
@@ -1318,14 +1318,14 @@ def test_peer_stream_extra_window_not_sent_with_the_peers_last_data() -> None:
 
 
 def test_a_window_below_one_frame_waits_only_while_more_is_queued_than_it_allows() -> None:
-    """Data that fits the window goes at once, short tail included; only more than the window holds back the sub-frame rest."""
+    """Data that fits the window goes at once, sub-frame tail included; only more than the window holds back the sub-frame rest."""
     client, sid = client_with_stream()
     client.send_data(sid, payload(100))
     assert data_payload(sent_frames(client)) == payload(100)
-    assert not client.holding_short
+    assert not client.holding_subframe
     client.send_data(sid, payload(INITIAL_WINDOW - 100, 2))  # exactly the window
     assert len(data_payload(sent_frames(client))) == INITIAL_WINDOW - 100
-    assert client.send_window(sid) == 0 and not client.holding_short
+    assert client.send_window(sid) == 0 and not client.holding_subframe
 
 
 def test_held_back_streams_are_forgotten_when_they_end() -> None:
@@ -1333,11 +1333,11 @@ def test_held_back_streams_are_forgotten_when_they_end() -> None:
     client, sid = client_with_stream()
     client.send_data(sid, payload(100_000))
     sent_frames(client)
-    assert client.holding_short
+    assert client.holding_subframe
     client.reset_stream(sid, ErrorCode.CANCEL)
-    assert not client.holding_short
+    assert not client.holding_subframe
     client.data_to_send()
-    client.release_short()
+    client.release_subframe()
     assert client.data_to_send() == b""
 
 
@@ -1370,11 +1370,11 @@ def test_whole_frames_go_across_queued_chunks() -> None:
     feed(client, WndInc(sid, 3 * f.MAX_PAYLOAD - 4 + 50))  # window: 3 frames + 50
     frames = sent_frames(client)
     assert [len(x.data) for x in frames] == [f.MAX_PAYLOAD] * 3  # type: ignore[union-attr]
-    assert client.send_window(sid) == 50 and client.holding_short
+    assert client.send_window(sid) == 50 and client.holding_subframe
     feed(client, WndInc(sid, 10 * f.MAX_PAYLOAD))
     rest = data_payload(sent_frames(client))
     assert first + data_payload(frames) + rest == b"".join(chunks)
-    assert not client.holding_short
+    assert not client.holding_subframe
 
 
 def test_fin_rides_on_the_last_frame_spanning_queued_writes() -> None:

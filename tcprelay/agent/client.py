@@ -260,6 +260,8 @@ class Agent(Service):
     ``relay`` is the client endpoint of the relay's control port;
     ``visitor_handler`` decides what runs on each visitor stream.  The
     observer hears about addresses, queue positions, losses and refusals.
+    ``rng`` draws the jitter of the reconnection delays (the :mod:`random`
+    module's generator by default; tests pass a seeded one).
     ``when_ready()`` fires with the first public address; ``when_done()``
     fires once the agent has stopped (with an :class:`AgentRefused` failure
     if the relay refused it for good).
@@ -274,12 +276,14 @@ class Agent(Service):
         reactor: Any,
         visitor_handler: VisitorHandler,
         observer: Optional[AgentObserver] = None,
+        rng: Optional[random.Random] = None,
     ) -> None:
         self.relay = relay
         self.config = config
         self.reactor = reactor
         self.visitor_handler = visitor_handler
         self.observer: AgentObserver = observer or _NullObserver()
+        self._uniform = rng.uniform if rng is not None else random.uniform
         self.session: Optional[AgentSession] = None
         self.address: Optional[str] = None
         self.port: Optional[int] = None
@@ -434,7 +438,7 @@ class Agent(Service):
 
     def _schedule_retry(self, why: str) -> None:
         delay = min(self.config.backoff_max, self.config.backoff_initial * 2**self._attempt)
-        delay *= random.uniform(0.8, 1.2)
+        delay *= self._uniform(0.8, 1.2)
         self._attempt += 1
         self.log.info("relay connection lost ({why}); retrying in {delay:.1f}s", why=why, delay=delay)
         self.observer.lost(why, delay)

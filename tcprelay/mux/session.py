@@ -199,13 +199,15 @@ class Session:
         self._events: list[Event] = []
         self._extra_window = config.receive_window - INITIAL_WINDOW
         """Granted on top of muxado's initial window as each stream opens."""
-        self._deferred: dict[int, _Stream] = {}
-        """Peer-opened streams whose extra window is not granted yet."""
-        self._short: dict[int, int] = {}
-        """Streams holding queued data back because their window is less
-        than one frame, by id: the hold period they started in (see
-        :meth:`release_short`)."""
-        self._short_period = 0
+        self._window_owed: dict[int, _Stream] = {}
+        """Peer-opened streams whose extra window is owed: its WNDINC is
+        postponed until the next write, or until the peer has used half of
+        its initial window (see :meth:`_add`)."""
+        self._subframe_held: dict[int, int] = {}
+        """Streams holding back a sub-frame remainder (queued data beyond a
+        send window of less than a frame's worth), by id: the hold period
+        they started in (see :meth:`release_subframe`)."""
+        self._subframe_period = 0
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2, so a client SYN with id 1 is
         # already "not above the highest seen".
@@ -245,9 +247,9 @@ class Session:
         out = self._out
         if not out:
             return b""
-        if self._deferred:
-            # Something goes out anyway: deferred grants ride along.
-            for st in list(self._deferred.values()):
+        if self._window_owed:
+            # Something goes out anyway: the owed grants ride along.
+            for st in list(self._window_owed.values()):
                 self._grant(st)
         self._out = []
         return b"".join(out)
@@ -276,26 +278,27 @@ class Session:
         return st.state if st is not None else StreamState.CLOSED
 
     @property
-    def holding_short(self) -> bool:
-        """Whether a stream holds queued data back because its send window
-        is less than one frame (see :meth:`release_short`)."""
-        return bool(self._short)
+    def holding_subframe(self) -> bool:
+        """Whether a stream holds back a sub-frame remainder: queued data
+        beyond a send window of less than a frame's worth (see
+        :meth:`release_subframe`)."""
+        return bool(self._subframe_held)
 
-    def start_short_period(self) -> int:
+    def start_subframe_period(self) -> int:
         """
         Begin a new hold period and return the number of the one that ends:
         the adapter calls this when it starts its timer, and passes the
-        number to :meth:`release_short` when the timer fires.
+        number to :meth:`release_subframe` when the timer fires.
         """
-        period = self._short_period
-        self._short_period = period + 1
+        period = self._subframe_period
+        self._subframe_period = period + 1
         return period
 
-    def release_short(self, period: Optional[int] = None) -> None:
+    def release_subframe(self, period: Optional[int] = None) -> None:
         """
-        Send what the window allows of the streams that have held back less
-        than a frame since hold period ``period`` or earlier (all of them
-        without ``period``).
+        Send the sub-frame remainder (what the window allows, less than a
+        frame's worth) of the streams that have held it back since hold
+        period ``period`` or earlier (all of them without ``period``).
 
         A stream with more queued than its window sends whole frames only
         and waits for the peer's WNDINC rather than send the remainder: a
@@ -304,11 +307,12 @@ class Session:
         costs the peer a read, a wake-up, a WNDINC and an echo frame of its
         own.  A stream starts holding anew whenever it sends.  A peer that
         grants window only once it has consumed nearly everything would wait
-        for ever, hence this, called by the adapter after a short hold.
+        for ever, hence this, called by the adapter once a hold has lasted
+        ``tcprelay.protocol.SUBFRAME_HOLD``.
         """
-        for sid, since in list(self._short.items()):
+        for sid, since in list(self._subframe_held.items()):
             if period is None or since <= period:
-                del self._short[sid]
+                del self._subframe_held[sid]
                 st = self._streams.get(sid)
                 if st is not None and st.pending_len and st.send_window:
                     self._flush(st, whole=False)
@@ -559,10 +563,10 @@ class Session:
             return
         st.recv_window -= n
         if (
-            self._deferred
+            self._window_owed
             and st.recv_window < INITIAL_WINDOW // 2
             and not frame.fin
-            and st.id in self._deferred
+            and st.id in self._window_owed
         ):
             self._grant(st)
         if st.heartbeat is not _Heartbeat.NONE:
@@ -574,7 +578,7 @@ class Session:
             self._recv_fin(st)
 
     def _recv_fin(self, st: _Stream) -> None:
-        self._deferred.pop(st.id, None)  # the peer sends no more: no window for it
+        self._window_owed.pop(st.id, None)  # the peer sends no more: no window for it
         self._events.append(StreamEnded(st.id))
         st.state = _TRANSITIONS[(st.state, _StreamInput.RECV_FIN)]
         if st.state is StreamState.CLOSED:
@@ -742,13 +746,13 @@ class Session:
                 # peer) while the stream's first answer is being prepared:
                 # it goes with the next frames we send, or alone once the
                 # peer has used half of its initial window.
-                self._deferred[sid] = st
+                self._window_owed[sid] = st
         return st
 
     def _grant(self, st: _Stream) -> None:
-        """One WNDINC for the consumed credit and any deferred extra window."""
+        """One WNDINC for the consumed credit and any extra window still owed."""
         credit = st.recv_credit
-        if self._deferred and self._deferred.pop(st.id, None) is not None:
+        if self._window_owed and self._window_owed.pop(st.id, None) is not None:
             credit += self._extra_window
         st.recv_credit = 0
         st.recv_window += credit
@@ -829,11 +833,11 @@ class Session:
             # less than a frame's window left: it waits for the next WNDINC
             budget -= rest
             if budget:  # progress: a new hold starts
-                self._short[st.id] = self._short_period
+                self._subframe_held[st.id] = self._subframe_period
             else:
-                self._short.setdefault(st.id, self._short_period)
-        elif self._short:
-            self._short.pop(st.id, None)
+                self._subframe_held.setdefault(st.id, self._subframe_period)
+        elif self._subframe_held:
+            self._subframe_held.pop(st.id, None)
         if not budget or not pending:
             return
         pieces: list[Buffer] = []
@@ -899,8 +903,8 @@ class Session:
     ) -> None:
         if self._streams.pop(st.id, None) is None:
             return
-        self._deferred.pop(st.id, None)
-        self._short.pop(st.id, None)
+        self._window_owed.pop(st.id, None)
+        self._subframe_held.pop(st.id, None)
         st.state = StreamState.CLOSED
         st.pending.clear()
         st.pending_len = 0
