@@ -235,6 +235,7 @@ _OWN_NAMES = frozenset(
         "_clock",
         "_connect",
         "_connected",
+        "_connecting",
         "_deferred",
         "_dispatch",
         "_done",
