@@ -23,6 +23,13 @@ transport, so a relay can forward it first.  :func:`connect_eager` is the
 client side's counterpart: ``connectTCP`` whose ``connect()`` call is made
 at once, and whose protocol is connected before it returns when the kernel
 has already completed the connection (loopback).
+
+Each of these relies on Twisted internals listed in :mod:`tcprelay._twisted`;
+where the installed Twisted lacks one, the function it serves takes Twisted's
+public API instead (``transport.write``, ``loseWriteConnection``,
+``loseConnection``, ``listenTCP``, ``connectTCP``; ``close_now`` then returns
+False).  The choice is made once, at import, into the module's ``_FAST_*``
+booleans, which tests may patch to exercise the fallbacks.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError, g
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python import log
 from twisted.python.failure import Failure
+
+from tcprelay import _twisted
 
 __all__ = [
     "EagerClient",
@@ -54,6 +63,20 @@ __all__ = [
 ]
 
 
+_FAST_WRITE = _twisted.WRITE_NOW
+"""Twisted has what :func:`_idle_plain_tcp` reads (see :mod:`tcprelay._twisted`)."""
+_FAST_FIN = _twisted.LOSE_WRITE_NOW
+"""... and what :func:`lose_write_now` needs to send the FIN itself."""
+_FAST_CLOSE = _twisted.CLOSE_FINISHED
+"""... and the ``_shouldShutdown`` flag :func:`close_finished` clears."""
+_FAST_READ_SIZE = _twisted.READ_SIZE
+"""Twisted's transports read ``bufferSize`` bytes at a time."""
+_FAST_ACCEPT = _twisted.LISTEN_EAGER
+"""Twisted has what :class:`EagerPort` relies on."""
+_FAST_CONNECT = _twisted.CONNECT_EAGER
+"""Twisted has what :class:`EagerClient` and :class:`EagerConnector` rely on."""
+
+
 class NoDelayServer(tcp.Server):
     """A connection accepted by an :class:`EagerPort`: its socket inherited
     ``TCP_NODELAY`` from the listener, so turning it on again costs no
@@ -69,9 +92,11 @@ class NoDelayServer(tcp.Server):
 
 
 def _idle_plain_tcp(transport: Any) -> bool:
-    """A plain TCP transport, open for writing, with nothing queued."""
+    """A plain TCP transport, open for writing, with nothing queued (never,
+    when the installed Twisted lacks what this reads)."""
     return (
-        type(transport) in _PLAIN_TCP
+        _FAST_WRITE
+        and type(transport) in _PLAIN_TCP
         and not transport.TLS
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
@@ -114,7 +139,7 @@ def nodelay(transport: Any) -> None:
 def read_size(transport: Any, size: int) -> None:
     """How many bytes each read of a plain TCP transport asks for (Twisted's
     ``bufferSize``, 64 KiB by default); other transports are left alone."""
-    if type(transport) in _PLAIN_TCP and transport.bufferSize != size:
+    if _FAST_READ_SIZE and type(transport) in _PLAIN_TCP and transport.bufferSize != size:
         transport.bufferSize = size
 
 
@@ -127,7 +152,7 @@ def lose_write_now(transport: Any) -> None:
     now and the protocol hears ``writeConnectionLost`` as Twisted would tell
     it, so a ``loseConnection`` after that closes at once too.
     """
-    if _idle_plain_tcp(transport) and transport.producer is None:
+    if _FAST_FIN and _idle_plain_tcp(transport) and transport.producer is None:
         transport._writeDisconnecting = True
         transport._writeDisconnected = True
         transport._closeWriteConnection()
@@ -233,10 +258,11 @@ def listen_eager(
 ) -> Any:
     """
     Listen with an :class:`EagerPort` on a real POSIX reactor; elsewhere
-    (memory reactors in tests) fall back to ``listenTCP``, whose
+    (memory reactors in tests), or when the installed Twisted lacks what
+    :class:`EagerPort` relies on, fall back to ``listenTCP``, whose
     connections reach the factory through its ``buildProtocol``.
     """
-    if not isinstance(reactor, PosixReactorBase):
+    if not _FAST_ACCEPT or not isinstance(reactor, PosixReactorBase):
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     listening = EagerPort(port, factory, backlog, interface, reactor)
     listening.startListening()
@@ -249,7 +275,12 @@ def close_finished(transport: Any) -> None:
     FIN sent, or left to ``close()``) is then closed without Twisted's
     ``shutdown(SHUT_RDWR)`` first, which has nothing left to do.
     """
-    if type(transport) in _PLAIN_TCP and not transport.TLS and transport._writeDisconnected:
+    if (
+        _FAST_CLOSE
+        and type(transport) in _PLAIN_TCP
+        and not transport.TLS
+        and transport._writeDisconnected
+    ):
         transport._shouldShutdown = False
     transport.loseConnection()
 
@@ -261,9 +292,10 @@ def close_now(transport: Any) -> bool:
     ``close()`` then sends the FIN, where ``lose_write_now`` followed by
     ``loseConnection`` costs ``shutdown(SHUT_WR)``, ``shutdown(SHUT_RDWR)``
     and ``close()``.  The protocol hears ``connectionLost`` (clean) as it
-    would from Twisted.  Returns False, doing nothing, for anything else.
+    would from Twisted.  Returns False, doing nothing, for anything else
+    (and always, when the installed Twisted lacks what this relies on).
     """
-    if not _idle_plain_tcp(transport) or transport.producer is not None:
+    if not _FAST_CLOSE or not _idle_plain_tcp(transport) or transport.producer is not None:
         return False
     transport._writeDisconnected = True  # nothing more will be written: close() sends the FIN
     close_finished(transport)  # with _writeDisconnected: connectionLost now
@@ -378,9 +410,10 @@ def connect_eager(
     ``reactor.connectTCP(host, port, factory, timeout)`` with an
     :class:`EagerConnector` on a real POSIX reactor: on loopback the
     protocol is connected before this returns.  Elsewhere (memory reactors
-    in tests) plain ``connectTCP``.
+    in tests), or when the installed Twisted lacks what
+    :class:`EagerConnector` relies on, plain ``connectTCP``.
     """
-    if not isinstance(reactor, PosixReactorBase):
+    if not _FAST_CONNECT or not isinstance(reactor, PosixReactorBase):
         return reactor.connectTCP(host, port, factory, timeout=timeout)
     connector = EagerConnector(host, port, factory, timeout, None, reactor)
     connector.connect()

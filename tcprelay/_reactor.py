@@ -49,6 +49,8 @@ from typing import Any, Callable, Optional
 
 from twisted.python import log
 
+from tcprelay import _twisted
+
 __all__ = [
     "DEFAULT_BUSY_POLL",
     "MAX_BUSY_POLL",
@@ -63,13 +65,12 @@ __all__ = [
 
 DEFAULT_BUSY_POLL = 250e-6
 """
-Seconds the relay keeps polling after activity before it sleeps.
-
-Measured on a 2-CPU VM (docs/benchmarks.rst), sequential connect + 1-byte
-echo through the relay and a Go echo service: p50 397 us with 250 us of
-busy polling, 430 us without (medians of ten alternating rounds), for about
-25 us more relay CPU per connection.  Throughput runs, where the machine is
-busy and events are always waiting, do not spin.
+Seconds the relay keeps polling after activity before it sleeps: about one
+peer's answer on a connection's critical path (a few hundred microseconds
+on loopback), so the answer finds the relay awake, for little CPU (about
+25 us more per connection; connect + echo p50 397 against 430 us without,
+docs/benchmarks.rst).  A busy machine always has events waiting, so the
+relay does not spin there.
 """
 IDLE_SAMPLE_INTERVAL = 0.1
 """Seconds between two readings of the machine's idle CPU time."""
@@ -189,6 +190,10 @@ class IdleGauge:
             self.tokens = max(0.0, self.tokens - cpu_seconds)
 
 
+_FAST_POLL = _twisted.TUNE_REACTOR
+"""The installed Twisted has the epoll reactor internals the lean poll step
+uses (see :mod:`tcprelay._twisted`); tests may patch it."""
+
 MIN_SPIN = 5e-6
 """A busy poll shorter than this is not worth starting."""
 
@@ -204,7 +209,9 @@ def tune_reactor(
 ) -> bool:
     """
     Install the lean poll step on ``reactor`` if it is Twisted's
-    ``EPollReactor``; return whether it was installed.  ``busy_poll`` is in
+    ``EPollReactor`` and the installed Twisted has the internals the step
+    uses; return whether it was installed (when not, the reactor keeps
+    Twisted's own poll step).  ``busy_poll`` is in
     seconds (0: never busy-poll); busy polling stays off with fewer than two
     usable CPUs (``cpus``, default :func:`usable_cpus`), where the relay's
     spinning could only delay the peers it waits for.  ``clock``, ``pause``,
@@ -214,7 +221,7 @@ def tune_reactor(
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # pragma: no cover - not on Linux
         return False
-    if type(reactor) is not EPollReactor:
+    if not _FAST_POLL or type(reactor) is not EPollReactor:
         return False
     poller = getattr(reactor, "_poller", None)
     selectables = getattr(reactor, "_selectables", None)
