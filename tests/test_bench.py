@@ -1,5 +1,5 @@
 """
-Regression guard for the data path: ``python -m tcprelay.bench`` in a narrow
+Regression guard for the data path: ``python -m benchmarks`` in a narrow
 quick slice (1-connection echo throughput through the Go relay and through
 tcprelay, both with the Go echo service behind them, in the same run, in two
 rounds in which they take turns); and the latency run in which the stacks
@@ -45,7 +45,7 @@ def _run_slice(tmp_path: Path, attempt: int, *args: str) -> dict[str, Any]:
     argv = [
         sys.executable,
         "-m",
-        "tcprelay.bench",
+        "benchmarks",
         "--quick",
         *(args or ("--scenarios", "go-relay,tcprelay", "--tests", "throughput", "--conns", "1",
                    "--rounds", "2")),

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tcprelay.bench.report import cpu_bound, cpu_notes, figures, ratios, table
-from tcprelay.bench.run import _merge_rounds, _rotated
+from benchmarks.report import cpu_bound, cpu_notes, figures, ratios, table
+from benchmarks.run import _merge_rounds, _rotated
 
 
 def _run(mbps: float, busy: float, idle: float, **cpu: float) -> dict[str, Any]:

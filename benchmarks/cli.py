@@ -1,4 +1,4 @@
-"""Command line of ``python -m tcprelay.bench``."""
+"""Command line of ``python -m benchmarks``."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
 
-from tcprelay.bench import gotools
-from tcprelay.bench.profile import find_py_spy
-from tcprelay.bench.procs import BenchError, Processes, raise_open_files_limit
-from tcprelay.bench.report import contention_notes, cpu_notes, machine_info, ratios, table
-from tcprelay.bench.run import SCENARIOS, TESTS, Settings, run_benchmark
+from benchmarks import gotools
+from benchmarks.profile import find_py_spy
+from benchmarks.procs import BenchError, Processes, raise_open_files_limit
+from benchmarks.report import contention_notes, cpu_notes, machine_info, ratios, table
+from benchmarks.run import SCENARIOS, TESTS, Settings, run_benchmark
 
 __all__ = ["main", "parser"]
 
@@ -63,7 +63,7 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tcprelay.bench",
+        prog="python -m benchmarks",
         description=(
             "Benchmark tcprelay side by side with the original Go relay and a "
             "direct echo, on loopback: echo throughput, connect latency, "
@@ -165,10 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         binaries = gotools.build_all(go, src, programs)
         go_version = gotools.go_version(go)
     except BenchError as e:
-        print(f"tcprelay.bench: {e}", file=sys.stderr)
+        print(f"benchmarks: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tcprelay.bench: interrupted while building", file=sys.stderr)
+        print("benchmarks: interrupted while building", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     if args.log_dir:
@@ -192,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     if interrupted:
-        print("tcprelay.bench: interrupted; every process it started is stopped", file=sys.stderr)
+        print("benchmarks: interrupted; every process it started is stopped", file=sys.stderr)
         if not args.log_dir:
             shutil.rmtree(logdir, ignore_errors=True)
         return EXIT_INTERRUPTED
@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         document = {
             "command": [
-                "python", "-m", "tcprelay.bench", *(argv if argv is not None else sys.argv[1:])
+                "python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])
             ],
             "machine": machine_info(go_version),
             "settings": {

@@ -30,10 +30,10 @@ from typing import Any, Optional
 
 import attrs
 
-from tcprelay.bench.profile import Profiler
+from benchmarks.profile import Profiler
 from tcprelay.testing import free_port_block
 
-from tcprelay.bench.procs import (
+from benchmarks.procs import (
     BenchError,
     Process,
     Processes,
@@ -141,12 +141,11 @@ class Runner:
 
     def _python_env(self) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # children run in the log directory: when tcprelay is imported from a
-        # source checkout rather than installed, let them find it too
-        package_parent = Path(__file__).resolve().parents[2]
-        if not {"site-packages", "dist-packages"} & set(package_parent.parts):
-            path = env.get("PYTHONPATH", "")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_parent), path) if p)
+        # children run in the log directory: let them import tcprelay from
+        # the checkout this benchmark lives in, the code under test
+        package_parent = Path(__file__).resolve().parents[1]
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_parent), path) if p)
         return env
 
     def start_echo(self) -> str:

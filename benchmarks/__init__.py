@@ -1,7 +1,7 @@
 """
 Side-by-side benchmark of tcprelay against the original Go relay.
 
-``python -m tcprelay.bench`` starts, on loopback only, four stacks in one
+``python -m benchmarks`` starts, on loopback only, four stacks in one
 run and measures each with the same Go load client (``goload``):
 
 ``direct``
@@ -25,6 +25,6 @@ The Go programs are built from ``tests/interop/`` of a source checkout
 (``--go-src``).  See ``docs/benchmarks.rst`` and ``--help``.
 """
 
-from tcprelay.bench.cli import main
+from benchmarks.cli import main
 
 __all__ = ["main"]
