@@ -3,7 +3,8 @@
 Only ``packages`` is computed here: with the flat layout, setuptools'
 discovery would miss ``twisted.plugins`` (which must have no __init__.py, so
 that it merges with Twisted's own plugin package) and would not exclude
-``tests``.
+``tests`` or ``benchmarks`` (the benchmark needs the Go sources under
+tests/interop/ and runs from the checkout only).
 """
 
 from setuptools import find_packages, setup

@@ -49,6 +49,19 @@ def test_installed_distribution_ships_every_module() -> None:
     assert not missing, f"not installed (missing __init__.py, or install is stale): {missing}"
 
 
+def test_installed_distribution_ships_no_benchmark() -> None:
+    """The benchmark stays in the checkout: the installed distribution has no benchmarks/ or tcprelay/bench/."""
+    try:
+        files = metadata.files("tcprelay")
+    except metadata.PackageNotFoundError:
+        pytest.fail("tcprelay is not installed: run ./scripts/test")
+    assert files is not None
+    shipped = sorted(
+        f.as_posix() for f in files if f.parts[:1] == ("benchmarks",) or f.parts[:2] == ("tcprelay", "bench")
+    )
+    assert not shipped, f"benchmark code in the installed distribution: {shipped}"
+
+
 def test_bare_control_port_is_normalised() -> None:
     """``--control 8080`` becomes the endpoint string ``tcp:8080``."""
     options = tap.Options()

@@ -5,7 +5,7 @@ from ``/usr/share/gocode`` and are compiled in GOPATH mode, exactly like::
 
     cd tests/interop && GO111MODULE=off GOPATH=/usr/share/gocode go build -o OUT ./NAME
 
-The build itself is :func:`tcprelay.bench.gotools.build_all`, the one the
+The build itself is :func:`benchmarks.gotools.build_all`, the one the
 benchmark builds the same programs with. Each program is built at most
 once per process; the binaries go to ``build/interop/`` under the repository
 root (gitignored), or to a temporary directory if that is not writable. Set
@@ -30,8 +30,8 @@ import tempfile
 import threading
 from typing import NoReturn
 
-from tcprelay.bench import gotools
-from tcprelay.bench.procs import BenchError
+from benchmarks import gotools
+from benchmarks.procs import BenchError
 
 __all__ = [
     "GOPATH",

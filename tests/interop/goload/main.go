@@ -1,5 +1,5 @@
 // Command goload is the load generator and the direct echo server of
-// “python -m tcprelay.bench“ (standard library only, builds in GOPATH mode):
+// “python -m benchmarks“ (standard library only, builds in GOPATH mode):
 //
 //	goload echo       -listen 127.0.0.1:0
 //	goload throughput -addr H:P [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]

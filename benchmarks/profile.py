@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from tcprelay.bench.procs import BenchError
+from benchmarks.procs import BenchError
 
 __all__ = ["Profiler", "find_py_spy", "summarise"]
 

@@ -13,8 +13,10 @@ files for a line.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "cpu_seconds",
     "children_cpu_seconds",
     "fd_count",
+    "free_port_block",
     "machine_cpu_seconds",
     "open_files_limit",
     "raise_open_files_limit",
@@ -199,6 +202,48 @@ class Processes:
                     proc.popen.kill()
                 except OSError:
                     pass
+
+
+# ----------------------------------------------------------------- ports
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 300) -> int:
+    """
+    The first of ``count`` consecutive ports that all bind on ``host`` just
+    now, chosen below the kernel's ephemeral range so that client sockets
+    cannot take one of them meanwhile (a relay's control port and its
+    ``--ports`` range).  BenchError when none is found.
+
+    The benchmark's own copy, so that it imports nothing of tcprelay and
+    drives every version through its command line alone.
+    """
+    top = _ephemeral_low() - count
+    if top <= 20000 + count:
+        top = 60000 - count
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, top)
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise BenchError(f"no block of {count} free ports on {host}")
 
 
 # ------------------------------------------------------------------ /proc

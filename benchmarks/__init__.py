@@ -1,8 +1,9 @@
 """
 Side-by-side benchmark of tcprelay against the original Go relay.
 
-``python -m tcprelay.bench`` starts, on loopback only, four stacks in one
-run and measures each with the same Go load client (``goload``):
+``python -m benchmarks``, run from the root of a source checkout, starts on
+loopback only four stacks in one run and measures each with the same Go
+load client (``goload``):
 
 ``direct``
     the Go echo server alone (the baseline: what TCP costs without a relay);
@@ -21,10 +22,16 @@ clients, relay RSS per idle visitor connection with 10,000 held open, and
 relay CPU seconds per GB relayed.  It prints one table (with the ratios
 tcprelay / Go relay and tcprelay / direct) and can write JSON.
 
-The Go programs are built from ``tests/interop/`` of a source checkout
-(``--go-src``).  See ``docs/benchmarks.rst`` and ``--help``.
+With ``--baseline-venv PATH`` the tcprelay installed in that virtualenv (an
+older commit) runs as two more stacks, ``tcprelay-baseline`` and
+``expose-baseline``, so that one run compares both with the Go relay.
+
+The Go programs are built from ``tests/interop/`` of the checkout
+(``--go-src``), which is why this package is not installed with tcprelay.
+Recorded runs are in ``benchmarks/results/``.  See ``docs/benchmarks.rst``
+and ``--help``.
 """
 
-from tcprelay.bench.cli import main
+from benchmarks.cli import main
 
 __all__ = ["main"]

@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,35 +29,67 @@ from typing import Any, Optional
 
 import attrs
 
-from tcprelay.bench.profile import Profiler
-from tcprelay.testing import free_port_block
-
-from tcprelay.bench.procs import (
+from benchmarks.install import Install, current_install
+from benchmarks.procs import (
     BenchError,
     Process,
     Processes,
     children_cpu_seconds,
     cpu_seconds,
     fd_count,
+    free_port_block,
     machine_cpu_seconds,
     open_files_limit,
     rss_bytes,
     runqueue_wait,
 )
+from benchmarks.profile import Profiler
 
-__all__ = ["SCENARIOS", "TESTS", "Settings", "run_benchmark"]
+__all__ = [
+    "BASELINE_OF",
+    "DEFAULT_SCENARIOS",
+    "PYTHON_STACKS",
+    "SCENARIOS",
+    "TESTS",
+    "Settings",
+    "choose_scenarios",
+    "run_benchmark",
+]
 
 HOST = "127.0.0.1"
-SCENARIOS = ("direct", "go-relay", "tcprelay", "expose")
+DEFAULT_SCENARIOS = ("direct", "go-relay", "tcprelay", "expose")
+"""The stacks of a run without ``--baseline-venv``."""
+BASELINE_OF = {"tcprelay": "tcprelay-baseline", "expose": "expose-baseline"}
+"""The baseline install's counterpart of each tcprelay stack."""
+SCENARIOS = DEFAULT_SCENARIOS + tuple(BASELINE_OF.values())
+"""Every stack, in the order the stacks start and take turns."""
+PYTHON_STACKS = frozenset(BASELINE_OF) | frozenset(BASELINE_OF.values())
+"""The stacks whose relay (and agent) are tcprelay's Python processes."""
 TESTS = ("throughput", "latency", "cps", "hold")
 STARTUP_TIMEOUT = 20.0
+
+
+def choose_scenarios(requested: Optional[tuple[str, ...]], baseline: bool) -> tuple[str, ...]:
+    """
+    The stacks of a run, in :data:`SCENARIOS` order: those ``requested``
+    (None: :data:`DEFAULT_SCENARIOS`); with a baseline install and no
+    baseline stack named, each tcprelay stack's baseline counterpart is
+    added.  BenchError for a baseline stack without a baseline install.
+    """
+    chosen = set(requested or DEFAULT_SCENARIOS)
+    named = chosen & set(BASELINE_OF.values())
+    if named and not baseline:
+        raise BenchError(f"{', '.join(sorted(named))} needs --baseline-venv")
+    if baseline and not named:
+        chosen |= {BASELINE_OF[name] for name in chosen if name in BASELINE_OF}
+    return tuple(name for name in SCENARIOS if name in chosen)
 
 
 @attrs.define
 class Settings:
     """What one run measures, and how much of it."""
 
-    scenarios: tuple[str, ...] = SCENARIOS
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     tests: tuple[str, ...] = TESTS
     conns: tuple[int, ...] = (1, 8, 64)
     throughput_seconds: float = 3.0
@@ -78,6 +109,11 @@ class Settings:
     #: record py-spy profiles of tcprelay's processes here (None: do not)
     profile_dir: Optional[Path] = None
     py_spy: str = "py-spy"
+    #: the tcprelay measured by the ``tcprelay`` and ``expose`` stacks (None:
+    #: this checkout's, run by this Python)
+    current: Optional[Install] = None
+    #: the older tcprelay of the ``*-baseline`` stacks (``--baseline-venv``)
+    baseline: Optional[Install] = None
 
 
 Log = Callable[[str], None]
@@ -139,15 +175,15 @@ class Runner:
 
     # ---------------------------------------------------------- processes
 
-    def _python_env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # children run in the log directory: when tcprelay is imported from a
-        # source checkout rather than installed, let them find it too
-        package_parent = Path(__file__).resolve().parents[2]
-        if not {"site-packages", "dist-packages"} & set(package_parent.parts):
-            path = env.get("PYTHONPATH", "")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_parent), path) if p)
-        return env
+    def install_of(self, name: str) -> Install:
+        """The tcprelay install a stack runs: the baseline's or the current one."""
+        if name in BASELINE_OF.values():
+            if self.settings.baseline is None:
+                raise BenchError(f"{name} needs --baseline-venv")
+            return self.settings.baseline
+        if self.settings.current is None:
+            self.settings.current = current_install()
+        return self.settings.current
 
     def start_echo(self) -> str:
         if self.echo is None or not self.echo.running():
@@ -157,12 +193,11 @@ class Runner:
             self.echo_address = self.echo.wait_line(r"^LISTEN (\S+)$", STARTUP_TIMEOUT).group(1)
         return self.echo_address
 
-    def start_tcprelay(self, tag: str) -> tuple[Process, int]:
+    def start_tcprelay(self, tag: str, install: Install) -> tuple[Process, int]:
+        """``twistd -n tcprelay`` of ``install`` on a fresh control port."""
         control = free_port_block(5)
         argv = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
+            *install.twistd,
             "-n",
             "--pidfile=",
             "tcprelay",
@@ -176,7 +211,7 @@ class Runner:
             "1",
         ]
         proc = self.processes.start(
-            f"{tag}-relay", argv, env=self._python_env(), nofile=self.settings.relay_nofile
+            f"{tag}-relay", argv, env=install.env, nofile=self.settings.relay_nofile
         )
         proc.wait_line(rf"starting on {control}\b", STARTUP_TIMEOUT)
         return proc, control
@@ -193,18 +228,19 @@ class Runner:
             )
             relay.wait_line(r"^LISTEN ", STARTUP_TIMEOUT)
             return self._behind_relay(name, relay, control)
-        if name == "tcprelay":
-            relay, control = self.start_tcprelay(name)
+        if name in ("tcprelay", "tcprelay-baseline"):
+            relay, control = self.start_tcprelay(name, self.install_of(name))
             return self._behind_relay(name, relay, control)
-        if name == "expose":
+        if name in ("expose", "expose-baseline"):
+            install = self.install_of(name)
             echo = self.start_echo()
-            relay, control = self.start_tcprelay(name)
+            relay, control = self.start_tcprelay(name, install)
             agent = self.processes.start(
-                "expose-agent",
-                [sys.executable, "-m", "tcprelay.cli", "expose", echo,
+                f"{name}-agent",
+                [*install.tcprelay, "expose", echo,
                  "--relay", f"{HOST}:{control}",
-                 "--lease-file", str(self.processes.logdir / "expose-lease.json")],
-                env=self._python_env(),
+                 "--lease-file", str(self.processes.logdir / f"{name}-lease.json")],
+                env=install.env,
             )
             address = agent.wait_line(r"^(\S+:\d+)$", STARTUP_TIMEOUT).group(1)
             return Stack(
@@ -267,7 +303,7 @@ class Runner:
             (f"{stack.name} {role}",
              Profiler(s.py_spy, proc.pid, s.profile_dir / f"{stack.name}-{role}-{phase}.txt"))
             for stack in stacks
-            if stack.name in ("tcprelay", "expose")
+            if stack.name in PYTHON_STACKS
             for role, proc in stack.watched().items()
         ]
         try:

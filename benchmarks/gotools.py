@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from tcprelay.bench.procs import BenchError
+from benchmarks.procs import BenchError
 
 __all__ = ["PROGRAMS", "build_all", "find_go", "find_sources", "go_version"]
 
@@ -30,6 +30,8 @@ PROGRAMS = ("goload", "legacyrelay", "echosvc")
 DEFAULT_GOPATH = "/usr/share/gocode"
 _MUXADO = Path("src/github.com/inconshreveable/muxado/interface.go")
 BUILD_TIMEOUT = 300.0
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The source checkout holding ``benchmarks/`` and ``tests/interop/``."""
 
 
 def find_go() -> str:
@@ -67,9 +69,8 @@ def _candidates() -> list[Path]:
     cwd = Path.cwd().resolve()
     for parent in (cwd, *cwd.parents):
         found.append(parent / "tests" / "interop")
-    # a source checkout (or an in-place/editable install)
-    package_root = Path(__file__).resolve().parents[2]
-    found.append(package_root / "tests" / "interop")
+    # the checkout this benchmark lives in
+    found.append(REPO_ROOT / "tests" / "interop")
     return found
 
 

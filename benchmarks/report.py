@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
+from benchmarks.run import PYTHON_STACKS
+
 __all__ = [
     "RATIOS",
     "contention_notes",
@@ -26,16 +28,21 @@ COLUMNS = (
     ("go-relay", "Go relay"),
     ("tcprelay", "tcprelay"),
     ("expose", "+expose"),
+    ("tcprelay-baseline", "baseline"),
+    ("expose-baseline", "+exp base"),
 )
 """Scenario name and column heading, in table order."""
 
 RATIOS = (
     ("tcprelay", "go-relay", "tcp/Go"),
+    ("tcprelay-baseline", "go-relay", "base/Go"),
     ("tcprelay", "direct", "tcp/dir"),
     ("expose", "go-relay", "exp/Go"),
+    ("expose-baseline", "go-relay", "bexp/Go"),
     ("expose", "tcprelay", "exp/tcp"),
 )
-"""(numerator, denominator, heading) of each ratio column."""
+"""(numerator, denominator, heading) of each ratio column; a baseline
+install's ratio against the Go relay stands next to the current one's."""
 
 
 def _get(result: dict[str, Any], *path: str) -> Optional[float]:
@@ -180,7 +187,7 @@ def contention_notes(results: Results, threshold: float = 0.2) -> list[str]:
     waited for a CPU, and the load average range of the run."""
     notes = []
     for name, result in results.items():
-        if name not in ("tcprelay", "expose"):
+        if name not in PYTHON_STACKS:
             # Go's many threads add their waits up: only the (single-threaded)
             # Python processes give a meaningful share
             continue
@@ -248,7 +255,7 @@ def cpu_notes(results: Results, conns: tuple[int, ...]) -> list[str]:
     go = results.get("go-relay", {})
     for n in conns:
         go_mbps = _get(go, "throughput", str(n), "mbps")
-        for name in ("go-relay", "tcprelay"):
+        for name in ("go-relay", "tcprelay", "tcprelay-baseline"):
             if name not in results:
                 continue
             bound = cpu_bound(results[name], n)
@@ -278,14 +285,10 @@ def _cpu_model() -> str:
 
 
 def machine_info(go_version: str) -> dict[str, Any]:
+    """The machine and toolchain of a run (the tcprelay installs are
+    described apart, see :class:`benchmarks.install.Install`)."""
     import twisted
 
-    try:
-        import tcprelay
-
-        version = tcprelay.__version__
-    except Exception:  # pragma: no cover
-        version = "unknown"
     return {
         "nproc": os.cpu_count(),
         "cpu": _cpu_model(),
@@ -294,6 +297,5 @@ def machine_info(go_version: str) -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "twisted": twisted.__version__,
         "go": go_version,
-        "tcprelay": version,
         "executable": sys.executable,
     }

@@ -1,4 +1,4 @@
-"""Command line of ``python -m tcprelay.bench``."""
+"""Command line of ``python -m benchmarks``."""
 
 from __future__ import annotations
 
@@ -14,13 +14,26 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
 
-from tcprelay.bench import gotools
-from tcprelay.bench.profile import find_py_spy
-from tcprelay.bench.procs import BenchError, Processes, raise_open_files_limit
-from tcprelay.bench.report import contention_notes, cpu_notes, machine_info, ratios, table
-from tcprelay.bench.run import SCENARIOS, TESTS, Settings, run_benchmark
+from benchmarks import gotools
+from benchmarks.install import baseline_install, current_install
+from benchmarks.procs import BenchError, Processes, raise_open_files_limit
+from benchmarks.profile import find_py_spy
+from benchmarks.report import contention_notes, cpu_notes, machine_info, ratios, table
+from benchmarks.run import (
+    BASELINE_OF,
+    DEFAULT_SCENARIOS,
+    PYTHON_STACKS,
+    SCENARIOS,
+    TESTS,
+    Settings,
+    choose_scenarios,
+    run_benchmark,
+)
 
-__all__ = ["main", "parser"]
+__all__ = ["PROG", "main", "parser"]
+
+PROG = "python -m benchmarks"
+"""How the benchmark is run, from the root of a source checkout."""
 
 EXIT_ERRORS = 1
 """A scenario failed, or a measurement counted errors (the table is still printed)."""
@@ -63,13 +76,14 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tcprelay.bench",
+        prog=PROG,
         description=(
             "Benchmark tcprelay side by side with the original Go relay and a "
             "direct echo, on loopback: echo throughput, connect latency, "
             "connections per second, RSS per idle connection and CPU per GB. "
-            "Needs Go and Debian's muxado v1 sources (the load client and "
-            "reference programs are built from tests/interop/)."
+            "Run it from the root of a source checkout: it needs Go and "
+            "Debian's muxado v1 sources (the load client and reference "
+            "programs are built from tests/interop/)."
         ),
     )
     p.add_argument("--quick", action="store_true",
@@ -78,8 +92,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--go-src", metavar="DIR",
                    help="directory holding goload/, legacyrelay/ and echosvc/ "
                         "(default: tests/interop of the source checkout)")
-    p.add_argument("--scenarios", type=_csv(SCENARIOS), default=SCENARIOS,
-                   help=f"stacks to run (default: {','.join(SCENARIOS)})")
+    p.add_argument("--scenarios", type=_csv(SCENARIOS), default=None,
+                   help=f"stacks to run, of {','.join(SCENARIOS)} (default: "
+                        f"{','.join(DEFAULT_SCENARIOS)}, and with --baseline-venv "
+                        "the baseline counterparts of the tcprelay stacks)")
+    p.add_argument("--baseline-venv", metavar="PATH",
+                   help="also measure the tcprelay installed in the virtualenv PATH "
+                        "(an older commit), side by side in the same run, as the "
+                        f"stacks {','.join(BASELINE_OF.values())}")
     p.add_argument("--tests", type=_csv(TESTS), default=TESTS,
                    help=f"measurements to make (default: {','.join(TESTS)})")
     p.add_argument("--conns", type=_conns, default=None,
@@ -114,9 +134,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, original_nofile: tuple[int, int]) -> Settings:
+    """The run's settings from the parsed options (no baseline install yet);
+    BenchError for a baseline stack without ``--baseline-venv``."""
     quick = args.quick
     return Settings(
-        scenarios=tuple(s for s in SCENARIOS if s in args.scenarios),
+        scenarios=choose_scenarios(args.scenarios, args.baseline_venv is not None),
         tests=args.tests,
         conns=args.conns or (1, 8, 64),
         throughput_seconds=args.seconds if args.seconds else (1.0 if quick else 3.0),
@@ -144,11 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(text, file=sys.stderr, flush=True)
 
     soft, raised, hard = raise_open_files_limit()
-    settings = _settings(args, (soft, hard))
+    try:
+        settings = _settings(args, (soft, hard))
+    except BenchError as e:
+        parser().error(str(e))
     programs: tuple[str, ...] = ("goload",)
     if "go-relay" in settings.scenarios:
         programs += ("legacyrelay",)
-    if {"go-relay", "tcprelay"} & set(settings.scenarios):
+    if {"go-relay", "tcprelay", "tcprelay-baseline"} & set(settings.scenarios):
         programs += ("echosvc",)
     if "hold" in settings.tests and raised < settings.hold_n + 256:
         log(
@@ -159,16 +184,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if settings.profile_dir is not None:
             settings.py_spy = find_py_spy()
             settings.profile_dir.mkdir(parents=True, exist_ok=True)
+        if PYTHON_STACKS & set(settings.scenarios):
+            settings.current = current_install()
+        if args.baseline_venv is not None:
+            settings.baseline = baseline_install(Path(args.baseline_venv))
+            log(
+                f"baseline: tcprelay {settings.baseline.version} from {settings.baseline.python}"
+                f" (commit {settings.baseline.commit or 'unknown'})"
+            )
         go = gotools.find_go()
         src = gotools.find_sources(args.go_src, programs)
         log(f"building {', '.join(programs)} from {src}")
         binaries = gotools.build_all(go, src, programs)
         go_version = gotools.go_version(go)
     except BenchError as e:
-        print(f"tcprelay.bench: {e}", file=sys.stderr)
+        print(f"benchmarks: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tcprelay.bench: interrupted while building", file=sys.stderr)
+        print("benchmarks: interrupted while building", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     if args.log_dir:
@@ -192,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     if interrupted:
-        print("tcprelay.bench: interrupted; every process it started is stopped", file=sys.stderr)
+        print("benchmarks: interrupted; every process it started is stopped", file=sys.stderr)
         if not args.log_dir:
             shutil.rmtree(logdir, ignore_errors=True)
         return EXIT_INTERRUPTED
@@ -206,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name}: FAILED: {result['failed']}")
     for name, result in results.items():
         limit = result.get("relay_nofile")
-        if name not in ("tcprelay", "expose") or limit is None:
+        if name not in PYTHON_STACKS or limit is None:
             continue
         start = settings.relay_nofile[0] if settings.relay_nofile else raised
         if "hold" in settings.tests and limit < settings.hold_n + 256:
@@ -217,14 +250,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line)
     for line in contention_notes(results):
         print(line)
+    for install in (settings.current, settings.baseline):
+        if install is not None:
+            print(
+                f"{install.label}: tcprelay {install.version}, commit "
+                f"{install.commit or 'unknown'}, from {install.module_file}"
+            )
     elapsed = time.monotonic() - started
     log(f"done in {elapsed:.0f}s")
     if args.json:
         document = {
-            "command": [
-                "python", "-m", "tcprelay.bench", *(argv if argv is not None else sys.argv[1:])
-            ],
+            "command": [*PROG.split(), *(argv if argv is not None else sys.argv[1:])],
             "machine": machine_info(go_version),
+            "tcprelay": {
+                install.label: install.describe()
+                for install in (settings.current, settings.baseline)
+                if install is not None
+            },
             "settings": {
                 "quick": args.quick,
                 "scenarios": list(settings.scenarios),
@@ -237,6 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "rounds": settings.rounds,
                 "latency_block": settings.latency_block,
                 "hold_n": settings.hold_n,
+                "baseline_venv": args.baseline_venv,
                 "open_files": {"original_soft": soft, "raised_soft": raised, "hard": hard},
             },
             "seconds": elapsed,
