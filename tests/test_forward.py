@@ -104,20 +104,20 @@ class _Pair:
 async def test_connected_tcp_side_gets_nodelay_and_forwards(reactor: Any) -> None:
     """A splice side connected out over TCP turns Nagle off, reads whole muxado frames at a time, and forwards."""
     splice = Splice()
-    splice.b.makeConnection(StringTransport())  # stands in for the mux stream (no TCP options)
+    splice.visitor.makeConnection(StringTransport())  # stands in for the mux stream (no TCP options)
     seen: Deferred[Any] = Deferred()
-    splice.connected = seen.callback
-    pair = _Pair(reactor, splice.a)
+    splice.on_linked = lambda sp: seen.callback(sp.service)
+    pair = _Pair(reactor, splice.service)
     try:
         await pair.connect()
-        assert await bounded(seen, reactor) is splice.a
-        assert splice.a.transport.getTcpNoDelay()
-        assert splice.a.transport.bufferSize == FEED_READ_SIZE == 4 * MAX_PAYLOAD
-        splice.b.dataReceived(b"from the stream")
+        assert await bounded(seen, reactor) is splice.service
+        assert splice.service.transport.getTcpNoDelay()
+        assert splice.service.transport.bufferSize == FEED_READ_SIZE == 4 * MAX_PAYLOAD
+        splice.visitor.dataReceived(b"from the stream")
         await wait_for(
             reactor, lambda: bytes(pair.server.received) == b"from the stream", what="the bytes"
         )
-        assert splice.bytes_ba == len(b"from the stream")
+        assert splice.bytes_to_service == len(b"from the stream")
     finally:
         await pair.close()
 
@@ -658,15 +658,15 @@ def test_a_finished_splice_is_freed_without_the_cyclic_collector(no_cyclic_gc: N
     """Once both ends are gone the splice, its sides and their transports hold no reference cycle: reference counting frees them at once (left to the cyclic collector, thousands of them made for a full collection that stopped the reactor ~100 ms)."""
     import weakref
 
-    splice = Splice(on_done=lambda s: None)
+    splice = Splice()
     ta, tb = StringTransport(), StringTransport()
-    splice.a.makeConnection(ta)
-    splice.b.makeConnection(tb)
-    splice.a.dataReceived(b"to b")
-    splice.b.dataReceived(b"to a")
-    refs = [weakref.ref(o) for o in (splice, splice.a, splice.b)]
-    splice.a.connectionLost(Failure(ConnectionDone()))
-    splice.b.connectionLost(Failure(ConnectionDone()))
+    splice.visitor.makeConnection(ta)
+    splice.service.makeConnection(tb)
+    splice.visitor.dataReceived(b"to b")
+    splice.service.dataReceived(b"to a")
+    refs = [weakref.ref(o) for o in (splice, splice.visitor, splice.service)]
+    splice.visitor.connectionLost(Failure(ConnectionDone()))
+    splice.service.connectionLost(Failure(ConnectionDone()))
     assert tb.value() == b"to b" and ta.value() == b"to a"
     del splice
     assert [r() for r in refs] == [None, None, None]
