@@ -493,12 +493,13 @@ class _RelayLike(Factory):
         return self.build_eager(addr, b"")
 
     def build_eager(self, addr: Any, first: bytes) -> Protocol:
-        splice = Splice(on_done=self.done.callback)
+        splice = Splice()
+        splice.done.addCallback(lambda _: self.done.callback(splice))
         if first:
-            splice.b._pending.append(first)
-        factory = ClientFactory.forProtocol(lambda: splice.b)
+            splice.service._pending.append(first)
+        factory = ClientFactory.forProtocol(lambda: splice.service)
         self.connectors.append(connect_eager(self.reactor, "127.0.0.1", self.target, factory))
-        return splice.a
+        return splice.visitor
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "public"])
@@ -529,7 +530,7 @@ async def test_a_relay_like_splice_works_through_listen_eager_either_way(
         assert len(echoes) == 1 and bytes(echoes[0].received) == PAYLOAD
         assert isinstance(relay.connectors[0], EagerConnector) is fast
         splice = await bounded(relay.done, reactor)
-        assert splice.bytes_ab == splice.bytes_ba == len(PAYLOAD)
+        assert splice.bytes_to_service == splice.bytes_to_visitor == len(PAYLOAD)
         await bounded(visitor.lost, reactor)
         assert visitor.reason is not None and visitor.reason.check(ConnectionDone)
         await bounded(echoes[0].lost, reactor)
