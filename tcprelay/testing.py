@@ -168,6 +168,31 @@ class RelayFixture:
         "tcp:0"``...), applied after the fixture's own; ``session`` replaces
         the session settings the options give.
         """
+        return cls.create(
+            reactor,
+            *args,
+            ports=ports,
+            secrets=secrets,
+            wait_timeout=wait_timeout,
+            lease=lease,
+            session=session,
+        ).begin()
+
+    @classmethod
+    def create(
+        cls,
+        reactor: Any,
+        *args: str,
+        ports: int = 8,
+        secrets: Sequence[bytes] = (),
+        wait_timeout: float = 5.0,
+        lease: float = 0.5,
+        session: Optional[SessionConfig] = None,
+    ) -> RelayFixture:
+        """
+        The fixture :meth:`start` makes, not started yet: change what you
+        need (for example the relay's clock), then call :meth:`begin`.
+        """
         base = free_port_block(ports)
         argv = [
             "--control",
@@ -193,9 +218,12 @@ class RelayFixture:
         if session is not None:
             config = attrs.evolve(config, session=session)
         service = tap.makeService(options, reactor, config=config)
-        fixture = cls(reactor, service, options)
-        service.startService()
-        return ensureDeferred(fixture._listening())
+        return cls(reactor, service, options)
+
+    def begin(self) -> Deferred[RelayFixture]:
+        """Start the relay made by :meth:`create`; fires with the fixture once it listens."""
+        self.service.startService()
+        return ensureDeferred(self._listening())
 
     async def _listening(self) -> RelayFixture:
         await self._control.listened

@@ -15,9 +15,8 @@ from twisted.internet.testing import StringTransport, StringTransportWithDisconn
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay.mux.events import DataReceived
 from tcprelay.mux.frames import Data, Frame, FrameDecoder
-from tcprelay.mux.session import Role, Session, SessionConfig
+from tcprelay.mux.session import Role, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
 
 NO_HEARTBEAT = SessionConfig(heartbeat=False)
@@ -187,44 +186,3 @@ class Pair:
             if not moved:
                 return moved_total
         raise AssertionError("pump never went quiet")
-
-
-class RawPeer:
-    """
-    A bare sans-IO Session facing one MuxProtocol, to script the peer's side
-    frame by frame.  :meth:`exchange` moves bytes both ways until quiet and
-    keeps the peer's events; with ``auto_ack`` the peer consumes (and so
-    grants window for) every byte it receives.
-    """
-
-    def __init__(self, mux: MuxProtocol, tr: StringTransport, role: Role,
-                 config: SessionConfig = NO_HEARTBEAT, auto_ack: bool = True) -> None:
-        self.mux = mux
-        self.tr = tr
-        self.session = Session(role, config, 0.0)
-        self.auto_ack = auto_ack
-        self.events: list[object] = []
-        self.received: dict[int, bytearray] = {}
-
-    def exchange(self, limit: int = 10000) -> None:
-        for _ in range(limit):
-            moved = False
-            out = self.session.data_to_send()
-            if out:
-                self.mux.dataReceived(out)
-                moved = True
-            data = self.tr.value()
-            if data:
-                self.tr.clear()
-                for event in self.session.receive_data(data):
-                    self.events.append(event)
-                    if isinstance(event, DataReceived):
-                        self.received.setdefault(event.stream_id, bytearray()).extend(
-                            event.data
-                        )
-                        if self.auto_ack:
-                            self.session.acknowledge(event.stream_id, len(event.data))
-                moved = True
-            if not moved:
-                return
-        raise AssertionError("exchange never went quiet")

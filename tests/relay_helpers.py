@@ -4,9 +4,10 @@ Helpers for the in-process relay tests (tests/test_relay.py).
 These run on the real reactor over real loopback sockets, through
 pytest-twisted:
 
-- :class:`InProcessRelay` starts the relay exactly as twistd would
-  (``tap.Options`` + ``tap.makeService(options, reactor)``), on an ephemeral
-  control port and an explicit block of public ports probed free.
+- the relay is :class:`tcprelay.testing.RelayFixture`, the harness users
+  get: built exactly as twistd builds it (``tap.Options`` +
+  ``tap.makeService``), on an ephemeral control port and a block of public
+  ports probed free.
 - :class:`LegacyService` is a service written the way the original Go
   echoserver was: a client-role :class:`~tcprelay.protocol.MuxProtocol` that
   opens one plain stream, reads the public address to EOF, then accepts
@@ -36,13 +37,12 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay import tap, testing
+from tcprelay import testing
+from tcprelay.testing import RelayFixture
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, SessionConfig
 from tcprelay.protocol import MuxProtocol, MuxStream
-from tcprelay.relay.core import Relay
 from tcprelay.relay.doors.muxado import ControlSession, MuxTunnel
-from tcprelay.relay.service import RelayService
 
 T = TypeVar("T")
 
@@ -130,62 +130,16 @@ def free_port_block(size: int) -> range:
 # -- the relay ------------------------------------------------------------
 
 
-class InProcessRelay:
-    """The relay daemon built by ``tap.makeService`` and run on ``reactor``."""
+def registered_ports(relay: RelayFixture) -> set[int]:
+    """Public ports with a registered tunnel."""
+    return {t.route.port for t in relay.relay.tunnels()}
 
-    def __init__(self, reactor: Any, *args: str, ports: int = 8) -> None:
-        self.reactor = reactor
-        self.public_ports = free_port_block(ports)
-        argv = [
-            "--control",
-            "tcp:0:interface=127.0.0.1",
-            "--ports",
-            f"{self.public_ports.start}-{self.public_ports.stop - 1}",
-            "--public-interface",
-            "127.0.0.1",
-            *args,
-        ]
-        self.options = tap.Options()
-        self.options.parseOptions(argv)
-        self.service: RelayService = tap.makeService(self.options, reactor)
-        self.relay: Relay = self.service.relay
-        self.pool = self.relay.pool
-        self.control_port = 0
-        self.control_listener: Optional[interfaces.IListeningPort] = None
 
-    def start(self) -> None:
-        """Start listening (synchronously, as for twistd)."""
-        self.service.startService()
-        listening: list[interfaces.IListeningPort] = []
-        control = self.service.getServiceNamed("control")
-
-        def got(port: interfaces.IListeningPort) -> interfaces.IListeningPort:
-            listening.append(port)
-            return port
-
-        control._waitingForPort.addCallback(got)  # type: ignore[attr-defined]
-        assert listening, "control endpoint did not listen synchronously"
-        self.control_listener = listening[0]
-        self.control_port = self.control_listener.getHost().port
-
-    async def stop(self, timeout: float = WAIT) -> None:
-        """Stop the relay if it still runs (idempotent)."""
-        if self.service.running:
-            await bounded(self.service.stopService(), self.reactor, timeout)
-
-    def registration(self, port: int) -> MuxTunnel:
-        """The tunnel registered at public ``port``."""
-        tunnel = self.relay.tunnel_at(port)
-        assert isinstance(tunnel, MuxTunnel), f"nothing registered at {port}"
-        return tunnel
-
-    def session_for(self, port: int) -> ControlSession:
-        """The control session of the service at public ``port``."""
-        return self.registration(port).control
-
-    def registered_ports(self) -> set[int]:
-        """Public ports with a registered service."""
-        return {t.route.port for t in self.relay.tunnels()}
+def session_for(relay: RelayFixture, port: int) -> ControlSession:
+    """The control session of the muxado service at public ``port``."""
+    tunnel = relay.tunnel_at(port)
+    assert isinstance(tunnel, MuxTunnel), f"no muxado tunnel at {port}"
+    return tunnel.control
 
 
 # -- protocols on both ends ----------------------------------------------
@@ -442,6 +396,9 @@ class LegacyService:
     """
     A legacy service connected to the relay: the first plain stream is the
     handshake, every later stream a visitor served by ``protocol_factory``.
+    It is the in-process stand-in for the Go echoserver, built on the
+    library's own MuxProtocol (real backpressure, real half-close); to
+    script frames by hand, use :class:`tests.muxpeer.ScriptedPeer`.
     """
 
     def __init__(
@@ -532,19 +489,20 @@ class Cleanup:
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.relays: list[InProcessRelay] = []
+        self.relays: list[RelayFixture] = []
         self.services: list[LegacyService] = []
         self.visitors: list[Visitor] = []
 
-    def relay(self, *args: str, ports: int = 8) -> InProcessRelay:
-        relay = InProcessRelay(self.reactor, *args, ports=ports)
-        relay.start()
+    async def relay(self, *args: str, ports: int = 8) -> RelayFixture:
+        relay = await bounded(
+            RelayFixture.start(self.reactor, *args, ports=ports), self.reactor
+        )
         self.relays.append(relay)
         return relay
 
     async def service(
         self,
-        relay: InProcessRelay,
+        relay: RelayFixture,
         protocol_factory: Callable[[], Peer] = EchoProtocol,
         config: SessionConfig = SERVICE_CONFIG,
     ) -> LegacyService:
@@ -559,7 +517,7 @@ class Cleanup:
         return visitor
 
     async def echoed(
-        self, relay: InProcessRelay, first: bytes = b"x"
+        self, relay: RelayFixture, first: bytes = b"x"
     ) -> tuple[LegacyService, Visitor, EchoProtocol]:
         """
         An echoing service on ``relay`` and a visitor whose ``first`` bytes
@@ -581,7 +539,7 @@ class Cleanup:
         for service in self.services:
             service.abort()
         for relay in self.relays:
-            await relay.stop()
+            await bounded(relay.stop(), self.reactor)
         for visitor in self.visitors:
             if visitor.transport is not None:
                 await bounded(visitor.lost, self.reactor)
@@ -600,7 +558,8 @@ __all__ = [
     "wait_stable",
     "fd_count",
     "free_port_block",
-    "InProcessRelay",
+    "registered_ports",
+    "session_for",
     "Peer",
     "EchoProtocol",
     "Visitor",

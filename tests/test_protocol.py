@@ -54,13 +54,13 @@ from tests.relay_helpers import wait_for
 WHOLE_WINDOW = INITIAL_WINDOW - INITIAL_WINDOW % MAX_PAYLOAD
 """What a stream sends of a larger write into a fresh window: whole frames."""
 
+from tests.muxpeer import ScriptedPeer
 from tests.adapter_helpers import (
     Acceptor,
     FakePushProducer,
     HalfCloseRecorder,
     Pair,
     PausingRecorder,
-    RawPeer,
     Recorder,
     ReplyOnFin,
     connect,
@@ -460,9 +460,9 @@ def test_pull_producer_is_asked_for_more_while_window_allows() -> None:
 # Backpressure: peer -> protocol (receive window)
 
 
-def _server_with_raw_client(acceptor: Acceptor) -> tuple[MuxProtocol, StringTransport, RawPeer]:
+def _server_with_raw_client(acceptor: Acceptor) -> tuple[MuxProtocol, StringTransport, ScriptedPeer]:
     mux, tr = connect(Role.SERVER, Clock(), acceptor=acceptor)
-    return mux, tr, RawPeer(mux, tr, Role.CLIENT)
+    return mux, tr, ScriptedPeer.facing(mux, tr)
 
 
 def test_paused_protocol_holds_data_and_withholds_wndinc() -> None:

@@ -28,9 +28,6 @@ from typing import Iterator, Optional
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcprelay.mux import events as ev
-from tcprelay.mux.frames import ErrorCode
-from tcprelay.mux.session import Role, Session, SessionConfig
 from tests.e2e.support import HOST
 
 
@@ -129,60 +126,6 @@ def notify_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[No
         sock.close()
         if holder is not None:
             holder.cleanup()
-
-
-# -- the original echo service's handshake ------------------------------------
-
-
-def legacy_handshake(port: int, timeout: float = 10.0) -> tuple[str, str]:
-    """
-    Dial the control port as the original echo service does: open the first
-    plain stream and read it to its FIN.  Returns ``("address", "HOST:PORT")``
-    when a relay served the handshake, or ``("goaway", reason)`` when a
-    draining relay sent GOAWAY(NO_ERROR) first.  Anything else (refused,
-    reset, timeout, a silent close, an error code) raises OSError or
-    AssertionError with what happened.
-    """
-    deadline = time.monotonic() + timeout
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = Session(Role.CLIENT, SessionConfig(heartbeat=False), time.monotonic())
-        sid = session.open_stream(0)
-        sock.sendall(session.data_to_send())
-        data = bytearray()
-        goaway: Optional[ev.GoAwayReceived] = None
-        frames = False
-        events = session.events()
-        while True:
-            for event in events:
-                if isinstance(event, ev.DataReceived) and event.stream_id == sid:
-                    data += event.data
-                    session.acknowledge(sid, len(event.data))
-                elif isinstance(event, ev.StreamEnded) and event.stream_id == sid:
-                    return ("address", data.decode("ascii", "replace"))
-                elif isinstance(event, ev.GoAwayReceived):
-                    goaway = event
-                elif isinstance(event, ev.SessionEnded):
-                    if goaway is not None and goaway.error_code == ErrorCode.NO_ERROR:
-                        return ("goaway", event.reason)
-                    raise AssertionError(
-                        f"session ended before the address ({event.reason}; "
-                        f"frames seen: {frames}, goaway: {goaway})"
-                    )
-            out = session.data_to_send()
-            if out:
-                sock.sendall(out)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout(f"no address within {timeout}s")
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                session.connection_lost("eof")
-                events = session.events()
-            else:
-                frames = True
-                events = session.receive_data(chunk) + session.events()
 
 
 # -- metrics and status --------------------------------------------------------------

@@ -33,9 +33,6 @@ from typing import Callable, Iterator, Optional, Sequence
 import attrs
 import pytest
 
-from tcprelay import handshake as hs
-from tcprelay.mux import events as ev
-from tcprelay.mux.session import Role, Session, SessionConfig
 from tcprelay.testing import free_port_block
 from tests.interop import gobuild
 
@@ -634,87 +631,3 @@ def wait_refused(port: int, timeout: float) -> float:
         if time.monotonic() >= deadline:
             pytest.fail(f"port {port} still accepts connections after {timeout}s")
         time.sleep(0.02)
-
-
-# -- raw muxado client ---------------------------------------------------------------
-
-
-class RawMuxClient:
-    """
-    A hand-driven muxado v1 client over a blocking socket, built on the
-    sans-IO :class:`~tcprelay.mux.session.Session`: it sends exactly what a
-    test tells it to, so it can break the handshake rules on purpose.
-    """
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
-        self.session = Session(Role.CLIENT, SessionConfig(heartbeat=False), time.monotonic())
-        self.data: dict[int, bytearray] = {}
-        self.ended: Optional[ev.SessionEnded] = None
-        self.goaway: Optional[ev.GoAwayReceived] = None
-        self.closed_streams: dict[int, ev.StreamClosed] = {}
-        self.eof = False
-
-    def open_stream(self, stream_type: int) -> int:
-        """Open a stream of ``stream_type``; its id."""
-        sid = self.session.open_stream(stream_type)
-        self.data[sid] = bytearray()
-        self.flush()
-        return sid
-
-    def send(self, sid: int, data: bytes) -> None:
-        """Send raw bytes on stream ``sid``."""
-        self.session.send_data(sid, data)
-        self.flush()
-
-    def flush(self) -> None:
-        out = self.session.data_to_send()
-        if out and not self.eof:
-            try:
-                self.sock.sendall(out)
-            except OSError:
-                self.eof = True
-        self._take(self.session.events())
-
-    def _take(self, events: list[ev.Event]) -> None:
-        for event in events:
-            if isinstance(event, ev.DataReceived):
-                self.data.setdefault(event.stream_id, bytearray()).extend(event.data)
-                self.session.acknowledge(event.stream_id, len(event.data))
-            elif isinstance(event, ev.GoAwayReceived):
-                self.goaway = event
-            elif isinstance(event, ev.StreamClosed):
-                self.closed_streams[event.stream_id] = event
-            elif isinstance(event, ev.SessionEnded):
-                self.ended = event
-
-    def pump_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Read and process frames until ``done()`` or the connection ends; fail at the deadline."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            if self.eof:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"raw mux client: condition not met within {timeout}s")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                self.session.connection_lost("eof")
-                self._take(self.session.events())
-                return
-            self._take(self.session.receive_data(chunk))
-            self.flush()
-
-    def messages(self, sid: int) -> list[dict[str, object]]:
-        """The extended-handshake messages received so far on ``sid``."""
-        return hs.MessageReader().feed(bytes(self.data.get(sid, b"")))
-
-    def close(self) -> None:
-        self.sock.close()

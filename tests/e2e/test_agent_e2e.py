@@ -28,13 +28,13 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from tcprelay import handshake as hs
 from tcprelay.mux.frames import ErrorCode
 from tests.e2e.agent_fixtures import make_pki
+from tests.muxpeer import ScriptedPeer
 from tests.e2e.support import (
     HOST,
     STARTUP,
     TWISTD,
     EchoServer,
     Procs,
-    RawMuxClient,
     echo_round_trip,
     exit_status_name,
     free_port_block,
@@ -180,7 +180,7 @@ def test_legacy_go_service_is_refused_when_auth_is_on(procs: Procs, tmp_path: Pa
 # -- hostile handshakes -------------------------------------------------------------
 
 
-def _hello(client: RawMuxClient, sid: int) -> dict[str, object]:
+def _hello(client: ScriptedPeer, sid: int) -> dict[str, object]:
     client.pump_until(lambda: bool(client.messages(sid)))
     hello = client.messages(sid)[0]
     assert hello["type"] == "hello" and isinstance(hello["nonce"], str)
@@ -200,7 +200,7 @@ def test_tampered_handshake_is_refused_and_others_carry_on(
     good = start_agent(procs, echo.port, relay.address, "--secret", "s3cret")
     good_port = good.port()
 
-    client = RawMuxClient(relay.control)
+    client = ScriptedPeer.dial(relay.control)
     try:
         sid = client.open_stream(hs.CONTROL_STREAM_TYPE)
         hello = _hello(client, sid)

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tcprelay.mux.session import Role, Session, SessionConfig
+from tests.muxpeer import ScriptedPeer, legacy_handshake
 from tests.e2e.ops_fixtures import (
     NotifySocket,
-    legacy_handshake,
     metric,
     scrape,
     scrape_until,
@@ -446,10 +445,9 @@ def test_metrics_count_heartbeat_timeouts(procs: Procs) -> None:
         "--heartbeat-tolerance", "1",
         public_host=HOST,
     )
-    session = Session(Role.CLIENT, SessionConfig(heartbeat=False), time.monotonic())
-    with socket.create_connection((HOST, relay.control), timeout=10) as mute:
-        session.open_stream(0)
-        mute.sendall(session.data_to_send())
+    peer = ScriptedPeer.dial(relay.control)
+    with peer.wire.sock as mute:  # type: ignore[attr-defined]
+        peer.open_stream(0)
         # Read (so the relay is never blocked) but never answer anything.
         snapshots = []
 
