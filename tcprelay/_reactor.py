@@ -69,7 +69,7 @@ Seconds the relay keeps polling after activity before it sleeps: about one
 peer's answer on a connection's critical path (a few hundred microseconds
 on loopback), so the answer finds the relay awake, for little CPU (about
 25 us more per connection; connect + echo p50 397 against 430 us without,
-docs/benchmarks.rst).  A busy machine always has events waiting, so the
+benchmarks/results/experiments.json).  A busy machine always has events waiting, so the
 relay does not spin there.
 """
 IDLE_SAMPLE_INTERVAL = 0.1
@@ -346,7 +346,7 @@ def tune_malloc(libc: Any = None, environ: Mapping[str, str] = os.environ) -> bo
     hundred KiB (``brk``) and faulted in again, page by page, by the next
     allocations: some 4,600 page faults a second in a relay echoing
     330 MB/s over 8 connections, none with these settings; its CPU per GB
-    relayed fell by a tenth (docs/benchmarks.rst).  The cost is up to
+    relayed fell by a tenth (benchmarks/results/experiments.json).  The cost is up to
     :data:`MALLOC_TRIM_THRESHOLD` of freed memory kept by the process.
 
     Does nothing where the C library is not glibc, or where the operator

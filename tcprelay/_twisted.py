@@ -19,7 +19,7 @@ the class tcprelay uses the name on (for an instance attribute: the class
 whose method assigns it); ``abstract``, ``tcp``, ``base``,
 ``posixbase``, ``epollreactor`` are modules of ``twisted.internet``,
 ``application`` is ``twisted.application.internet``.  Figures are from
-``docs/benchmarks.rst`` (2-CPU VM, loopback).
+``benchmarks/results/`` (2-CPU VM, loopback).
 
 +----------------------------+-----------------------------------------+---------------------------+
 | Name                       | Owner                                   | Kind                      |
@@ -166,10 +166,10 @@ whose method assigns it); ``abstract``, ``tcp``, ``base``,
 +----------------------------+-----------------------------------------+---------------------------+
 | ``doIteration``            | epollreactor.EPollReactor               | method (timeout)          |
 +----------------------------+-----------------------------------------+---------------------------+
-| **Endpoint services** [service] -- used by: ``_raiseSynchronously``: ``tap.py``, ``testing.py``; |
-| ``_waitingForPort``: ``testing.py``, ``systemd.py``. Win: none in speed: a port that cannot      |
-| listen fails ``startService`` at once (twistd exits non-zero); READY=1 and the test kit wait for |
-| the port. Fallback: ``_raiseSynchronously`` unknown: Twisted logs the failure and runs on;       |
+| **Endpoint services** [service] -- used by: ``_raiseSynchronously``: ``tap.py``;                 |
+| ``_waitingForPort``: ``systemd.py``. Win: none in speed: a port that cannot listen fails         |
+| ``startService`` at once (twistd exits non-zero); READY=1 and the test kit wait for the port.    |
+| Fallback: ``_raiseSynchronously`` unknown: Twisted logs the failure and runs on;                 |
 | ``_waitingForPort`` absent: ``systemd.py`` sends READY=1 at once; public way:                    |
 | ``endpoint.listen(factory)``.                                                                    |
 +----------------------------+-----------------------------------------+---------------------------+
@@ -179,10 +179,10 @@ whose method assigns it); ``abstract``, ``tcp``, ``base``,
 | ``_waitingForPort``        | application.internet.StreamServerEndpoi | instance attribute        |
 |                            | ntService                               | (__init__)                |
 +----------------------------+-----------------------------------------+---------------------------+
-| **Shutdown signals** [signals] -- used by: ``_exitSignal``: ``relay/server.py``                  |
-| (``RelayService``); ``_stopped``: ``_signals.py``. Win: none in speed: a drained SIGTERM exits   |
-| 0; a repeated SIGTERM while stopping is ignored. Fallback: both read with ``getattr`` defaults:  |
-| the exit status is Twisted's (the signal re-raised); a repeated signal reaches Twisted's handler |
+| **Shutdown signals** [signals] -- used by: ``_exitSignal``: ``relay/daemon.py``                  |
+| (``RelayDaemon``); ``_stopped``: ``_signals.py``. Win: none in speed: a drained SIGTERM exits 0; |
+| a repeated SIGTERM while stopping is ignored. Fallback: both read with ``getattr`` defaults: the |
+| exit status is Twisted's (the signal re-raised); a repeated signal reaches Twisted's handler     |
 | unless the relay is draining.                                                                    |
 +----------------------------+-----------------------------------------+---------------------------+
 | ``_exitSignal``            | base.ReactorBase                        | attribute                 |

@@ -49,7 +49,7 @@ Bytes a socket feeding a stream reads at a time: four whole muxado v1
 frames (65532).  Twisted's 65536 would make four frames and a 4-byte one,
 and with a Go peer every such tiny frame costs the peer a read, a wake-up,
 a WNDINC and a tiny echoed frame of its own (about 7% of throughput with 8
-connections; docs/benchmarks.rst).
+connections; benchmarks/results/experiments.json).
 """
 
 

@@ -7,7 +7,7 @@ writes one JSON object per line, with no record-separator bytes, which is
 what journald, Loki, Vector and friends expect::
 
     {"time": "2026-11-25T14:53:02.123456+00:00", "level": "info",
-     "namespace": "tcprelay.relay.server.ExtendedHandshake",
+     "namespace": "tcprelay.relay.doors.muxado_handshake.ExtendedHandshake",
      "message": "service 127.0.0.1:41764 registered at localhost:18081",
      "peer": "127.0.0.1:41764", "service_port": 18081, ...}
 """

@@ -125,7 +125,7 @@ class MuxStream:
         ``loseConnection``) may wait for other frames to leave with it on
         the session; 0 sends it at once (see :meth:`MuxProtocol.flush_within`).
         The relay sets it on visitor streams
-        (:data:`tcprelay.relay.server.FIN_HOLD`)."""
+        (:data:`tcprelay.relay.doors.muxado.FIN_HOLD`)."""
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} type={self.stream_type}>"
