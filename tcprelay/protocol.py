@@ -394,6 +394,14 @@ class MuxProtocol(Protocol):
         """Feed the session; dispatch what it reports."""
         events = self.session.receive_data(data)
         self.flush(events)
+        if self._connected:
+            # What was read may need the clock sooner (a flood window).
+            when = self.session.next_timer()
+            timer = self._timer
+            if when is not None and (timer is None or when < timer.getTime()):
+                if timer is not None:
+                    timer.cancel()
+                self._schedule()
         streams = len(self.streams)
         # never 0: a read of 0 bytes would look like end-of-file
         read_size(
@@ -604,7 +612,7 @@ class MuxProtocol(Protocol):
         stream = MuxStream(self, event.stream_id, event.stream_type)
         protocol = self.acceptor(stream) if self.acceptor is not None else None
         if protocol is None:
-            self.session.reset_stream(event.stream_id, ErrorCode.REFUSED_STREAM)
+            self.session.refuse_stream(event.stream_id)
             return
         self.session.accept_stream(event.stream_id)
         self.streams[event.stream_id] = stream

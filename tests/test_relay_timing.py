@@ -170,3 +170,4 @@ def test_visitor_bytes_ride_with_the_syn() -> None:
     frames = FrameDecoder().feed(data)
     [syn] = [f for f in frames if isinstance(f, Syn)]
     assert any(isinstance(f, Data) and f.stream_id == syn.stream_id and f.data == b"hello" for f in frames)
+

@@ -128,8 +128,12 @@ class SessionConfig:
         Seconds an unanswered heartbeat may wait before the session is
         declared dead and closed.
     reset_flood_limit:
-        RSTs the peer may provoke (refused streams, data for dead streams)
-        per heartbeat interval before the session is closed as a flood.
+        RSTs the peer may provoke (streams refused by us or by the
+        application, data for dead streams) within one
+        ``reset_flood_window`` before the session is closed as a flood.
+    reset_flood_window:
+        Seconds over which ``reset_flood_limit`` counts, on the clock the
+        adapter passes to :meth:`Session.on_timer` (heartbeats or not).
     """
 
     receive_window: int = INITIAL_WINDOW
@@ -139,6 +143,7 @@ class SessionConfig:
     heartbeat_interval: float = 3.0
     heartbeat_tolerance: float = 13.0
     reset_flood_limit: int = 10000
+    reset_flood_window: float = 3.0
 
     def __attrs_post_init__(self) -> None:
         if not INITIAL_WINDOW <= self.receive_window <= MAX_WINDOW:
@@ -149,6 +154,8 @@ class SessionConfig:
             raise ValueError("max_streams and accept_backlog must be at least 1")
         if self.heartbeat_interval <= 0 or self.heartbeat_tolerance <= 0:
             raise ValueError("heartbeat interval and tolerance must be positive")
+        if self.reset_flood_window <= 0 or self.reset_flood_limit < 1:
+            raise ValueError("reset flood window and limit must be positive")
 
 
 class _Heartbeat(enum.Enum):
@@ -218,6 +225,8 @@ class Session:
         self._remote_open = 0
         self._unaccepted = 0
         self._replies = 0
+        self._replies_until = now + config.reset_flood_window
+        """End of the window :attr:`_replies` counts in."""
         self._wndinc_threshold = config.receive_window // 2
         self.ended = False
         self.going_away = False
@@ -417,6 +426,18 @@ class Session:
         self._out.append(f.encode_rst(stream_id, error_code))
         self._remove(st, error_code, False, "reset")
 
+    def refuse_stream(self, stream_id: int) -> None:
+        """
+        The application refuses a stream the peer opened: RST(REFUSED_STREAM),
+        counted towards ``reset_flood_limit`` like the refusals the session
+        makes itself.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.local or st.heartbeat is not _Heartbeat.NONE:
+            return
+        self._remove(st, ErrorCode.REFUSED_STREAM, False, "refused")
+        self._reply_rst(stream_id, ErrorCode.REFUSED_STREAM)
+
     def acknowledge(self, stream_id: int, size: int) -> None:
         """
         The application consumed ``size`` bytes of a stream: give the peer
@@ -455,15 +476,24 @@ class Session:
 
     def next_timer(self) -> Optional[float]:
         """When :meth:`on_timer` should next run, or None for never."""
-        if self.ended or self._hb_id is None:
+        if self.ended:
             return None
+        # The flood window only needs the clock while it counts something.
+        flood = self._replies_until if self._replies else None
+        if self._hb_id is None:
+            return flood
         if self._hb_sent_at is not None:
-            return min(self._hb_next, self._hb_sent_at + self.config.heartbeat_tolerance)
-        return self._hb_next
+            when = min(self._hb_next, self._hb_sent_at + self.config.heartbeat_tolerance)
+        else:
+            when = self._hb_next
+        return when if flood is None else min(when, flood)
 
     def on_timer(self, now: float) -> None:
-        """Send a due heartbeat; end the session if one went unanswered."""
-        self._replies = 0
+        """Send a due heartbeat; end the session if one went unanswered;
+        start a new flood-counting window once the last one is over."""
+        if now >= self._replies_until:
+            self._replies = 0
+            self._replies_until = now + self.config.reset_flood_window
         if self.ended or self._hb_id is None:
             return
         cfg = self.config
@@ -766,7 +796,7 @@ class Session:
             self._die(
                 ErrorCode.PROTOCOL_ERROR,
                 f"flood: more than {self.config.reset_flood_limit} refused or "
-                "dead-stream frames within one heartbeat interval",
+                f"dead-stream frames within {self.config.reset_flood_window:g}s",
                 remote=False,
             )
 

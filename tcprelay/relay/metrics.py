@@ -22,9 +22,8 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from tcprelay.mux.frames import error_name
 from tcprelay.relay.core import Relay
-from tcprelay.relay.stats import HANDSHAKE_BUCKETS
+from tcprelay.relay.stats import HANDSHAKE_BUCKETS, error_label
 
 __all__ = ["RelayCollector", "status", "metrics_site"]
 
@@ -98,7 +97,7 @@ class RelayCollector(Collector):
             labels=["code"],
         )
         for code, count in sorted(stats.protocol_errors.items()):
-            errors.add_metric([error_name(code)], count)
+            errors.add_metric([error_label(code)], count)
         yield errors
         buckets = []
         running = 0
@@ -158,7 +157,7 @@ def status(relay: Relay) -> dict[str, Any]:
         "services_refused": stats.services_refused,
         "auth_failures": stats.auth_failures,
         "heartbeat_timeouts": stats.heartbeat_timeouts,
-        "protocol_errors": {error_name(c): n for c, n in sorted(stats.protocol_errors.items())},
+        "protocol_errors": {error_label(c): n for c, n in sorted(stats.protocol_errors.items())},
         "draining": relay.draining,
     }
 

@@ -8,7 +8,21 @@ visitor's connection ends, and read from the open ones when scraped.
 
 from __future__ import annotations
 
-__all__ = ["HANDSHAKE_BUCKETS", "RelayStats"]
+from tcprelay.mux.frames import ErrorCode
+
+__all__ = ["HANDSHAKE_BUCKETS", "OTHER_CODE", "RelayStats", "error_label"]
+
+OTHER_CODE = -1
+"""Where protocol errors with a code muxado does not define are counted:
+a peer chooses the code of its GOAWAY, and every label value of the
+metrics must come from a fixed set."""
+
+_KNOWN_CODES = frozenset(int(code) for code in ErrorCode)
+
+
+def error_label(code: int) -> str:
+    """The metric label of a counted error code: an ErrorCode name, or OTHER."""
+    return ErrorCode(code).name if code in _KNOWN_CODES else "OTHER"
 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
 """Upper bounds (seconds) of the handshake-duration histogram."""
@@ -40,5 +54,7 @@ class RelayStats:
                 break
 
     def protocol_error(self, code: int) -> None:
-        """Count a session ended by a protocol error ``code``."""
+        """Count a session ended by a protocol error ``code`` (unknown codes as OTHER)."""
+        if code not in _KNOWN_CODES:
+            code = OTHER_CODE
         self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
