@@ -27,7 +27,10 @@ whose method assigns it); ``abstract``, ``tcp``, ``base``,
 | **Write-through** [idle] -- used by: ``_fastio.write_now`` (its test for an idle plain TCP       |
 | transport also gates ``lose_write_now``, ``close_now``, ``close_finished`` and ``read_size``).   |
 | Win: no ``epoll_ctl``/``epoll_wait`` round trip per write (before it, 3 ``epoll_ctl`` and 1      |
-| ``epoll_wait`` per ``sendto``, ``strace``). Fallback: ``transport.write(data)``.                 |
+| ``epoll_wait`` per ``sendto``, ``strace``). ``_fastio.queued`` reads the same buffer fields to   |
+| tell how much a session's socket holds unsent (the per-session cap). Fallback:                   |
+| ``transport.write(data)``; without ``queued``, a session counts what it wrote while its socket   |
+| was full.                                                                                        |
 +----------------------------+-----------------------------------------+---------------------------+
 | ``Server``                 | tcp                                     | class                     |
 +----------------------------+-----------------------------------------+---------------------------+

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay._fastio import nodelay, read_size, write_now
+from tcprelay._fastio import nodelay, queued, read_size, write_now
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode, error_name
 from tcprelay.mux.session import (
@@ -48,6 +48,12 @@ __all__ = ["MuxProtocol", "MuxStream", "StreamResetError"]
 
 CLOSE_TIMEOUT = 10.0
 """Seconds a closing session may take to flush before the socket is aborted."""
+
+OWED_GRANT_DELAY = 1.0
+"""Seconds the extra window of a stream the peer opened may wait for our
+next frames before it goes alone: the peer hears from every stream it
+opened within a second, even while the application has nothing to say yet
+(a relay resets the streams a service never answers)."""
 
 
 class StreamResetError(error.ConnectionLost):
@@ -373,6 +379,26 @@ class MuxProtocol(Protocol):
         self._held_flush: Optional[IDelayedCall] = None
         self._subframe_release: Optional[IDelayedCall] = None
         self._connected = False
+        self.max_buffered: Optional[int] = None
+        """Most bytes the socket may hold unsent for this session (beyond
+        what the kernel took); a session over it is cut at once.  None: no
+        cap.  Stream data is framed only while the socket takes more (see
+        :attr:`Session.congested`), so what piles up beyond a few hundred
+        KiB is what the peer provokes without reading: echoes, RSTs,
+        WNDINCs."""
+        self._written_paused = 0
+        """Bytes written while the socket was full (the cap's measure when
+        the transport's own buffer cannot be read)."""
+        self.overflowed = False
+        """True once the session was cut for going over :attr:`max_buffered`."""
+        self.frame_timeout: Optional[float] = None
+        """Seconds the rest of a frame may take to arrive once its first
+        bytes have (checked at each such interval: a frame still unfinished,
+        with no frame completed since the last check, ends the session with
+        PROTOCOL_ERROR).  None: no limit."""
+        self._frame_timer: Optional[IDelayedCall] = None
+        self._frame_mark = 0
+        self._owed_timer: Optional[IDelayedCall] = None
 
     # -- Protocol ----------------------------------------------------------
 
@@ -392,8 +418,12 @@ class MuxProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Feed the session; dispatch what it reports."""
-        events = self.session.receive_data(data)
+        session = self.session
+        events = session.receive_data(data)
         self.flush(events)
+        if self.frame_timeout is not None and self._frame_timer is None and session.partial_frame:
+            self._frame_mark = session.frames_received
+            self._frame_timer = self.clock.callLater(self.frame_timeout, self._frame_check)
         if self._connected:
             # What was read may need the clock sooner (a flood window).
             when = self.session.next_timer()
@@ -415,10 +445,18 @@ class MuxProtocol(Protocol):
         self._connected = False
         self.session.connection_lost(reason.getErrorMessage())
         self.flush()
-        for call in (self._timer, self._abort_timer, self._held_flush, self._subframe_release):
+        for call in (
+            self._timer,
+            self._abort_timer,
+            self._held_flush,
+            self._subframe_release,
+            self._frame_timer,
+            self._owed_timer,
+        ):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._abort_timer = self._held_flush = self._subframe_release = None
+        self._frame_timer = self._owed_timer = None
         if not self.ended.called:
             end = self.end_event or self.session.end_reason
             assert end is not None
@@ -427,18 +465,25 @@ class MuxProtocol(Protocol):
     # -- IPushProducer (for our socket) ------------------------------------
 
     def pauseProducing(self) -> None:
-        """The socket's write buffer is full: pause every stream's producer."""
+        """The socket's write buffer is full: hold stream data, pause every stream's producer."""
         if self.paused:
             return
         self.paused = True
+        self.session.congested = True
         for stream in list(self.streams.values()):
             stream._update_producer()
 
     def resumeProducing(self) -> None:
-        """The socket drained: let stream producers go again."""
+        """The socket drained: send held data, let stream producers go again."""
         if not self.paused:
             return
         self.paused = False
+        self._written_paused = 0
+        self.session.congested = False
+        if self.session.has_held:
+            self.flush()
+        if self.paused:
+            return  # what was held filled the socket again
         for stream in list(self.streams.values()):
             stream._update_producer()
 
@@ -534,13 +579,18 @@ class MuxProtocol(Protocol):
             while True:
                 out = session.data_to_send()
                 if out and self._connected:
-                    write_now(transport, out)
+                    if not write_now(transport, out) and self.max_buffered is not None:
+                        self._check_buffered(len(out))
                 if events is None:
                     events = session.events()
                 if self._backlog:
                     events = self._backlog + events
                     self._backlog = []
                 if not events:
+                    if session.has_held and not self.paused and self._connected:
+                        session.release_held()
+                        events = None
+                        continue
                     break
                 for event in events:
                     try:
@@ -566,6 +616,50 @@ class MuxProtocol(Protocol):
             self._subframe_release = self.clock.callLater(
                 SUBFRAME_HOLD, self._release_subframe, session.start_subframe_period()
             )
+        if self._owed_timer is None and session.has_owed and self._connected:
+            self._owed_timer = self.clock.callLater(OWED_GRANT_DELAY, self._grant_owed)
+
+    def _grant_owed(self) -> None:
+        self._owed_timer = None
+        self.session.grant_owed()
+        self.flush()
+
+    def _frame_check(self) -> None:
+        """A frame was left unfinished :attr:`frame_timeout` ago: progress since, or the end."""
+        self._frame_timer = None
+        session = self.session
+        if session.ended or not session.partial_frame or self.frame_timeout is None:
+            return
+        if session.frames_received != self._frame_mark:
+            self._frame_mark = session.frames_received
+            self._frame_timer = self.clock.callLater(self.frame_timeout, self._frame_check)
+            return
+        self.close(
+            ErrorCode.PROTOCOL_ERROR,
+            f"a frame left unfinished for {self.frame_timeout:g}s",
+        )
+
+    def _check_buffered(self, written: int) -> None:
+        """Cut the session when its socket holds more than :attr:`max_buffered` unsent."""
+        held = queued(self.transport)
+        if held is None:
+            if self.paused:
+                self._written_paused += written
+            held = self._written_paused
+        limit = self.max_buffered
+        if limit is None or held <= limit or self.overflowed:
+            return
+        self.overflowed = True
+        self.log.info(
+            "session {session} cut: {queued} bytes wait for a peer that does not read "
+            "(limit {limit})",
+            session=self.label,
+            queued=held,
+            limit=limit,
+        )
+        # Nothing more will reach a peer that does not read: drop what is queued.
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.session.close(ErrorCode.FLOW_CONTROL_ERROR, "peer does not read its socket")
 
     def _release_subframe(self, period: int) -> None:
         """The hold timer fired: streams that have held back a sub-frame

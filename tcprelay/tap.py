@@ -18,7 +18,7 @@ from twisted.python import usage
 from tcprelay._reactor import DEFAULT_BUSY_POLL
 from tcprelay.mux.session import SessionConfig
 from tcprelay.options import busy_poll_option, normalise_endpoint
-from tcprelay.relay.config import RelayConfig
+from tcprelay.relay.config import DEFAULT_SESSION_BUFFER, PRE_HANDSHAKE_BUFFER, RelayConfig
 from tcprelay.relay.core import Relay
 from tcprelay.relay.doors.muxado import ControlFactory
 from tcprelay.relay.pool import PortPool, parse_port_range
@@ -53,6 +53,16 @@ def _positive(name: str, value: Any, integer: bool = False) -> Any:
         raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
     if number <= 0:
         raise usage.UsageError(f"--{name} must be positive, not {value!r}")
+    return number
+
+
+def _non_negative(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise usage.UsageError(f"--{name} must be 0 or more seconds, not {value!r}")
     return number
 
 
@@ -137,6 +147,44 @@ class Options(usage.Options):
             "65536",
             "Most streams a service may open at once (visitor streams are "
             "opened by the relay and not counted).",
+        ],
+        [
+            "max-visitors",
+            None,
+            "16384",
+            "Most visitors one service may have connected at once (each holds "
+            "a descriptor of the relay); more are refused.",
+        ],
+        [
+            "session-buffer",
+            None,
+            str(DEFAULT_SESSION_BUFFER),
+            "Most bytes the relay holds unsent for one service's socket; a "
+            "session over it is cut (before its handshake: "
+            f"{PRE_HANDSHAKE_BUFFER} bytes).",
+        ],
+        [
+            "open-timeout",
+            None,
+            "30",
+            "Seconds a service has to answer a visitor's stream (any frame) "
+            "once the visitor has sent bytes; then the stream is reset and the "
+            "visitor closed (0: no limit).",
+        ],
+        [
+            "half-close-timeout",
+            None,
+            "60",
+            "Seconds a service may stay silent on a stream after its visitor "
+            "closed its sending side; then the stream is reset and the visitor "
+            "closed (0: no limit).",
+        ],
+        [
+            "frame-timeout",
+            None,
+            "10",
+            "Seconds the rest of a started frame may take to arrive from a "
+            "service (0: no limit).",
         ],
         [
             "secrets-file",
@@ -279,6 +327,12 @@ class Options(usage.Options):
         ):
             self[name] = _positive(name, self[name])
         self["max-streams"] = _positive("max-streams", self["max-streams"], True)
+        self["max-visitors"] = _positive("max-visitors", self["max-visitors"], True)
+        self["session-buffer"] = _positive("session-buffer", self["session-buffer"], True)
+        if self["session-buffer"] < PRE_HANDSHAKE_BUFFER:
+            raise usage.UsageError(f"--session-buffer must be at least {PRE_HANDSHAKE_BUFFER}")
+        for name in ("open-timeout", "half-close-timeout", "frame-timeout"):
+            self[name] = _non_negative(name, self[name])
         window = _positive("receive-window", self["receive-window"], True)
         if not 65536 <= window <= 0x7FFFFFFF:
             raise usage.UsageError("--receive-window must be between 65536 and 2147483647")
@@ -304,6 +358,11 @@ class Options(usage.Options):
             bind_retry=self["bind-retry"],
             lease=self["lease"],
             handshake_timeout=self["handshake-timeout"],
+            max_visitors=self["max-visitors"],
+            session_buffer=self["session-buffer"],
+            open_timeout=self["open-timeout"] or None,
+            half_close_timeout=self["half-close-timeout"] or None,
+            frame_timeout=self["frame-timeout"] or None,
             secrets=tuple(self["secret"]),
             secrets_file=self["secrets-file"],
             secrets_inline=tuple(self["secret-inline"]),

@@ -139,9 +139,17 @@ class MemoryRelay:
                 return
         raise AssertionError("the relay never settled")
 
-    def advance(self, seconds: float) -> None:
-        """Let ``seconds`` pass on the relay's clock, then settle."""
-        self.clock.advance(seconds)
+    def advance(self, seconds: float, step: float = 0.25) -> None:
+        """
+        Let ``seconds`` pass on the relay's clock, ``step`` at a time (a
+        timer that re-arms itself runs once per step, as it would in real
+        time), settling after each step.
+        """
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() + step < end:
+            self.clock.advance(step)
+            self.settle()
+        self.clock.advance(max(0.0, end - self.clock.seconds()))
         self.settle()
 
     def listening(self, port: int) -> bool:

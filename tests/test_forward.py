@@ -689,3 +689,28 @@ def test_eager_connector_forgets_its_finished_transport() -> None:
         transport.connectionLost(Failure(ConnectionDone()))
         assert connector.state == "disconnected"
         assert connector.transport is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_port_accepts_a_bounded_batch_per_pass(reactor: Any) -> None:
+    """However full its backlog, an EagerPort accepts at most ACCEPT_BATCH connections per reactor pass (Twisted's own batch grows without bound)."""
+    from tcprelay._fastio import ACCEPT_BATCH
+
+    factory = _EagerFactory(refuse=True)
+    port = listen_eager(reactor, 0, factory, 200, "127.0.0.1")
+    clients = [socket.socket() for _ in range(3 * ACCEPT_BATCH + 5)]
+    try:
+        reactor.removeReader(port)  # this test runs the passes itself
+        for client in clients:
+            client.connect(("127.0.0.1", port.getHost().port))  # queued in the backlog
+        counts = []
+        for _ in range(4):
+            before = len(factory.calls)
+            port.numberAccepts = 10_000  # what Twisted's scaling would reach
+            port.doRead()
+            counts.append(len(factory.calls) - before)
+        assert counts == [ACCEPT_BATCH, ACCEPT_BATCH, ACCEPT_BATCH, 5]
+    finally:
+        for client in clients:
+            client.close()
+        await port.stopListening()

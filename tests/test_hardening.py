@@ -6,9 +6,25 @@ tests/memory_relay.py); the loopback floods are in tests/e2e/test_floods.py.
 
 from __future__ import annotations
 
-from tcprelay.mux.frames import ErrorCode
-from tests.memory_relay import MemoryRelay
+import pytest
+from twisted.internet.task import Clock
 
+from tcprelay.mux import events as ev
+from tcprelay.mux.frames import (
+    HEARTBEAT_STREAM_TYPE,
+    Data,
+    ErrorCode,
+    FrameDecoder,
+    GoAway,
+    encode_data_header,
+    encode_rst,
+    encode_syn,
+    encode_wndinc,
+)
+from tcprelay.mux.session import OUT_LIMIT, Role, Session, SessionConfig
+from tests.adapter_helpers import connect
+from tests.memory_relay import MemoryRelay
+from tests.muxpeer import ScriptedPeer
 
 
 def test_unknown_goaway_codes_share_one_metric_label() -> None:
@@ -32,13 +48,6 @@ def test_unknown_goaway_codes_share_one_metric_label() -> None:
 
 # -- RST floods are counted per window of the clock ---------------------------
 
-from twisted.internet.task import Clock  # noqa: E402
-
-from tcprelay.mux import events as ev  # noqa: E402
-from tcprelay.mux.frames import encode_rst  # noqa: E402
-from tcprelay.mux.session import Role, SessionConfig  # noqa: E402
-from tests.adapter_helpers import connect  # noqa: E402
-from tests.muxpeer import ScriptedPeer  # noqa: E402
 
 FLOOD = SessionConfig(heartbeat=True, reset_flood_limit=10, reset_flood_window=1.0)
 
@@ -84,3 +93,210 @@ def test_flood_window_runs_on_the_clock_without_heartbeats() -> None:
         peer.open_stream()
     peer.exchange()
     assert peer.goaway is not None and b"flood" in peer.goaway.debug
+
+
+# -- what is queued for a peer that does not read is bounded ------------------
+
+
+def test_congested_session_holds_stream_data_until_released() -> None:
+    """While the connection is congested no DATA is framed; release_held frames it, in order, once it is not."""
+    session = Session(Role.SERVER, SessionConfig(heartbeat=False))
+    sid = session.open_stream()
+    session.data_to_send()
+    session.congested = True
+    session.send_data(sid, b"one ")
+    session.send_data(sid, b"two", fin=True)
+    assert not [f for f in FrameDecoder().feed(session.data_to_send()) if isinstance(f, Data) and f.data]
+    assert session.has_held
+    session.congested = False
+    session.release_held()
+    frames = [f for f in FrameDecoder().feed(session.data_to_send()) if isinstance(f, Data)]
+    assert b"".join(f.data for f in frames) == b"one two" and frames[-1].fin
+    assert not session.has_held
+
+
+def test_one_output_holds_about_out_limit_of_data_however_large_the_windows() -> None:
+    """However much window the peer grants at once, one data_to_send carries about OUT_LIMIT of data; the rest follows on release."""
+    session = Session(Role.SERVER, SessionConfig(heartbeat=False))
+    sids = [session.open_stream() for _ in range(8)]
+    session.data_to_send()
+    for sid in sids:
+        session.send_data(sid, b"x" * 200_000)
+    session.receive_data(b"".join(encode_wndinc(sid, 1 << 20) for sid in sids))
+    sizes = []
+    decoder = FrameDecoder()
+    while True:
+        data = session.data_to_send()
+        payload = sum(len(f.data) for f in decoder.feed(data) if isinstance(f, Data))
+        if not payload:
+            break
+        sizes.append(payload)
+        session.release_held()
+        session.receive_data(b"".join(encode_wndinc(sid, 1 << 20) for sid in sids))
+    assert sum(sizes) == 8 * 200_000
+    assert max(sizes) <= OUT_LIMIT + 200_000
+
+
+def _cut_server(limit: int) -> tuple[object, ScriptedPeer]:
+    clock = Clock()
+    mux, tr = connect(Role.SERVER, clock, SessionConfig(heartbeat=False), acceptor=lambda s: None)
+    mux.max_buffered = limit
+    peer = ScriptedPeer.facing(mux, tr)
+    return mux, peer
+
+
+def test_session_over_its_buffer_cap_is_cut() -> None:
+    """A peer that makes the relay queue more than max_buffered (here RSTs for refused streams) while its socket is full is cut at once."""
+    mux, peer = _cut_server(limit=1000)
+    mux.pauseProducing()  # the socket is full: the peer does not read
+    for _ in range(60):  # 60 RSTs of 12 bytes: under the cap
+        peer.open_stream()
+    assert not mux.overflowed
+    for _ in range(30):
+        peer.open_stream()
+    assert mux.overflowed
+    assert peer.wire.tr.disconnecting  # type: ignore[attr-defined]
+    assert mux.session.ended and mux.session.end_reason.error_code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_buffer_cap_counts_nothing_while_the_socket_drains() -> None:
+    """Bytes written while the socket takes them do not count towards the cap."""
+    mux, peer = _cut_server(limit=1000)
+    for _ in range(200):
+        peer.open_stream()
+        peer.exchange()
+    assert not mux.overflowed and not mux.session.ended
+
+
+def test_heartbeat_echo_flood_from_a_peer_that_does_not_read_is_cut() -> None:
+    """A peer that opens a heartbeat stream, grants itself a huge window and never reads: once the socket is full the echo is held, and the session ends as a flood."""
+    relay = MemoryRelay()
+    peer = relay.service()
+    control = next(iter(relay.relay.sessions))
+    hb = 3
+    peer.wire.write(encode_syn(hb, 0, HEARTBEAT_STREAM_TYPE) + encode_wndinc(hb, 1 << 30))
+    control.pauseProducing()  # the peer's socket is full
+    chunk = encode_data_header(hb, 16000) + b"h" * 16000
+    for _ in range(20):
+        peer.wire.write(chunk)
+        if control.session.ended:
+            break
+    assert control.session.ended
+    assert b"flood" in control.session.end_reason.reason.encode()
+
+
+# -- streams a service leaves waiting ------------------------------------------
+
+
+def test_stream_the_service_never_answers_is_reset() -> None:
+    """A visitor that sent bytes on a stream the service never answers is closed, and the stream reset, within 1.25 x --open-timeout."""
+    relay = MemoryRelay("--open-timeout", "4", "--half-close-timeout", "0")
+    peer, port = relay.registered(auto_ack=False)
+    visitor = relay.visitor(port)
+    visitor.send(b"GET / HTTP/1.0\r\n\r\n")
+    relay.settle()
+    relay.advance(4)
+    assert not visitor.closed_by_relay
+    relay.advance(1)
+    assert visitor.closed_by_relay
+    [sid] = [e.stream_id for e in peer.events if isinstance(e, ev.StreamOpened)]
+    assert peer.closed_streams[sid].error_code == ErrorCode.CANCEL
+    assert relay.relay.stats.visitors_timed_out["unanswered"] == 1
+
+
+def test_stream_the_service_answers_is_kept() -> None:
+    """A window update is an answer: the stream stays however long the reply takes."""
+    relay = MemoryRelay("--open-timeout", "4", "--half-close-timeout", "0")
+    peer, port = relay.registered()  # auto_ack: the peer grants window as it reads
+    visitor = relay.visitor(port)
+    visitor.send(b"x" * 40000)  # over half of 64 KiB with what follows: a WNDINC comes back
+    visitor.send(b"y" * 40000)
+    relay.settle()
+    relay.advance(30)
+    assert not visitor.closed_by_relay
+    assert relay.relay.stats.visitors_timed_out["unanswered"] == 0
+
+
+def test_half_closed_stream_of_a_silent_service_is_reset() -> None:
+    """A visitor that sent its bytes and left (FIN) is not kept by a silent service beyond 1.25 x --half-close-timeout."""
+    relay = MemoryRelay("--open-timeout", "0", "--half-close-timeout", "8")
+    peer, port = relay.registered()
+    visitor = relay.visitor(port)
+    visitor.send(b"bye")
+    visitor.protocol.readConnectionLost()  # the visitor's FIN
+    relay.settle()
+    relay.advance(2)
+    [sid] = [e.stream_id for e in peer.events if isinstance(e, ev.StreamOpened)]
+    peer.send(sid, b"still here")  # activity restarts the limit
+    relay.settle()
+    relay.advance(8)
+    assert not visitor.closed_by_relay
+    relay.advance(4)
+    assert visitor.closed_by_relay
+    assert relay.relay.stats.visitors_timed_out["half_closed"] == 1
+    assert relay.relay.visitor_count == 0
+
+
+def test_visitors_per_service_are_capped() -> None:
+    """--max-visitors bounds the descriptors one service holds: one more visitor is refused before any stream opens."""
+    relay = MemoryRelay("--max-visitors", "2")
+    peer, port = relay.registered()
+    assert relay.visitor(port) is not None and relay.visitor(port) is not None
+    opened = relay.relay.stream_count
+    assert relay.visitor(port) is None
+    assert relay.relay.stream_count == opened
+    assert relay.relay.stats.visitors_refused == 1
+
+
+# -- partial frames ---------------------------------------------------------------
+
+
+def test_frame_left_unfinished_ends_the_session_at_the_frame_timeout() -> None:
+    """A frame header followed by a trickle that never completes the frame ends the session at --frame-timeout."""
+    relay = MemoryRelay("--frame-timeout", "5")
+    peer, port = relay.registered()
+    peer.wire.write(encode_data_header(3, 1000)[:6])  # half a header
+    relay.clock.advance(4.9)
+    relay.settle()
+    assert peer.goaway is None
+    relay.clock.advance(0.2)
+    relay.settle()
+    assert peer.goaway is not None and peer.goaway.error_code == ErrorCode.PROTOCOL_ERROR
+
+
+def test_slow_frames_that_complete_are_fine() -> None:
+    """Frames that complete, however slowly the bytes come, keep the session."""
+    relay = MemoryRelay("--frame-timeout", "5", "--heartbeat-tolerance", "60")
+    peer, port = relay.registered()
+    visitor = relay.visitor(port)
+    visitor.send(b"hi")
+    relay.settle()
+    [sid] = [e.stream_id for e in peer.events if isinstance(e, ev.StreamOpened)]
+    frame = encode_data_header(sid, 8) + b"12345678"
+    for _ in range(5):
+        for i in range(0, len(frame), 4):
+            peer.wire.write(frame[i : i + 4])  # raw: nothing of the peer's own between
+            relay.clock.advance(1)
+    visitor.read()
+    assert bytes(visitor.received) == b"12345678" * 5
+    assert not relay.fixture.relay.stats.protocol_errors
+
+
+def test_agent_answers_every_stream_within_a_second() -> None:
+    """A stream the relay opened hears from the agent within OWED_GRANT_DELAY (its extra window), even while the local service has nothing to say."""
+    from tcprelay.protocol import OWED_GRANT_DELAY
+    from tests.adapter_helpers import Acceptor
+
+    clock = Clock()
+    acceptor = Acceptor()
+    mux, tr = connect(Role.CLIENT, clock, SessionConfig(heartbeat=False, receive_window=262144), acceptor=acceptor)
+    relay = ScriptedPeer.facing(mux, tr, role=Role.SERVER)
+    sid = relay.open_stream()
+    relay.send(sid, b"GET /slow HTTP/1.1\r\n\r\n")
+    relay.exchange()
+    assert acceptor.protocols[0].received == b"GET /slow HTTP/1.1\r\n\r\n"
+    assert not relay.session.heard_from(sid)
+    clock.advance(OWED_GRANT_DELAY)
+    relay.exchange()
+    assert relay.session.heard_from(sid)
+    assert relay.session.send_window(sid) > 65536 - 100

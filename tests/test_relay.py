@@ -395,7 +395,9 @@ async def test_service_fin_reaches_visitor_behind_full_buffer(reactor: Any, env:
 @pytest_twisted.ensureDeferred
 async def test_churn_leaves_no_leaks(reactor: Any, env: Cleanup) -> None:
     """100 service sessions and 1,000 visitors (some reset, some silent) leave counters, pool, descriptors and timers as they were."""
-    relay = await env.relay(ports=8)
+    # The visitors' watchdog stops at its first check after the last visitor
+    # has gone: short limits make that check come within the wait below.
+    relay = await env.relay("--open-timeout", "2", "--half-close-timeout", "2", ports=8)
     core = relay.relay
     baseline = (len(core.sessions), len(core.tunnels()), core.stream_count, core.visitor_count)
     free = relay.relay.pool.free

@@ -53,6 +53,11 @@ __all__ = [
 
 INITIAL_WINDOW: Final = 0x10000
 """Every stream starts with this send window in each direction (64 KiB)."""
+OUT_LIMIT: Final = 0x40000
+"""Stream data framed into one :meth:`Session.data_to_send` at most (about
+256 KiB): what a peer's window grants beyond it waits in the streams'
+queues, so that the bytes queued for a connection stay bounded by what it
+drains, however much window the peer grants at once."""
 MAX_WINDOW: Final = 0x7FFFFFFF
 MAX_STREAM_ID: Final = 0x7FFFFFFF
 
@@ -181,6 +186,8 @@ class _Stream:
     fin_queued: bool = False
     forget_on_fin: bool = False
     accepted: bool = True
+    heard: bool = False
+    """The peer has sent something on the stream (data, FIN or WNDINC)."""
 
 
 class Session:
@@ -215,6 +222,19 @@ class Session:
         send window of less than a frame's worth), by id: the hold period
         they started in (see :meth:`release_subframe`)."""
         self._subframe_period = 0
+        self.congested = False
+        """Set by the adapter while the connection cannot take more (its
+        write buffer is full): data is not framed meanwhile, it waits in its
+        stream's queue (see :meth:`release_held`)."""
+        self.out_limit = OUT_LIMIT
+        """Data framed into one :meth:`data_to_send` at most (about): more
+        waits for :meth:`release_held` after the adapter has written."""
+        self._data_out = 0
+        self.frames_received = 0
+        """Whole frames read so far (the adapter's measure of progress)."""
+        self._held: dict[int, _Stream] = {}
+        """Streams with data held back by :attr:`congested` or
+        :attr:`out_limit`, in the order they were held."""
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2, so a client SYN with id 1 is
         # already "not above the highest seen".
@@ -261,6 +281,7 @@ class Session:
             for st in list(self._window_owed.values()):
                 self._grant(st)
         self._out = []
+        self._data_out = 0
         return b"".join(out)
 
     def events(self) -> list[Event]:
@@ -325,6 +346,50 @@ class Session:
                 st = self._streams.get(sid)
                 if st is not None and st.pending_len and st.send_window:
                     self._flush(st, whole=False)
+
+    @property
+    def partial_frame(self) -> bool:
+        """Whether the last read ended inside a frame (its rest has not come)."""
+        return self._decoder.buffered > 0
+
+    @property
+    def has_owed(self) -> bool:
+        """Whether window is owed to peer-opened streams (see :meth:`grant_owed`)."""
+        return bool(self._window_owed)
+
+    def grant_owed(self) -> None:
+        """
+        Send the window still owed to peer-opened streams now (it waits for
+        the next frames we send otherwise).  The adapter calls this when
+        nothing has gone out for a while, so that the peer hears from every
+        stream it opened: an answer, even before the application has one.
+        """
+        for st in list(self._window_owed.values()):
+            self._grant(st)
+
+    def heard_from(self, stream_id: int) -> bool:
+        """Whether the peer has sent anything on a stream (data, FIN, window)."""
+        st = self._streams.get(stream_id)
+        return st is None or st.heard
+
+    @property
+    def has_held(self) -> bool:
+        """Whether stream data waits for :meth:`release_held`."""
+        return bool(self._held)
+
+    def release_held(self) -> None:
+        """
+        Frame data held back (see :attr:`congested`), stream by stream in
+        the order they were held, until :attr:`out_limit` is reached again;
+        the adapter calls this after writing, while the connection takes
+        more.
+        """
+        held = self._held
+        while held and not self.congested and self._data_out < self.out_limit:
+            sid = next(iter(held))
+            st = held.pop(sid)
+            if self._streams.get(sid) is st and st.pending_len and st.send_window:
+                self._flush(st)
 
     def pending(self, stream_id: int) -> int:
         """Bytes of a stream waiting for send window."""
@@ -533,6 +598,7 @@ class Session:
         except FrameError as e:
             self._die(e.code, e.message, remote=False)
             return self.events()
+        self.frames_received += len(frames)
         for frame in frames:
             if self.ended:
                 break
@@ -579,6 +645,7 @@ class Session:
                 # A bare FIN for it is harmless noise.
                 self._reply_rst(frame.stream_id, ErrorCode.STREAM_CLOSED)
             return
+        st.heard = True
         if st.state is not _OPEN and st.state is not _HALF_CLOSED_LOCAL:
             if n:
                 self._reply_rst(st.id, ErrorCode.STREAM_CLOSED)
@@ -655,6 +722,7 @@ class Session:
         if st is None:
             self._check_known("WNDINC", frame.stream_id)
             return
+        st.heard = True
         window = st.send_window + frame.increment
         if window > MAX_WINDOW:
             self._die(
@@ -813,7 +881,7 @@ class Session:
         """Frame what the window allows now and queue the rest (queue empty)."""
         n = len(data)
         window = st.send_window
-        if n <= window:
+        if n <= window and (not n or not self.congested and self._data_out < self.out_limit):
             st.send_window = window - n
             self._frame(st, data, st.fin_queued)
             return
@@ -826,6 +894,7 @@ class Session:
         """Put DATA frames for ``data`` (window already counted) on the wire."""
         n = len(data)
         out = self._out
+        self._data_out += n
         if n <= f.MAX_PAYLOAD:
             if n or fin:
                 out.append(f.encode_data_header(st.id, n, fin))
@@ -856,6 +925,9 @@ class Session:
         than the window allows, only whole frames (unless not ``whole``);
         frames run across the queued writes' boundaries.
         """
+        if self.congested or self._data_out >= self.out_limit:
+            self._held[st.id] = st
+            return
         pending = st.pending
         budget = st.send_window
         rest = budget % f.MAX_PAYLOAD if whole and st.pending_len > budget else 0
@@ -899,6 +971,7 @@ class Session:
         """DATA frames of up to MAX_PAYLOAD bytes over several buffers in
         order (a frame's payload may span two or more of them)."""
         out = self._out
+        self._data_out += total
         header = f.encode_data_header
         sid = st.id
         room = 0  # payload bytes the current frame still takes
@@ -935,6 +1008,7 @@ class Session:
             return
         self._window_owed.pop(st.id, None)
         self._subframe_held.pop(st.id, None)
+        self._held.pop(st.id, None)
         st.state = StreamState.CLOSED
         st.pending.clear()
         st.pending_len = 0

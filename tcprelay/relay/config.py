@@ -8,7 +8,16 @@ import attrs
 
 from tcprelay.mux.session import SessionConfig
 
-__all__ = ["RelayConfig"]
+__all__ = ["DEFAULT_SESSION_BUFFER", "PRE_HANDSHAKE_BUFFER", "RelayConfig"]
+
+DEFAULT_SESSION_BUFFER = 4 * 1024 * 1024
+"""Bytes a registered service's socket may hold unsent (``--session-buffer``):
+stream data waits in its streams while the socket is full, so only what the
+peer provokes without reading (echoes, RSTs, WNDINCs) grows past a few
+hundred KiB; 4 MiB leaves honest peers far from it."""
+PRE_HANDSHAKE_BUFFER = 256 * 1024
+"""The same limit before the handshake: nothing but control frames and the
+handshake's reply go to an unregistered peer."""
 
 
 @attrs.frozen
@@ -31,4 +40,16 @@ class RelayConfig:
     """Where more secrets come from; re-read by :meth:`Relay.reload_secrets`."""
     secrets_inline: tuple[bytes, ...] = ()
     """The ``--secret`` ones (kept across reloads)."""
+    max_visitors: int = 16384
+    """Visitors one service may have at once (each holds a descriptor)."""
+    session_buffer: int = DEFAULT_SESSION_BUFFER
+    """Bytes a registered service's socket may hold unsent before it is cut."""
+    open_timeout: Optional[float] = 30.0
+    """Seconds a service has to answer a visitor's stream once the visitor
+    has sent bytes (None: no limit)."""
+    half_close_timeout: Optional[float] = 60.0
+    """Seconds a service may stay silent on a stream its visitor has
+    half-closed (None: no limit)."""
+    frame_timeout: Optional[float] = 10.0
+    """Seconds the rest of a started frame may take (None: no limit)."""
     session: SessionConfig = SessionConfig()

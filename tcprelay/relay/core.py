@@ -37,6 +37,7 @@ from tcprelay import handshake as hs
 from tcprelay.forward import Splice
 from tcprelay.relay.config import RelayConfig
 from tcprelay.relay.entrances.ports import PortEntrance
+from tcprelay.relay.watchdog import Watchdog
 from tcprelay.relay.interfaces import (
     IAgentSession,
     IRegistry,
@@ -106,6 +107,7 @@ class Relay(Service):
         self.secrets: list[bytes] = list(config.secrets)
         self.draining = False
         self._idle_waiters: list[Deferred[None]] = []
+        self.watchdog = Watchdog(self)
 
     # -- credentials -------------------------------------------------------
 
@@ -266,7 +268,7 @@ class Relay(Service):
         """
         stats = self.stats
         visitors = tunnel.visitors
-        if self.draining or len(visitors) >= self.config.session.max_streams:
+        if self.draining or len(visitors) >= self.config.max_visitors:
             stats.visitors_refused += 1
             return None
         visitor = Visitor(peer, first)
@@ -283,6 +285,7 @@ class Relay(Service):
         visitors.add(splice)
         splice.done.addCallback(self._visitor_done, tunnel, splice)
         stats.visitors_accepted += 1
+        self.watchdog.wake()
         return splice.visitor
 
     def _visitor_done(self, _: None, tunnel: ITunnel, splice: Splice) -> None:
@@ -372,4 +375,10 @@ class Relay(Service):
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         super().stopService()
-        return self.drain()
+        d = self.drain()
+        d.addBoth(self._stop_watchdog)
+        return d
+
+    def _stop_watchdog(self, result: object) -> object:
+        self.watchdog.stop()
+        return result

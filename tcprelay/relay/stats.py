@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tcprelay.mux.frames import ErrorCode
 
-__all__ = ["HANDSHAKE_BUCKETS", "OTHER_CODE", "RelayStats", "error_label"]
+__all__ = ["HANDSHAKE_BUCKETS", "OTHER_CODE", "TIMEOUT_REASONS", "RelayStats", "error_label"]
 
 OTHER_CODE = -1
 """Where protocol errors with a code muxado does not define are counted:
@@ -18,6 +18,11 @@ a peer chooses the code of its GOAWAY, and every label value of the
 metrics must come from a fixed set."""
 
 _KNOWN_CODES = frozenset(int(code) for code in ErrorCode)
+
+TIMEOUT_REASONS = ("unanswered", "half_closed")
+"""Why a visitor's stream was ended by the watchdog
+(:mod:`tcprelay.relay.watchdog`): the service never answered it, or stayed
+silent after the visitor left."""
 
 
 def error_label(code: int) -> str:
@@ -42,6 +47,8 @@ class RelayStats:
         self.bytes_to_service = 0
         """Bytes of visitors' connections that have ended, to services."""
         self.bytes_to_visitor = 0
+        self.visitors_timed_out: dict[str, int] = {reason: 0 for reason in TIMEOUT_REASONS}
+        """Visitor streams ended because the service left them waiting, by reason."""
         self.handshake_buckets = [0] * len(HANDSHAKE_BUCKETS)
         self.handshake_sum = 0.0
 
@@ -52,6 +59,10 @@ class RelayStats:
             if seconds <= bound:
                 self.handshake_buckets[index] += 1
                 break
+
+    def visitor_timed_out(self, reason: str) -> None:
+        """Count a visitor stream ended for ``reason`` (one of :data:`TIMEOUT_REASONS`)."""
+        self.visitors_timed_out[reason] += 1
 
     def protocol_error(self, code: int) -> None:
         """Count a session ended by a protocol error ``code`` (unknown codes as OTHER)."""

@@ -42,7 +42,9 @@ from tcprelay.relay.interfaces import (
     IVisitor,
     TunnelUnavailable,
 )
+from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER
 from tcprelay.relay.routes import PortRoute
+from tcprelay.relay.watchdog import WatchState
 
 if TYPE_CHECKING:
     from tcprelay.relay.core import Relay
@@ -92,6 +94,52 @@ class MuxTunnel:
         self.bytes_to_visitor = 0
         self.ended: Deferred[None] = Deferred()
         self._stream_type = hs.VISITOR_STREAM_TYPE if extended else 0
+        self._watch: dict[Splice, WatchState] = {}
+
+    def expire_streams(
+        self, now: float, open_timeout: Optional[float], half_close_timeout: Optional[float]
+    ) -> None:
+        """
+        End the visitors' streams the service has left waiting (see
+        :mod:`tcprelay.relay.watchdog`): unanswered ``open_timeout`` after
+        the visitor's first bytes, or silent ``half_close_timeout`` after
+        the visitor's end-of-file.
+        """
+        session = self.control.session
+        stats = self.control.relay.stats
+        watch, self._watch = self._watch, {}
+        for splice in list(self.visitors):
+            stream = splice.service.transport
+            if not isinstance(stream, MuxStream) or stream.disconnected:
+                continue
+            state = watch.get(splice) or WatchState()
+            expired = None
+            if open_timeout and splice.bytes_to_service and not session.heard_from(stream.stream_id):
+                if state.unanswered_since is None:
+                    state.unanswered_since = now
+                elif now - state.unanswered_since >= open_timeout:
+                    expired = ("unanswered", f"the service did not answer within {open_timeout:g}s")
+            if expired is None and half_close_timeout and splice.visitor.read_done:
+                if state.mark != splice.bytes_to_visitor:
+                    state.mark = splice.bytes_to_visitor
+                    state.silent_since = now
+                elif state.silent_since is not None and now - state.silent_since >= half_close_timeout:
+                    expired = (
+                        "half_closed",
+                        f"the visitor left and the service sent nothing for {half_close_timeout:g}s",
+                    )
+            if expired is None:
+                self._watch[splice] = state
+                continue
+            reason, text = expired
+            stats.visitor_timed_out(reason)
+            self.control.log.debug(
+                "service {peer}: stream {stream} reset: {why}",
+                peer=self.control.label,
+                stream=stream.stream_id,
+                why=text,
+            )
+            stream.abortConnection()
 
     @property
     def label(self) -> str:
@@ -163,6 +211,8 @@ class ControlSession(MuxProtocol):
     def __init__(self, relay: Relay) -> None:
         super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
         self.relay = relay
+        self.max_buffered = PRE_HANDSHAKE_BUFFER
+        self.frame_timeout = relay.config.frame_timeout
         self.tunnel: Optional[MuxTunnel] = None
         self.handshake: Optional[Handshake] = None
         self._handshake_deadline: Optional[IDelayedCall] = None
@@ -180,6 +230,7 @@ class ControlSession(MuxProtocol):
         """The handshake claimed ``route``: the session's tunnel serves it from now on."""
         tunnel = MuxTunnel(self, route, handshake.extended, handshake.proxy, handshake.credential)
         self.tunnel = tunnel
+        self.max_buffered = self.relay.config.session_buffer
         self.relay.publish(route, tunnel)
         return tunnel
 
