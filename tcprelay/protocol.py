@@ -731,6 +731,11 @@ class MuxProtocol(Protocol):
             assert transport is not None
             # A TLS transport waits for its producer to go before it closes.
             transport.unregisterProducer()  # type: ignore[attr-defined]
+            if self.paused and event.error_code not in (None, ErrorCode.NO_ERROR):
+                # Ended on an error while the peer was not reading: what is
+                # queued (our GOAWAY last) would wait CLOSE_TIMEOUT for it.
+                transport.abortConnection()  # type: ignore[attr-defined]
+                return
             transport.loseConnection()
             # Some transports call connectionLost from loseConnection itself;
             # then there is nothing left to abort (and no timer may linger).

@@ -6,7 +6,10 @@ tests/memory_relay.py); the loopback floods are in tests/e2e/test_floods.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from tcprelay.mux import events as ev
@@ -300,3 +303,53 @@ def test_agent_answers_every_stream_within_a_second() -> None:
     relay.exchange()
     assert relay.session.heard_from(sid)
     assert relay.session.send_window(sid) > 65536 - 100
+
+
+# -- leases belong to the credential that made them --------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_token_is_no_use_with_another_credential(reactor: Any) -> None:
+    """Tenant B, with its own valid secret and tenant A's lease token, does not get A's held port; A gets it back."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Protocol
+
+    from tcprelay.agent.client import Agent, AgentConfig
+    from tcprelay.testing import RelayFixture, free_ports
+    from tests.relay_helpers import bounded, wait_for
+
+    relay = await bounded(RelayFixture.start(reactor, secrets=[b"secret-a", b"secret-b"], lease=30), reactor)
+    agents: list[Agent] = []
+
+    def agent(secret: bytes) -> Agent:
+        made = Agent(relay.control_endpoint, AgentConfig(secret=secret, backoff_initial=0.05, backoff_max=0.1), reactor, lambda s, h: Protocol())
+        agents.append(made)
+        made.startService()
+        return made
+
+    try:
+        a = agent(b"secret-a")
+        await bounded(a.when_ready(), reactor)
+        held_port, token = a.port, a.lease_token
+        assert token
+        # A loses its session and cannot reconnect for now: its port is leased.
+        nowhere = free_ports(1)[0]
+        a.relay = TCP4ClientEndpoint(reactor, "127.0.0.1", nowhere)
+        a.session.transport.abortConnection()  # type: ignore[union-attr]
+        await wait_for(reactor, lambda: relay.relay.registry.lease_count() == 1, what="the lease")
+
+        b = Agent(relay.control_endpoint, AgentConfig(secret=b"secret-b", backoff_initial=0.05), reactor, lambda s, h: Protocol())
+        b.lease_token, b.wanted_port = token, held_port
+        agents.append(b)
+        b.startService()
+        await bounded(b.when_ready(), reactor)
+        assert b.port != held_port
+        assert relay.relay.registry.lease_count() == 1, "A's lease is untouched"
+
+        a.relay = relay.control_endpoint
+        await wait_for(reactor, lambda: a.port == held_port and a.session is not None and a.address is not None and relay.relay.tunnel_at(held_port) is not None, what="A back on its port")
+        assert relay.relay.tunnel_at(held_port).credential != relay.relay.tunnel_at(b.port).credential  # type: ignore[union-attr]
+    finally:
+        for made in agents:
+            await bounded(made.stopService(), reactor)
+        await bounded(relay.stop(), reactor)
