@@ -1,0 +1,147 @@
+"""
+Fuzzing a real relay session in process: hypothesis writes frame sequences
+(well-formed, malformed and anything between, split at random points) to
+the relay's control session, with visitors coming and going and time
+passing, on the RelayFixture of tests/memory_relay.py.  Whatever the peer
+sends, the relay must not raise or log a failure, must not stop serving
+others, and once the peer is gone must hold nothing for it: no session,
+tunnel, stream, visitor, port or timer.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.logger import globalLogPublisher
+
+from tcprelay.mux.frames import (
+    HEARTBEAT_STREAM_TYPE,
+    encode_data_header,
+    encode_goaway,
+    encode_rst,
+    encode_syn,
+    encode_wndinc,
+)
+from tcprelay.handshake import CONTROL_STREAM_TYPE
+from tests.memory_relay import MemoryRelay
+
+stream_ids = st.one_of(st.integers(0, 12), st.sampled_from([0x7FFFFFFF, 0xFFFFFFFF, 1 << 31]))
+error_codes = st.one_of(st.integers(0, 8), st.integers(0, 0xFFFFFFFF))
+
+frames = st.one_of(
+    st.builds(
+        encode_syn,
+        stream_ids.map(lambda i: i & 0x7FFFFFFF),
+        st.integers(0, 0x7FFFFFFF),
+        st.sampled_from([0, 1, CONTROL_STREAM_TYPE, HEARTBEAT_STREAM_TYPE, 0x7FFFFFFF]),
+    ),
+    st.builds(
+        lambda sid, data, fin: encode_data_header(sid & 0x7FFFFFFF, len(data), fin) + data,
+        stream_ids,
+        st.binary(max_size=300),
+        st.booleans(),
+    ),
+    st.builds(lambda sid, n: encode_wndinc(sid & 0x7FFFFFFF, n), stream_ids, st.integers(0, 0x7FFFFFFF)),
+    st.builds(lambda sid, code: encode_rst(sid & 0x7FFFFFFF, code), stream_ids, error_codes),
+    st.builds(
+        lambda sid, code, text: encode_goaway(sid & 0x7FFFFFFF, code, text),
+        stream_ids,
+        error_codes,
+        st.binary(max_size=40),
+    ),
+    # a header of any type, length and flags, then whatever
+    st.builds(
+        lambda word, sid, tail: struct.pack(">II", word, sid) + tail,
+        st.integers(0, 0xFFFFFFFF),
+        stream_ids,
+        st.binary(max_size=40),
+    ),
+    st.binary(min_size=1, max_size=24),
+)
+
+actions = st.one_of(
+    st.tuples(st.just("frames"), st.lists(frames, max_size=6), st.integers(1, 64)),
+    st.tuples(st.just("visitor"), st.binary(max_size=64), st.booleans()),
+    st.tuples(st.just("time"), st.sampled_from([0.0, 0.001, 0.5, 3.0, 14.0])),
+)
+
+
+class _Failures:
+    """Log events carrying a failure (a traceback in the relay's log)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            self.events.append(event)
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(legacy=st.booleans(), script=st.lists(actions, max_size=12))
+def test_relay_session_survives_any_frames(legacy: bool, script: list[Any]) -> None:
+    failures = _Failures()
+    globalLogPublisher.addObserver(failures)
+    try:
+        relay = MemoryRelay(ports=2)
+        bystander, bystander_port = relay.registered()
+        fuzzer = relay.service(auto_ack=False)
+        port = None
+        if legacy:
+            kind, address = fuzzer.legacy_handshake()
+            port = int(address.rpartition(":")[2])
+        visitors = []
+        for action in script:
+            if action[0] == "frames":
+                data = b"".join(action[1])
+                step = action[2]
+                for i in range(0, len(data), step):
+                    fuzzer.wire.write(data[i : i + step])
+            elif action[0] == "visitor" and port is not None:
+                visitor = relay.visitor(port)
+                if visitor is not None:
+                    visitors.append(visitor)
+                    if action[1]:
+                        visitor.send(action[1])
+                    if action[2]:
+                        visitor.leave(clean=True)
+            elif action[0] == "time":
+                relay.clock.advance(action[1])
+            relay.settle()
+
+        # The bystander was not disturbed.
+        visitor = relay.visitor(bystander_port)
+        assert visitor is not None
+        visitor.send(b"ping")
+        relay.settle()
+        assert bystander.goaway is None
+        assert b"ping" in b"".join(bytes(d) for d in bystander.received.values())
+        visitor.leave()
+        relay.settle()
+
+        # The fuzzer leaves: nothing of it may remain.
+        fuzzer.close()
+        for v in visitors:
+            v.leave(clean=False)
+        relay.settle()
+        bystander.close()
+        relay.advance(120, step=5)
+        core = relay.relay
+        assert not core.sessions
+        assert not core.tunnels()
+        assert core.visitor_count == 0
+        assert core.pool.free == 2
+        assert core.registry.lease_count() == 0
+        assert relay.clock.getDelayedCalls() == [] or all(
+            not c.active() for c in relay.clock.getDelayedCalls()
+        )
+        assert not failures.events, failures.events[0]
+    finally:
+        globalLogPublisher.removeObserver(failures)
