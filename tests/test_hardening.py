@@ -353,3 +353,19 @@ async def test_a_lease_token_is_no_use_with_another_credential(reactor: Any) -> 
         for made in agents:
             await bounded(made.stopService(), reactor)
         await bounded(relay.stop(), reactor)
+
+
+def test_timed_out_visitors_are_counted_in_metrics_and_status() -> None:
+    """/metrics and /status count visitor streams ended by the watchdog, by a fixed set of reasons."""
+    from tcprelay.relay.metrics import RelayCollector, status
+
+    relay = MemoryRelay("--open-timeout", "2")
+    peer, port = relay.registered(auto_ack=False)
+    visitor = relay.visitor(port)
+    visitor.send(b"anyone?")
+    relay.advance(3)
+    assert visitor.closed_by_relay
+    [family] = [m for m in RelayCollector(relay.relay).collect() if m.name == "tcprelay_visitors_timed_out"]
+    samples = {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert samples == {"unanswered": 1, "half_closed": 0}
+    assert status(relay.relay)["visitors_timed_out"] == {"unanswered": 1, "half_closed": 0}

@@ -99,6 +99,15 @@ class RelayCollector(Collector):
         for code, count in sorted(stats.protocol_errors.items()):
             errors.add_metric([error_label(code)], count)
         yield errors
+        timed_out = CounterMetricFamily(
+            "tcprelay_visitors_timed_out",
+            "Visitor streams ended because the service left them waiting "
+            "(unanswered: --open-timeout; half_closed: --half-close-timeout).",
+            labels=["reason"],
+        )
+        for reason, count in stats.visitors_timed_out.items():
+            timed_out.add_metric([reason], count)
+        yield timed_out
         buckets = []
         running = 0
         for bound, count in zip(HANDSHAKE_BUCKETS, stats.handshake_buckets):
@@ -158,6 +167,7 @@ def status(relay: Relay) -> dict[str, Any]:
         "auth_failures": stats.auth_failures,
         "heartbeat_timeouts": stats.heartbeat_timeouts,
         "protocol_errors": {error_label(c): n for c, n in sorted(stats.protocol_errors.items())},
+        "visitors_timed_out": dict(stats.visitors_timed_out),
         "draining": relay.draining,
     }
 
