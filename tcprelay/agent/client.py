@@ -62,7 +62,7 @@ class AgentConfig:
         receive_window=262144, max_streams=1 << 20, accept_backlog=1 << 20
     )
     """Visitor streams are opened by the relay, which enforces its own
-    per-service limit (``--max-streams``); the agent takes what it gets."""
+    per-service limit (``--max-visitors``); the agent takes what it gets."""
 
 
 class AgentObserver(TypingProtocol):
