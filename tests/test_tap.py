@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 
 import pytest
 from twisted.application.service import IServiceCollection, MultiService
@@ -335,6 +336,31 @@ def test_twistd_plugin_builds_the_daemon() -> None:
     from twisted.plugins import tcprelay_plugin
 
     assert tcprelay_plugin.tcprelay_service.module == "tcprelay.relay.daemon"
-    assert daemon.Options is tap.Options
+    assert issubclass(daemon.Options, tap.Options)
     service = daemon.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"))
     assert isinstance(service, daemon.RelayDaemon)
+
+
+def test_daemon_usage_error_under_twistd_prints_twistds_lines_and_exits_1(monkeypatch, capsys) -> None:
+    """Under twistd, a bad option of the daemon's Options prints what twistd prints (its usage, the one-line hint, the error) and exits 1 on every supported Twisted (twistd before 26.10.0 would exit 0)."""
+    from twisted.plugins import tcprelay_plugin
+    from twisted.scripts.twistd import ServerOptions
+
+    monkeypatch.setattr(sys, "argv", ["twistd", "-n"])
+    config = ServerOptions()
+    config._getPlugins = lambda interface: [tcprelay_plugin.tcprelay_service]
+    with pytest.raises(SystemExit) as info:
+        config.parseOptions(["-n", "--pidfile=", "tcprelay", "--ports", "9-3"])
+    assert info.value.code == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [
+        "Run 'twistd tcprelay --help' for every option.",
+        "twistd -n: --ports: port range '9-3' must satisfy 1 <= LOW <= HIGH <= 65535",
+    ]
+    assert out[0].startswith("Usage: ")
+
+
+def test_daemon_usage_error_without_twistd_is_a_usage_error() -> None:
+    """Parsed without twistd (``twist``, a program, a test), the daemon's Options raise UsageError as the tap's do."""
+    with pytest.raises(usage.UsageError, match="--ports"):
+        daemon.Options().parseOptions(["--ports", "9-3"])

@@ -253,6 +253,7 @@ _OWN_NAMES = frozenset(
         "_send",
         "_started",
         "_timer",
+        "_waiting",  # Visitor's callbacks (Twisted 23.10: also a _ClientMachine state)
         "_write",
     }
 )

@@ -8,7 +8,8 @@ builds a :class:`RelayDaemon`, the :class:`~tcprelay.relay.service.RelayService`
 plus the process: the open-files limit, the reactor's poll step and
 allocator (:func:`tcprelay.process.own_process`), SIGHUP reloading the
 secrets, calm repeated SIGTERM/SIGINT, a plain one-line error when a port
-cannot be bound, and exit status 0 after a completed drain.  A program
+cannot be bound, exit status 1 after a bad option (:class:`Options`), and
+exit status 0 after a completed drain.  A program
 composing the relay itself calls :func:`tcprelay.tap.makeService` and gets
 none of that.
 """
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.python import usage
 
 from tcprelay import tap
 from tcprelay._signals import calm_repeated_signals
@@ -28,7 +30,33 @@ from tcprelay.relay.service import RelayService
 
 __all__ = ["Options", "RelayDaemon", "makeService"]
 
-Options = tap.Options
+
+class Options(tap.Options):
+    """
+    The tap's options; under twistd, a usage error ends the process with
+    status 1.
+
+    twistd prints a usage error of a plugin's options and exits, but only
+    from 26.10.0 on with a non-zero status (``twisted.application.app.run``
+    of earlier releases returns, so the process exits 0).  Under twistd
+    these options therefore print what ``app.run`` prints (twistd's usage,
+    which is :meth:`tcprelay.tap.Options.getUsage`'s one-line hint, then
+    ``ARGV0 ARGV1: ERROR``) and exit 1 themselves, the same on every
+    supported release.  Parsed by anything else (``twist``, which exits 64
+    on a usage error, or a program or test), they raise
+    :class:`~twisted.python.usage.UsageError` as the tap's do.
+    """
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            parent = getattr(self, "parent", None)
+            if parent is None or not self.twistd_options():
+                raise
+            sys.stdout.write(f"{parent}\n{' '.join(sys.argv[0:2])}: {e}\n")
+            sys.stdout.flush()
+            raise SystemExit(1) from None
 
 
 class RelayDaemon(RelayService):
