@@ -21,6 +21,8 @@ from tcprelay.options import busy_poll_option, normalise_endpoint
 from tcprelay.relay.config import DEFAULT_SESSION_BUFFER, PRE_HANDSHAKE_BUFFER, RelayConfig
 from tcprelay.relay.core import Relay
 from tcprelay.relay.doors.muxado import ControlFactory
+from tcprelay.relay.entrances.named import NamedEntrance, NamedVisitorFactory
+from tcprelay.relay.sniff import normalise_name
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.service import RelayService
 from tcprelay.secrets import read_secrets
@@ -54,6 +56,13 @@ def _positive(name: str, value: Any, integer: bool = False) -> Any:
     if number <= 0:
         raise usage.UsageError(f"--{name} must be positive, not {value!r}")
     return number
+
+
+def _public_port(description: Optional[str], default: int) -> Optional[int]:
+    """The port an entrance's URL names: its endpoint's TCP port, else ``default``."""
+    if description is None:
+        return None
+    return control_port(description) or default
 
 
 def _non_negative(name: str, value: Any) -> float:
@@ -149,6 +158,29 @@ class Options(usage.Options):
             "opened by the relay and not counted).",
         ],
         [
+            "http",
+            None,
+            None,
+            "Endpoint of the shared HTTP entrance: visitors are routed by the "
+            "Host of their first request to the agent that claimed that name "
+            "(e.g. tcp:80; off by default; needs --domain).",
+        ],
+        [
+            "tls",
+            None,
+            None,
+            "Endpoint of the shared TLS entrance: visitors are routed by the "
+            "server name (SNI) of their ClientHello, TLS not terminated "
+            "(e.g. tcp:443; off by default; needs --domain).",
+        ],
+        [
+            "head-timeout",
+            None,
+            "10",
+            "Seconds a visitor of a shared entrance has to send its request "
+            "head or ClientHello.",
+        ],
+        [
             "max-visitors",
             None,
             "16384",
@@ -232,6 +264,16 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["secret"] = []
+        self["domain"] = []
+
+    def opt_domain(self, value: str) -> None:
+        """A domain the relay serves named routes under (repeatable): agents
+        claim LABEL.DOMAIN (the first domain for a bare label)."""
+        name = normalise_name(value)
+        if name is None or name.startswith("*."):
+            raise usage.UsageError(f"--domain {value!r} is not a domain name")
+        if name not in self["domain"]:
+            self["domain"].append(name)
 
     def opt_secret(self, value: str) -> None:
         """A shared secret agents must prove they know (repeatable; prefer --secrets-file)."""
@@ -282,6 +324,17 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"--metrics {metrics!r}: {e}") from None
             self["metrics"] = metrics
+        for kind in ("http", "tls"):
+            if self[kind] is not None:
+                spec = normalise_endpoint(self[kind])
+                try:
+                    serverFromString(MemoryReactor(), spec)
+                except Exception as e:
+                    raise usage.UsageError(f"--{kind} {spec!r}: {e}") from None
+                self[kind] = spec
+                if not self["domain"]:
+                    raise usage.UsageError(f"--{kind} needs --domain (the names it serves)")
+        self["head-timeout"] = _positive("head-timeout", self["head-timeout"])
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
         if self["log-format"] == "json":
@@ -363,6 +416,10 @@ class Options(usage.Options):
             open_timeout=self["open-timeout"] or None,
             half_close_timeout=self["half-close-timeout"] or None,
             frame_timeout=self["frame-timeout"] or None,
+            domains=tuple(self["domain"]),
+            http_port=_public_port(self["http"], 80),
+            tls_port=_public_port(self["tls"], 443),
+            head_timeout=self["head-timeout"],
             secrets=tuple(self["secret"]),
             secrets_file=self["secrets-file"],
             secrets_inline=tuple(self["secret-inline"]),
@@ -425,6 +482,11 @@ def makeService(
         else:
             log_observer = json_lines_observer()
     notifier = SystemdNotifier(reactor, control)
+    entrances = [
+        NamedEntrance(serverFromString(reactor, options[kind]), NamedVisitorFactory(relay, kind))
+        for kind in ("http", "tls")
+        if options[kind] is not None
+    ]
     return service_class(
         relay,
         control,
@@ -432,4 +494,5 @@ def makeService(
         notifier,
         log_observer,
         busy_poll=options["busy-poll"],
+        entrances=entrances,
     )

@@ -51,6 +51,12 @@ class AgentConfig:
     secret: Optional[bytes] = None
     port: Optional[int] = None
     """Public port to ask for (0/None: any)."""
+    kind: str = "port"
+    """What to ask for: ``port`` (a public port), or ``http`` / ``tls`` (a
+    name on the relay's shared HTTP or TLS entrance: :attr:`name`)."""
+    name: Optional[str] = None
+    """The name to ask for with ``kind`` ``http`` or ``tls``: a label
+    (``app``), a wildcard label (``*.app``) or a full name."""
     proxy: bool = True
     """Ask the relay for visitor addresses (PROXY v2 header per stream)."""
     lease_file: Optional[str] = None
@@ -118,11 +124,15 @@ class _Control(Protocol):
             if not isinstance(nonce, str) or len(nonce) > 256:
                 self.session.fail("relay hello carries no valid nonce", retry=True)
                 return
+            config = agent.config
             fields: dict[str, Any] = {
-                "port": agent.wanted_port or 0,
+                "port": (agent.wanted_port or 0) if config.kind == "port" else 0,
                 "lease": agent.lease_token,
-                "proxy": agent.config.proxy,
+                "proxy": config.proxy,
             }
+            if config.kind != "port":
+                fields["route"] = config.kind
+                fields["name"] = config.name
             if message.get("auth"):
                 if agent.config.secret is None:
                     self.session.fail("the relay requires a secret (--secret-file)", retry=False)

@@ -52,4 +52,12 @@ class RelayConfig:
     half-closed (None: no limit)."""
     frame_timeout: Optional[float] = 10.0
     """Seconds the rest of a started frame may take (None: no limit)."""
+    domains: tuple[str, ...] = ()
+    """Names the relay serves named routes under (``--domain``), normalised."""
+    http_port: Optional[int] = None
+    """The public port of the HTTP entrance (None: no ``--http``)."""
+    tls_port: Optional[int] = None
+    """The public port of the TLS entrance (None: no ``--tls``)."""
+    head_timeout: float = 10.0
+    """Seconds a visitor of a shared entrance has to name its host."""
     session: SessionConfig = SessionConfig()

@@ -47,7 +47,8 @@ from tcprelay.relay.interfaces import (
 )
 from tcprelay.relay.pool import PoolTimeout, PortPool
 from tcprelay.relay.registry import MemoryRegistry
-from tcprelay.relay.routes import PortRoute
+from tcprelay.relay.routes import NAME_KINDS, NameRoute, PortRoute, wildcards
+from tcprelay.relay.sniff import normalise_name
 from tcprelay.relay.stats import RelayStats
 from tcprelay.secrets import credential_id, read_secrets
 
@@ -55,6 +56,15 @@ __all__ = ["Relay", "Visitor"]
 
 
 @implementer(IVisitor)
+class RouteRefused(Exception):
+    """A route cannot be given to this agent; the message says why, and
+    ``retry`` whether asking again later may succeed (a name now taken)."""
+
+    def __init__(self, reason: str, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
 class Visitor:
     """A visitor a tunnel opens a stream for (see :class:`IVisitor`)."""
 
@@ -212,6 +222,70 @@ class Relay(Service):
             next_port()
         return result
 
+    def claim_name(
+        self,
+        kind: str,
+        requested: str,
+        lease: Optional[str],
+        credential: Optional[str],
+    ) -> NameRoute:
+        """
+        The named route of ``kind`` (``http``, ``tls``) an agent asks for:
+        ``requested`` is a label (``app``: ``app.`` + the first
+        ``--domain``), a wildcard label (``*.app``), a name relative to the
+        first domain (``api.app``), or a full name under one of the domains
+        (a trailing dot makes a name absolute: it must be under one).  Raises :class:`RouteRefused` when the relay has
+        no such entrance or domain, the name is not a host name, or another
+        agent serves it or holds it for its lease.
+        """
+        config = self.config
+        if kind not in NAME_KINDS:
+            raise RouteRefused(f"unknown route kind {kind!r}")
+        port = config.http_port if kind == "http" else config.tls_port
+        if port is None:
+            raise RouteRefused(f"this relay has no {kind} entrance")
+        if not config.domains:
+            raise RouteRefused("this relay serves no names (no --domain)")
+        name = normalise_name(requested)
+        if name is None:
+            raise RouteRefused(f"{requested!r} is not a host name")
+        bare = name[2:] if name.startswith("*.") else name
+        if not any(bare == d or bare.endswith("." + d) for d in config.domains):
+            if requested.strip().endswith("."):  # absolute: not relative to a domain
+                raise RouteRefused(
+                    f"{requested!r} is under none of this relay's domains "
+                    f"({', '.join(config.domains)})"
+                )
+            name = f"{name}.{config.domains[0]}"
+            bare = name[2:] if name.startswith("*.") else name
+        if bare in config.domains:
+            raise RouteRefused(f"{requested!r} is a domain of the relay itself")
+        default = 80 if kind == "http" else 443
+        scheme = "http" if kind == "http" else "https"
+        shown = bare if not name.startswith("*.") else name
+        url = f"{scheme}://{shown}{'' if port == default else f':{port}'}/"
+        route = NameRoute(kind, name, url, port)
+        if self.registry.lookup(route) is not None:
+            raise RouteRefused(f"{kind} name {name} is taken", retry=True)
+        held = self.registry.lease_of(route)
+        if held is not None:
+            if lease is None or self.registry.resume_lease(lease, credential) != route:
+                raise RouteRefused(f"{kind} name {name} is held for its agent's lease", retry=True)
+        return route
+
+    def find_named(self, kind: str, name: str) -> Optional[ITunnel]:
+        """The tunnel for a visitor of ``kind`` asking for ``name``: the exact
+        name first, then the wildcards that cover it, most specific first."""
+        lookup = self.registry.lookup
+        tunnel = lookup(NameRoute(kind, name))
+        if tunnel is not None:
+            return tunnel  # type: ignore[no-any-return]
+        for wildcard in wildcards(name):
+            tunnel = lookup(NameRoute(kind, wildcard))
+            if tunnel is not None:
+                return tunnel  # type: ignore[no-any-return]
+        return None
+
     def publish(self, route: PortRoute, tunnel: ITunnel) -> None:
         """``tunnel`` serves ``route`` (claimed with :meth:`claim_port`) from now on."""
         self.registry.add(route, tunnel)
@@ -235,6 +309,12 @@ class Relay(Service):
         Stop listening on ``route``'s port, then free the port or hold it for
         ``lease``; nothing when that was done already (idempotent).
         """
+        if isinstance(route, NameRoute):
+            # no listener of its own: the name is held, or simply free
+            if lease is not None and not self.draining:
+                token, credential = lease
+                self.registry.hold_lease(token, route, credential, self.config.lease)
+            return succeed(None)
         closing = self.ports.close(route)
         if closing is None:
             return succeed(None)

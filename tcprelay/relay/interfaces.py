@@ -162,6 +162,9 @@ class IRegistry(Interface):
         callback is told that the route is free.
         """
 
+    def lease_of(route: IRoute) -> object:
+        """The lease holding ``route`` (with its ``token`` and ``credential``), or None."""
+
     def resume_lease(token: str, credential: object) -> object:
         """
         The route held for ``token``, taken off hold, when ``credential`` is

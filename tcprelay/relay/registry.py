@@ -55,6 +55,8 @@ class MemoryRegistry:
         self.on_lease_expired = on_lease_expired
         self._tunnels: dict[IRoute, ITunnel] = {}
         self._leases: dict[str, Lease] = {}
+        self._held: dict[IRoute, str] = {}
+        """Token of the lease holding each held route."""
 
     # -- routes ----------------------------------------------------------
 
@@ -89,6 +91,7 @@ class MemoryRegistry:
         """Keep ``route`` for ``token`` (presented with ``credential``) for ``seconds``."""
         timer = self.clock.callLater(seconds, self._expired, token)
         self._leases[token] = Lease(token, route, credential, timer)
+        self._held[route] = token
         self.log.info(
             "{kind} {name} held for its lease for {seconds}s",
             kind=route.kind,
@@ -97,12 +100,18 @@ class MemoryRegistry:
             service_port=getattr(route, "port", None),
         )
 
+    def lease_of(self, route: IRoute) -> Optional[Lease]:
+        """The lease holding ``route``, if any."""
+        token = self._held.get(route)
+        return None if token is None else self._leases.get(token)
+
     def resume_lease(self, token: str, credential: Optional[str]) -> Optional[IRoute]:
         """The route held for ``token`` when ``credential`` created it; None otherwise."""
         lease = self._leases.get(token)
         if lease is None or lease.credential != credential:
             return None
         del self._leases[token]
+        self._held.pop(lease.route, None)
         if lease.timer.active():
             lease.timer.cancel()
         return lease.route
@@ -110,11 +119,13 @@ class MemoryRegistry:
     def _expired(self, token: str) -> None:
         lease = self._leases.pop(token, None)
         if lease is not None:
+            self._held.pop(lease.route, None)
             self.on_lease_expired(lease.route)
 
     def release_leases(self) -> list[IRoute]:
         """End every lease now; the routes they held."""
         leases, self._leases = self._leases, {}
+        self._held = {}
         for lease in leases.values():
             if lease.timer.active():
                 lease.timer.cancel()

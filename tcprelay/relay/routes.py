@@ -13,7 +13,10 @@ from zope.interface import implementer
 
 from tcprelay.relay.interfaces import IRoute
 
-__all__ = ["PortRoute"]
+__all__ = ["NAME_KINDS", "NameRoute", "PortRoute", "wildcards"]
+
+NAME_KINDS = ("http", "tls")
+"""The kinds of named routes: by HTTP ``Host``, by TLS SNI."""
 
 
 @implementer(IRoute)
@@ -36,3 +39,39 @@ class PortRoute:
     def address(self) -> str:
         """``HOST:PORT``, as given to the agent."""
         return f"{self.host}:{self.port}"
+
+
+@implementer(IRoute)
+@attrs.frozen(cache_hash=True)
+class NameRoute:
+    """
+    A host name on a shared entrance: visitors of the ``http`` entrance
+    whose ``Host`` is ``name``, or of the ``tls`` entrance whose SNI is.
+    ``name`` is normalised (:func:`tcprelay.relay.sniff.normalise_name`)
+    and may be a wildcard (``*.app.example.com``).
+    """
+
+    kind: str
+    name: str
+    url: str = attrs.field(default="", eq=False)
+    """The public URL given to the agent (not part of the key)."""
+    port: int = attrs.field(default=0, eq=False)
+    """The entrance's public port (for the agent's address; not part of the key)."""
+
+    @property
+    def address(self) -> str:
+        """The public URL."""
+        return self.url
+
+    @property
+    def host(self) -> str:
+        return self.name
+
+
+def wildcards(name: str) -> list[str]:
+    """
+    The wildcard names that cover ``name``, most specific first:
+    ``a.b.example.com`` -> ``*.b.example.com``, ``*.example.com``, ``*.com``.
+    """
+    labels = name.split(".")
+    return ["*." + ".".join(labels[i:]) for i in range(1, len(labels))]

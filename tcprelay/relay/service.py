@@ -11,7 +11,7 @@ process-wide: the daemon (:mod:`tcprelay.relay.daemon`) does that.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -35,6 +35,7 @@ class RelayService(MultiService):
         notifier: Optional[Service] = None,
         log_observer: Optional[object] = None,
         busy_poll: float = DEFAULT_BUSY_POLL,
+        entrances: Sequence[Service] = (),
     ) -> None:
         super().__init__()
         self.relay = relay
@@ -45,6 +46,8 @@ class RelayService(MultiService):
         self.log_observer = log_observer
         relay.pool.setServiceParent(self)
         relay.setServiceParent(self)
+        for entrance in entrances:
+            entrance.setServiceParent(self)
         if metrics is not None:
             metrics.setName("metrics")
             metrics.setServiceParent(self)

@@ -39,6 +39,8 @@ class RelayStats:
     def __init__(self) -> None:
         self.visitors_accepted = 0
         self.visitors_refused = 0
+        self.visitors_unrouted = 0
+        """Visitors of a shared entrance asking for a name no route serves."""
         self.services_refused = 0
         self.heartbeat_timeouts = 0
         self.auth_failures = 0

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from tcprelay import handshake as hs
 from tcprelay.mux.frames import ErrorCode
 from tcprelay.relay.pool import PoolTimeout
+from tcprelay.relay.core import RouteRefused
 from tcprelay.relay.routes import PortRoute
 
 if TYPE_CHECKING:
@@ -56,6 +57,19 @@ class Handshake(Protocol):
         claim = relay.claim_port(wanted, lease, self.credential, self._queued)
         self._claim = claim
         claim.addCallbacks(self._got_route, self._no_port)
+
+    def register_name(self, kind: str, name: str, lease: Optional[str]) -> None:
+        """Claim the named route ``kind`` ``name`` for the service and report it (or refuse)."""
+        control = self.control
+        relay = control.relay
+        control.handshake_started()
+        self._started = relay.reactor.seconds()
+        try:
+            route = relay.claim_name(kind, name, lease, self.credential)
+        except RouteRefused as e:
+            self.refuse(str(e), ErrorCode.REFUSED_STREAM, retry=e.retry)
+            return
+        self._got_route(route)  # type: ignore[arg-type]
 
     def _queued(self, position: int) -> None:
         first = self.queue_position == 0
@@ -98,8 +112,9 @@ class Handshake(Protocol):
             return
         self.log.failure("acquiring a port", failure)
 
-    def refuse(self, reason: str, code: int) -> None:
-        """Turn the service away: one log line, then GOAWAY."""
+    def refuse(self, reason: str, code: int, retry: Optional[bool] = None) -> None:
+        """Turn the service away: one log line, then GOAWAY.  ``retry``: whether
+        the agent may try again (default: unless authentication failed)."""
         control = self.control
         self.log.warn(
             "service {peer} refused: {reason}",
@@ -108,7 +123,9 @@ class Handshake(Protocol):
             session=control.label,
         )
         control.relay.stats.services_refused += 1
-        self.report_refusal(reason, code)
+        if retry is None:
+            retry = not reason.startswith("authentication")
+        self.report_refusal(reason, code, retry)
         control.close(code, reason)
 
     def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:
@@ -125,7 +142,7 @@ class Handshake(Protocol):
         """Tell the service its public address."""
         raise NotImplementedError
 
-    def report_refusal(self, reason: str, code: int) -> None:
+    def report_refusal(self, reason: str, code: int, retry: bool) -> None:
         """Tell the service why it is refused (if the dialect can)."""
 
 
@@ -204,6 +221,14 @@ class ExtendedHandshake(Handshake):
         port = message.get("port")
         lease = message.get("lease")
         self.proxy = message.get("proxy") is True
+        kind = message.get("route", "port")
+        if kind != "port":
+            name = message.get("name")
+            if not isinstance(kind, str) or not isinstance(name, str) or not name:
+                self.refuse("bad handshake: a named route needs a kind and a name", ErrorCode.PROTOCOL_ERROR, retry=False)
+                return
+            self.register_name(kind, name, lease if isinstance(lease, str) else None)
+            return
         wanted = port if isinstance(port, int) and port in relay.pool.ports else None
         self.register(wanted, lease if isinstance(lease, str) else None)
 
@@ -219,10 +244,11 @@ class ExtendedHandshake(Handshake):
             address=route.address,
             host=route.host,
             port=route.port,
+            route=route.kind,
+            name=route.name,
             lease=tunnel.lease_token,
             lease_seconds=relay.config.lease,
         )
 
-    def report_refusal(self, reason: str, code: int) -> None:
-        retry = not reason.startswith("authentication")
+    def report_refusal(self, reason: str, code: int, retry: bool) -> None:
         self._send("refused", reason=reason, code=code, retry=retry)
