@@ -64,6 +64,14 @@ class AgentConfig:
     """Visitor streams are opened by the relay, which enforces its own
     per-service limit (``--max-streams``); the agent takes what it gets."""
 
+    def __attrs_post_init__(self) -> None:
+        for name in ("backoff_initial", "backoff_max", "handshake_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"AgentConfig.{name} must be a positive number of seconds, not {value!r}")
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError(f"AgentConfig.port must be a port number, not {self.port!r}")
+
 
 class AgentObserver(TypingProtocol):
     """What the agent reports (all optional to act upon)."""

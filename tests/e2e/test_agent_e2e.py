@@ -15,6 +15,7 @@ import json
 import signal
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ from tests.muxpeer import ScriptedPeer
 from tests.e2e.support import (
     HOST,
     STARTUP,
+    TCPRELAY,
     TWISTD,
     EchoServer,
     Procs,
@@ -56,6 +58,33 @@ def no_tracebacks(lines: list[str]) -> None:
 
 
 # -- expose ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "first"),
+    [
+        (["--version"], 0, "tcprelay 0."),
+        (["--help"], 0, "Usage: tcprelay COMMAND [options]"),
+        (["expose"], 2, "tcprelay: missing LOCAL, the local service to publish"),
+        (["expose", "3000", "--relay", "127.0.0.1:9", "--backoff-max", "-1"], 2,
+         "tcprelay: --backoff-max must be at least 0.5 seconds"),
+    ],
+)
+def test_expose_command_line_answers(tmp_path: Path, argv: list[str], code: int, first: str) -> None:
+    """The installed ``tcprelay`` command: its own version and name, and a usage error that says what is wrong, at once."""
+    result = subprocess.run(
+        [str(TCPRELAY), *argv],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == code, result
+    output = (result.stdout if code == 0 else result.stderr).splitlines()
+    assert output and output[0].startswith(first), result
+    assert "Traceback" not in result.stderr
 
 
 def test_expose_prints_address_and_echoes_with_half_close(procs: Procs, echo_servers: EchoFactory) -> None:
