@@ -331,9 +331,12 @@ class Agent(Service):
         if not path:
             return
         try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            # the token claims the port: private to its owner, from the first byte
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                os.fchmod(fd, 0o600)  # a stale .tmp keeps its old mode otherwise
                 json.dump({"lease": self.lease_token, "port": self.port}, f)
             os.replace(tmp, path)
         except OSError as e:
