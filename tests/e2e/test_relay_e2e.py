@@ -298,12 +298,14 @@ def test_garbage_frame_closes_only_that_session(procs: Procs) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--ports", "9-3"), ("--wait-timeout", "abc")],
+    [("--ports", "9-3"), ("--wait-timeout", "abc"), ("--public-interface", "192.0.2.1")],
 )
 def test_bad_option_fails_fast_with_clear_error(tmp_path, option: str, value: str) -> None:
     """A bad option value makes twistd exit non-zero at once with an error line naming the option."""
     result = subprocess.run(
-        [str(TWISTD), "-n", "--pidfile=", "tcprelay", option, value],
+        [str(TWISTD), "-n", "--pidfile=", "tcprelay",
+         # on loopback, should the bad value be accepted after all
+         "--control", f"tcp:0:interface={HOST}", "--ports", "40000-40001", option, value],
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
         capture_output=True,
