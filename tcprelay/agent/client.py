@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
+from tcprelay._sniff import TLS_ALERT, TLS_HANDSHAKE, looks_like_tls, tls_error_means_not_tls
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
 from tcprelay.mux.session import Role, SessionConfig
@@ -168,6 +169,14 @@ class _Control(Protocol):
             self.session.agent._ready(address, int(port), None, True)
 
 
+RELAY_SPEAKS_TLS = "the relay's control port speaks TLS: use --ca-file, or --relay tls:HOST:PORT"
+RELAY_SPEAKS_NO_TLS = "the relay's control port does not speak TLS: use --relay HOST:PORT without --ca-file"
+RELAY_SILENT = (
+    "the relay closed the connection without a word (a TLS control port does "
+    "that to a plain agent: use --ca-file, or --relay tls:HOST:PORT)"
+)
+
+
 class AgentSession(MuxProtocol):
     """The agent's session (client role)."""
 
@@ -177,7 +186,29 @@ class AgentSession(MuxProtocol):
         self.extended = False
         self.ready = False
         self.failure: Optional[tuple[str, bool]] = None
+        self.diagnosis: Optional[str] = None
+        """What the connection's first bytes (or its TLS failure) say is wrong
+        with the way the relay is reached: the reason given for the loss."""
         self._handshake_timer: Optional[interfaces.IDelayedCall] = None
+        self._head: Optional[bytes] = b""
+        """The relay's first bytes until they are known not to be TLS (then None)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        """Check the relay's first bytes for TLS, then feed the session."""
+        head = self._head
+        if head is not None:
+            head += data
+            verdict = looks_like_tls(head, (TLS_HANDSHAKE, TLS_ALERT))
+            if verdict is None:
+                self._head = head
+                return
+            self._head = None
+            if verdict:
+                self.diagnosis = RELAY_SPEAKS_TLS
+                self.close(ErrorCode.PROTOCOL_ERROR, RELAY_SPEAKS_TLS)
+                return
+            data = head
+        super().dataReceived(data)
 
     def session_started(self) -> None:
         self.control = _Control(self)
@@ -222,6 +253,11 @@ class AgentSession(MuxProtocol):
         return agent.visitor_handler(stream, None)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        if self.diagnosis is None and not self.ready and self.failure is None:
+            if tls_error_means_not_tls(reason.getErrorMessage()):
+                self.diagnosis = f"{RELAY_SPEAKS_NO_TLS} ({reason.getErrorMessage()})"
+            elif self._head == b"" and reason.check(error.ConnectionDone) and self.end_event is None:
+                self.diagnosis = RELAY_SILENT
         super().connectionLost(reason)
         self.agent._session_lost(self, reason)
 
@@ -442,6 +478,8 @@ class Agent(Service):
         if failure is not None:
             self.observer.refused(failure[0], False)
             why = failure[0]
+        elif session.diagnosis is not None:
+            why = session.diagnosis
         else:
             end = session.end_event
             why = end.reason if end is not None else reason.getErrorMessage()

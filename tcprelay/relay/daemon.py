@@ -55,10 +55,10 @@ class RelayDaemon(RelayService):
             super().privilegedStartService()
         except Exception as e:  # noqa: BLE001 - any listen failure, reported plainly
             what = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
-            self._fail(f"tcprelay: cannot listen ({what})")
+            self._start_failed(f"tcprelay: cannot listen ({what})")
         self._close_stderr()
 
-    def _fail(self, line: str) -> None:
+    def _start_failed(self, line: str) -> None:
         """
         End the start-up with ``line``: in the log (twistd sends
         ``sys.stderr`` there), on the original standard error, and in
@@ -66,6 +66,11 @@ class RelayDaemon(RelayService):
         terminal exits 1 instead of waiting forever (twistd only reports
         an ``Exception``, not a ``SystemExit``).  Then exit 1, without the
         pid file twistd wrote.
+
+        twistd's config keys ``statusPipe`` (set by
+        ``UnixApplicationRunner.setupEnvironment`` when it daemonizes) and
+        ``pidfile`` are its own, not an API: without them this only logs
+        and exits, as before (tests/e2e/test_relay_e2e.py checks them).
         """
         sys.stderr.write(line + "\n")
         sys.stderr.flush()

@@ -326,6 +326,37 @@ def test_tls_control_port_with_ca_file(procs: Procs, echo_servers: EchoFactory, 
     assert time.monotonic() - stopped < 3
 
 
+def test_tls_mismatch_is_named_on_both_sides(procs: Procs, echo_servers: EchoFactory, tmp_path: Path) -> None:
+    """
+    A plain agent at a TLS control port, and a TLS agent at a plain one: each
+    side says what is wrong (not only "connection lost"), and the agents keep
+    retrying with backoff.
+    """
+    pki = make_pki(tmp_path)
+    tls_control = free_port_block(3)
+    spec = f"ssl:{tls_control}:interface={HOST}:privateKey={pki.key}:certKey={pki.cert}"
+    tls_relay = start_relay(procs, pool=2, control=tls_control, control_spec=spec, name="tls-relay")
+    plain_relay = start_relay(procs, pool=2, name="plain-relay")
+    echo = echo_servers()
+
+    plain = start_agent(procs, echo.port, f"{HOST}:{tls_control}", "--backoff-max", "1", name="plain")
+    tls = start_agent(procs, echo.port, f"localhost:{plain_relay.control}", "--ca-file", pki.ca,
+                      "--backoff-max", "1", name="tls")
+
+    plain.proc.wait_line(r"^tcprelay: relay connection lost \(the relay closed the connection without a word"
+                         r" \(a TLS control port .*--ca-file", 10, stream="err", count=2)
+    tls_relay.proc.wait_line(r"ended: the TLS handshake failed .*the control port speaks TLS and the agent does not",
+                             10, count=2)
+    tls.proc.wait_line(r"^tcprelay: relay connection lost \(the relay's control port does not speak TLS: "
+                       r"use --relay HOST:PORT without --ca-file", 10, stream="err", count=2)
+    plain_relay.proc.wait_line(r"ended: this looks like a TLS ClientHello; the control port expects muxado "
+                               r"\(plain TCP\)", 10, count=2)
+    assert plain.proc.running and tls.proc.running
+    assert not plain.proc.matching(".", "out") and not tls.proc.matching(".", "out")
+    for proc in (plain.proc, tls.proc, tls_relay.proc, plain_relay.proc):
+        no_tracebacks(proc.lines())
+
+
 # -- tcprelay: endpoint -------------------------------------------------------------
 
 
