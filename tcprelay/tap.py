@@ -155,8 +155,9 @@ class Options(usage.Options):
             "max-streams",
             None,
             "65536",
-            "Most streams a service may open at once (visitor streams are "
-            "opened by the relay and not counted).",
+            "Most visitors one service may have connected at once (a visitor "
+            "beyond it is closed at once), and most streams a service may open "
+            "itself.",
         ],
         [
             "secrets-file",

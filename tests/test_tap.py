@@ -354,3 +354,10 @@ def test_twistd_plugin_builds_the_daemon() -> None:
     assert daemon.Options is tap.Options
     service = daemon.makeService(parse("--control", "tcp:9000:interface=127.0.0.1"))
     assert isinstance(service, daemon.RelayDaemon)
+
+
+def test_max_streams_help_says_visitors_are_counted() -> None:
+    """--max-streams bounds a service's visitors (Relay.splice_visitor refuses at it): the help says so."""
+    usage_text = " ".join(tap.Options().getUsage(width=1000).split())
+    assert "not counted" not in usage_text
+    assert "Most visitors one service may have connected at once" in usage_text
