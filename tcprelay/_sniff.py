@@ -5,9 +5,9 @@ without a word.
 
 A TLS connection starts with a record header: content type (22 handshake,
 21 alert), then the protocol version, major 3 and minor 0 to 4.  A muxado
-v1 frame starts with a 14-bit length: its first byte is at most 0x3F, and a
-first frame whose length starts 0x16 0x03 (5635 bytes and more) with a
-flags byte of 0..4 is not what any muxado client sends first.
+v1 frame starts with a 16-bit length field (14 bits used) and a flags
+byte: a first frame announcing 0x1603 (5635) bytes with flags 0..4 is not
+what any muxado client sends first.
 """
 
 from __future__ import annotations
