@@ -10,6 +10,7 @@ itself runs under twistd (``twistd -n tcprelay --control 8080``).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -24,11 +25,29 @@ from tcprelay.secrets import read_secrets
 EXIT_REFUSED = 3
 """Exit status when the relay refuses the agent for good (e.g. bad secret)."""
 
+MIN_BACKOFF_MAX = 0.5
+"""The least ``--backoff-max``: the agent's first wait (AgentConfig.backoff_initial)."""
 
-class ExposeOptions(usage.Options):
+EXPOSE_USAGE = "Usage: tcprelay expose LOCAL --relay RELAY [options]"
+
+
+class _Common(usage.Options):
+    """What every ``tcprelay`` command line has: tcprelay's ``--version``."""
+
+    def opt_version(self) -> None:
+        """Display the tcprelay version and exit."""
+        from twisted import copyright
+
+        from tcprelay import __version__
+
+        print(f"tcprelay {__version__} (Twisted {copyright.version})")
+        sys.exit(0)
+
+
+class ExposeOptions(_Common):
     """Options of ``tcprelay expose``."""
 
-    synopsis = "LOCAL --relay RELAY [options]"
+    synopsis = EXPOSE_USAGE
     longdesc = (
         "Publish LOCAL (a port on localhost, HOST:PORT, or a client endpoint "
         "string) through the relay at RELAY (HOST:PORT or a client endpoint "
@@ -95,8 +114,21 @@ class ExposeOptions(usage.Options):
             i += 1
         super().parseOptions(flags + positional)
 
-    def parseArgs(self, local: str) -> None:
-        self["local"] = local
+    def getSynopsis(self) -> str:
+        """``Usage: tcprelay expose ...`` (not the parent's synopsis before it)."""
+        return EXPOSE_USAGE
+
+    def parseArgs(self, *args: str) -> None:
+        if not args:
+            raise usage.UsageError(
+                "missing LOCAL, the local service to publish "
+                "(PORT, HOST:PORT or a client endpoint string)"
+            )
+        if len(args) > 1:
+            raise usage.UsageError(
+                f"one LOCAL service at a time, not {len(args)}: {' '.join(args)}"
+            )
+        self["local"] = args[0]
 
     def postOptions(self) -> None:
         if not self["relay"]:
@@ -113,20 +145,31 @@ class ExposeOptions(usage.Options):
                 raise usage.UsageError("--port must be a port number")
             self["port"] = int(self["port"])
         self["busy-poll"] = busy_poll_option(self["busy-poll"])
-        try:
-            self["backoff-max"] = float(self["backoff-max"])
-        except ValueError:
-            raise usage.UsageError("--backoff-max must be a number") from None
+        self["backoff-max"] = _backoff_max(self["backoff-max"])
         if self["lease-file"] is None:
             state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
             key = hashlib.sha256(f"{self['relay']}|{self['local']}".encode()).hexdigest()[:16]
             self["lease-file"] = os.path.join(state, "tcprelay", f"lease-{key}.json")
 
 
-class Options(usage.Options):
+def _backoff_max(value: str) -> float:
+    """``--backoff-max`` seconds: a finite number, at least the first wait."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise usage.UsageError(f"--backoff-max must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or seconds < MIN_BACKOFF_MAX:
+        raise usage.UsageError(
+            f"--backoff-max must be at least {MIN_BACKOFF_MAX} seconds (the first "
+            f"wait) and finite, not {value!r}"
+        )
+    return seconds
+
+
+class Options(_Common):
     """``tcprelay COMMAND``."""
 
-    synopsis = "COMMAND [options]"
+    synopsis = "Usage: tcprelay COMMAND [options]"
     subCommands = [
         ["expose", None, ExposeOptions, "Publish a local port through a relay."],
     ]
@@ -215,8 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     except usage.UsageError as e:
+        expose = options.subCommand == "expose" or "expose" in (argv or sys.argv)
         _err(f"tcprelay: {e}")
-        _err(f"Try 'tcprelay {'expose ' if 'expose' in (argv or sys.argv) else ''}--help'.")
+        if expose:
+            _err(EXPOSE_USAGE)
+        _err(f"Try 'tcprelay {'expose ' if expose else ''}--help'.")
         return 2
     from twisted.internet import reactor
     from twisted.internet.error import ReactorNotRunning

@@ -8,10 +8,12 @@ parses the command line with :class:`Options`, then calls
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -75,6 +77,23 @@ def _non_negative(name: str, value: Any) -> float:
     return number
 
 
+def check_interface(interface: str) -> None:
+    """
+    UsageError unless a TCP socket can be bound to ``interface`` (port 0,
+    closed at once): the public ports listen there, and an address the
+    machine does not have would otherwise only show as "no free port".
+    """
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((interface, 0))
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise usage.UsageError(
+            f"--public-interface {interface!r}: cannot listen on it ({reason})"
+        ) from None
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd tcprelay``."""
 
@@ -105,7 +124,8 @@ class Options(usage.Options):
             "public-interface",
             None,
             "",
-            "Address public ports listen on (default: all interfaces).",
+            "Address public ports listen on (default: all IPv4 interfaces); "
+            "it must be one of this machine's.",
         ],
         [
             "public-host",
@@ -154,8 +174,8 @@ class Options(usage.Options):
             "max-streams",
             None,
             "65536",
-            "Most streams a service may open at once (visitor streams are "
-            "opened by the relay and not counted).",
+            "Most streams a service may open itself (visitors' streams are "
+            "bounded by --max-visitors).",
         ],
         [
             "http",
@@ -317,6 +337,8 @@ class Options(usage.Options):
                 ) from None
             raise usage.UsageError(f"--control {control!r}: {e}") from None
         self["control"] = control
+        if self["public-interface"]:
+            check_interface(self["public-interface"])
         if self["metrics"] is not None:
             metrics = normalise_endpoint(self["metrics"])
             try:

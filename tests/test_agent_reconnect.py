@@ -403,3 +403,34 @@ def test_stop_with_a_live_session_leaves_and_leaves_no_timers() -> None:
     assert h.clock.getDelayedCalls() == []
     h.clock.advance(3600)
     assert len(h.endpoint.attempts) == 1
+
+
+def test_the_lease_file_is_private_when_created_and_when_replaced(tmp_path) -> None:
+    """The lease file (and the file it is replaced from) is mode 0600 whatever the umask allows, as docs/agent.rst asks (the token claims the port)."""
+    import os
+    import stat
+
+    path = tmp_path / "state" / "lease.json"
+    stale = tmp_path / "state" / "lease.json.tmp"
+    previous = os.umask(0o022)
+    try:
+        h = Harness(AgentConfig(lease_file=str(path)))
+        h.agent.startService()
+        relay = h.endpoint.last.accept()
+        relay.register(9001)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        # a leftover world-readable .tmp and a 0644 lease from an older agent
+        stale.write_text("{}")
+        stale.chmod(0o644)
+        path.chmod(0o644)
+        relay.drop()
+        h.wait_for_next_attempt(h.pending_delay())
+        relay = h.endpoint.last.accept()
+        relay.register(9001)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not stale.exists()
+    assert '"lease": "token"' in path.read_text()
+    h.agent.stopService()

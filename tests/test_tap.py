@@ -59,6 +59,20 @@ def test_ports_option_parsed(value: str, expected: range) -> None:
     assert parse("--control", "9000", "--ports", value)["ports"] == expected
 
 
+@pytest.mark.parametrize("interface", ["127.0.0.1", "0.0.0.0"])
+def test_public_interface_the_machine_has_is_accepted(interface: str) -> None:
+    assert parse("--public-interface", interface)["public-interface"] == interface
+
+
+def test_public_interface_the_machine_lacks_is_refused_with_the_reason() -> None:
+    """192.0.2.1 (TEST-NET-1) is no address of this machine: refused at start, saying why."""
+    with pytest.raises(usage.UsageError) as info:
+        parse("--public-interface", "192.0.2.1")
+    assert str(info.value) == (
+        "--public-interface '192.0.2.1': cannot listen on it (Cannot assign requested address)"
+    )
+
+
 def test_unix_control_with_ports_is_accepted(tmp_path) -> None:
     """A control endpoint without a TCP port is fine once --ports is given."""
     options = parse("--control", f"unix:{tmp_path}/ctl.sock", "--ports", "20000-20004")
@@ -111,6 +125,8 @@ def test_numeric_options_converted() -> None:
         (["--busy-poll", "-1"], "--busy-poll"),
         (["--busy-poll", "10001"], "--busy-poll"),
         (["--busy-poll", "soon"], "--busy-poll"),
+        (["--public-interface", "192.0.2.1"], "--public-interface"),
+        (["--public-interface", "10.0.0.300"], "--public-interface"),
     ],
 )
 def test_bad_values_raise_usage_error_naming_option(argv: list[str], named: str) -> None:

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
+from tcprelay._sniff import TLS_ALERT, TLS_HANDSHAKE, looks_like_tls, tls_error_means_not_tls
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
 from tcprelay.mux.session import Role, SessionConfig
@@ -69,6 +70,14 @@ class AgentConfig:
     )
     """Visitor streams are opened by the relay, which enforces its own
     per-service limit (``--max-visitors``); the agent takes what it gets."""
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("backoff_initial", "backoff_max", "handshake_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"AgentConfig.{name} must be a positive number of seconds, not {value!r}")
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError(f"AgentConfig.port must be a port number, not {self.port!r}")
 
 
 class AgentObserver(TypingProtocol):
@@ -170,6 +179,14 @@ class _Control(Protocol):
             self.session.agent._ready(address, int(port), None, True)
 
 
+RELAY_SPEAKS_TLS = "the relay's control port speaks TLS: use --ca-file, or --relay tls:HOST:PORT"
+RELAY_SPEAKS_NO_TLS = "the relay's control port does not speak TLS: use --relay HOST:PORT without --ca-file"
+RELAY_SILENT = (
+    "the relay closed the connection without a word (a TLS control port does "
+    "that to a plain agent: use --ca-file, or --relay tls:HOST:PORT)"
+)
+
+
 class AgentSession(MuxProtocol):
     """The agent's session (client role)."""
 
@@ -179,7 +196,29 @@ class AgentSession(MuxProtocol):
         self.extended = False
         self.ready = False
         self.failure: Optional[tuple[str, bool]] = None
+        self.diagnosis: Optional[str] = None
+        """What the connection's first bytes (or its TLS failure) say is wrong
+        with the way the relay is reached: the reason given for the loss."""
         self._handshake_timer: Optional[interfaces.IDelayedCall] = None
+        self._head: Optional[bytes] = b""
+        """The relay's first bytes until they are known not to be TLS (then None)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        """Check the relay's first bytes for TLS, then feed the session."""
+        head = self._head
+        if head is not None:
+            head += data
+            verdict = looks_like_tls(head, (TLS_HANDSHAKE, TLS_ALERT))
+            if verdict is None:
+                self._head = head
+                return
+            self._head = None
+            if verdict:
+                self.diagnosis = RELAY_SPEAKS_TLS
+                self.close(ErrorCode.PROTOCOL_ERROR, RELAY_SPEAKS_TLS)
+                return
+            data = head
+        super().dataReceived(data)
 
     def session_started(self) -> None:
         self.control = _Control(self)
@@ -224,6 +263,11 @@ class AgentSession(MuxProtocol):
         return agent.visitor_handler(stream, None)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        if self.diagnosis is None and not self.ready and self.failure is None:
+            if tls_error_means_not_tls(reason.getErrorMessage()):
+                self.diagnosis = f"{RELAY_SPEAKS_NO_TLS} ({reason.getErrorMessage()})"
+            elif self._head == b"" and reason.check(error.ConnectionDone) and self.end_event is None:
+                self.diagnosis = RELAY_SILENT
         super().connectionLost(reason)
         self.agent._session_lost(self, reason)
 
@@ -333,9 +377,12 @@ class Agent(Service):
         if not path:
             return
         try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            # the token claims the port: private to its owner, from the first byte
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                os.fchmod(fd, 0o600)  # a stale .tmp keeps its old mode otherwise
                 json.dump({"lease": self.lease_token, "port": self.port}, f)
             os.replace(tmp, path)
         except OSError as e:
@@ -441,6 +488,8 @@ class Agent(Service):
         if failure is not None:
             self.observer.refused(failure[0], False)
             why = failure[0]
+        elif session.diagnosis is not None:
+            why = session.diagnosis
         else:
             end = session.end_event
             why = end.reason if end is not None else reason.getErrorMessage()

@@ -128,10 +128,15 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
     lease_file = kwargs.pop("leaseFile", None)
     if kwargs:
         raise ValueError(f"tcprelay: unknown endpoint arguments: {', '.join(sorted(kwargs))}")
+    wanted: Optional[int] = None
+    if request:
+        if not request.isdigit() or not 0 < int(request) < 65536:
+            raise ValueError(f"tcprelay: requestPort must be a port number, not {request!r}")
+        wanted = int(request)
     relay = client_endpoint(reactor, f"{host}:{port}", ca_file)
     config = AgentConfig(
         secret=secret,
-        port=int(request) if request else None,
+        port=wanted,
         proxy=True,
         lease_file=lease_file,
     )

@@ -15,6 +15,7 @@ import json
 import signal
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ from tests.muxpeer import ScriptedPeer
 from tests.e2e.support import (
     HOST,
     STARTUP,
+    TCPRELAY,
     TWISTD,
     EchoServer,
     Procs,
@@ -56,6 +58,33 @@ def no_tracebacks(lines: list[str]) -> None:
 
 
 # -- expose ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "first"),
+    [
+        (["--version"], 0, "tcprelay 0."),
+        (["--help"], 0, "Usage: tcprelay COMMAND [options]"),
+        (["expose"], 2, "tcprelay: missing LOCAL, the local service to publish"),
+        (["expose", "3000", "--relay", "127.0.0.1:9", "--backoff-max", "-1"], 2,
+         "tcprelay: --backoff-max must be at least 0.5 seconds"),
+    ],
+)
+def test_expose_command_line_answers(tmp_path: Path, argv: list[str], code: int, first: str) -> None:
+    """The installed ``tcprelay`` command: its own version and name, and a usage error that says what is wrong, at once."""
+    result = subprocess.run(
+        [str(TCPRELAY), *argv],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == code, result
+    output = (result.stdout if code == 0 else result.stderr).splitlines()
+    assert output and output[0].startswith(first), result
+    assert "Traceback" not in result.stderr
 
 
 def test_expose_prints_address_and_echoes_with_half_close(procs: Procs, echo_servers: EchoFactory) -> None:
@@ -295,6 +324,37 @@ def test_tls_control_port_with_ca_file(procs: Procs, echo_servers: EchoFactory, 
     trusting.proc.signal(signal.SIGTERM)
     assert trusting.proc.wait_exit(5) == 0
     assert time.monotonic() - stopped < 3
+
+
+def test_tls_mismatch_is_named_on_both_sides(procs: Procs, echo_servers: EchoFactory, tmp_path: Path) -> None:
+    """
+    A plain agent at a TLS control port, and a TLS agent at a plain one: each
+    side says what is wrong (not only "connection lost"), and the agents keep
+    retrying with backoff.
+    """
+    pki = make_pki(tmp_path)
+    tls_control = free_port_block(3)
+    spec = f"ssl:{tls_control}:interface={HOST}:privateKey={pki.key}:certKey={pki.cert}"
+    tls_relay = start_relay(procs, pool=2, control=tls_control, control_spec=spec, name="tls-relay")
+    plain_relay = start_relay(procs, pool=2, name="plain-relay")
+    echo = echo_servers()
+
+    plain = start_agent(procs, echo.port, f"{HOST}:{tls_control}", "--backoff-max", "1", name="plain")
+    tls = start_agent(procs, echo.port, f"localhost:{plain_relay.control}", "--ca-file", pki.ca,
+                      "--backoff-max", "1", name="tls")
+
+    plain.proc.wait_line(r"^tcprelay: relay connection lost \(the relay closed the connection without a word"
+                         r" \(a TLS control port .*--ca-file", 10, stream="err", count=2)
+    tls_relay.proc.wait_line(r"ended: the TLS handshake failed .*the control port speaks TLS and the agent does not",
+                             10, count=2)
+    tls.proc.wait_line(r"^tcprelay: relay connection lost \(the relay's control port does not speak TLS: "
+                       r"use --relay HOST:PORT without --ca-file", 10, stream="err", count=2)
+    plain_relay.proc.wait_line(r"ended: this looks like a TLS ClientHello; the control port expects muxado "
+                               r"\(plain TCP\)", 10, count=2)
+    assert plain.proc.running and tls.proc.running
+    assert not plain.proc.matching(".", "out") and not tls.proc.matching(".", "out")
+    for proc in (plain.proc, tls.proc, tls_relay.proc, plain_relay.proc):
+        no_tracebacks(proc.lines())
 
 
 # -- tcprelay: endpoint -------------------------------------------------------------

@@ -298,12 +298,14 @@ def test_garbage_frame_closes_only_that_session(procs: Procs) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--ports", "9-3"), ("--wait-timeout", "abc")],
+    [("--ports", "9-3"), ("--wait-timeout", "abc"), ("--public-interface", "192.0.2.1")],
 )
 def test_bad_option_fails_fast_with_clear_error(tmp_path, option: str, value: str) -> None:
     """A bad option value makes twistd exit non-zero at once with an error line naming the option."""
     result = subprocess.run(
-        [str(TWISTD), "-n", "--pidfile=", "tcprelay", option, value],
+        [str(TWISTD), "-n", "--pidfile=", "tcprelay",
+         # on loopback, should the bad value be accepted after all
+         "--control", f"tcp:0:interface={HOST}", "--ports", "40000-40001", option, value],
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -335,4 +337,52 @@ def test_control_port_in_use_is_one_line_and_exit_1(tmp_path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output, output
-    assert [line for line in output.splitlines() if "cannot listen" in line and "in use" in line], output
+    # plainly on standard error (twistd's log, here stdout, has it too)
+    plain = [line for line in result.stderr.splitlines() if line.startswith("tcprelay: cannot listen (")]
+    assert len(plain) == 1 and "in use" in plain[0], output
+
+
+def _kill_pidfile(pidfile) -> None:
+    """A daemon the test started by mistake (the port was free after all): stop it."""
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def test_control_port_in_use_in_daemon_mode_exits_1(tmp_path) -> None:
+    """
+    Without -n twistd daemonizes before the relay listens: a taken control port
+    still ends ``twistd`` (the parent in the terminal) with exit status 1 and
+    the plain line on its standard error, instead of waiting forever, and
+    leaves no pid file behind.
+    """
+    pidfile = tmp_path / "relay.pid"
+    logfile = tmp_path / "relay.log"
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            result = subprocess.run(
+                [str(TWISTD), f"--pidfile={pidfile}", f"--logfile={logfile}", "tcprelay",
+                 "--control", f"tcp:{port}:interface={HOST}", "--ports", "40000-40001"],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        finally:
+            _kill_pidfile(pidfile)
+    assert result.returncode == 1, result
+    plain = [line for line in result.stderr.splitlines() if line.startswith("tcprelay: cannot listen (")]
+    assert len(plain) == 1 and "in use" in plain[0], result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not pidfile.exists()
+    log = logfile.read_text()
+    assert "tcprelay: cannot listen (" in log and "Traceback" not in log, log

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcprelay import handshake as hs
+from tcprelay._sniff import looks_like_tls, tls_error_means_not_tls
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
@@ -49,7 +50,10 @@ from tcprelay.relay.watchdog import WatchState
 if TYPE_CHECKING:
     from tcprelay.relay.core import Relay
 
-__all__ = ["FIN_HOLD", "SYN_HOLD", "ControlFactory", "ControlSession", "MuxTunnel"]
+__all__ = ["FIN_HOLD", "SYN_HOLD", "TLS_ON_PLAIN_PORT", "ControlFactory", "ControlSession", "MuxTunnel"]
+
+TLS_ON_PLAIN_PORT = "this looks like a TLS ClientHello; the control port expects muxado (plain TCP)"
+"""Why a control connection that starts with a TLS ClientHello is closed."""
 
 SYN_HOLD = 0.001
 """Seconds a visitor's SYN may wait for the visitor's first bytes when it
@@ -216,6 +220,27 @@ class ControlSession(MuxProtocol):
         self.tunnel: Optional[MuxTunnel] = None
         self.handshake: Optional[Handshake] = None
         self._handshake_deadline: Optional[IDelayedCall] = None
+        self._head: Optional[bytes] = b""
+        """The connection's first bytes until they are known not to be a
+        TLS ClientHello (then None)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        """Check the connection's first bytes for a TLS ClientHello, then feed the session."""
+        head = self._head
+        if head is not None:
+            head += data
+            verdict = looks_like_tls(head)
+            if verdict is None:
+                self._head = head
+                return
+            self._head = None
+            if verdict:
+                # one line (session PEER ended: ...), a GOAWAY the TLS client
+                # will call "not TLS", and the connection closed
+                self.close(ErrorCode.PROTOCOL_ERROR, TLS_ON_PLAIN_PORT)
+                return
+            data = head
+        super().dataReceived(data)
 
     def _accept_stream(self, stream: MuxStream) -> Optional[Protocol]:
         if self.handshake is not None or self.relay.draining:
@@ -310,6 +335,14 @@ class ControlSession(MuxProtocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""
+        if self._head == b"" and tls_error_means_not_tls(reason.getErrorMessage()):
+            # a TLS control port, and the first bytes were not TLS
+            self.log.info(
+                "session {session} ended: the TLS handshake failed ({error}); "
+                "the control port speaks TLS and the agent does not",
+                session=self.label,
+                error=reason.getErrorMessage(),
+            )
         super().connectionLost(reason)
         self.relay.session_gone(self)
 
