@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import attrs
 
 from tcprelay.mux.session import SessionConfig
+from tcprelay.relay.limits import LimitsConfig
 
 __all__ = ["RelayConfig"]
 
@@ -32,3 +33,9 @@ class RelayConfig:
     secrets_inline: tuple[bytes, ...] = ()
     """The ``--secret`` ones (kept across reloads)."""
     session: SessionConfig = SessionConfig()
+    limits: LimitsConfig = LimitsConfig()
+    """The edge limits (connection counts and rates, address lists, idle
+    timeout); replaced by :meth:`Relay.reload_config`."""
+    config_file: Optional[str] = None
+    """The ``--config`` file, if any (informational: the relay re-reads it
+    through :attr:`Relay.config_source`)."""

@@ -8,6 +8,8 @@ visitor's connection ends, and read from the open ones when scraped.
 
 from __future__ import annotations
 
+from tcprelay.relay.limits import SESSION_REASONS, VISITOR_REASONS
+
 __all__ = ["HANDSHAKE_BUCKETS", "RelayStats"]
 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, float("inf"))
@@ -28,6 +30,12 @@ class RelayStats:
         self.bytes_to_service = 0
         """Bytes of visitors' connections that have ended, to services."""
         self.bytes_to_visitor = 0
+        self.visitors_limited = dict.fromkeys(VISITOR_REASONS, 0)
+        """Visitors refused by a limit, by reason (also in :attr:`visitors_refused`)."""
+        self.sessions_limited = dict.fromkeys(SESSION_REASONS, 0)
+        """Control connections refused by a limit, by reason."""
+        self.visitors_idle_closed = 0
+        """Visitor connections closed by the idle timeout."""
         self.handshake_buckets = [0] * len(HANDSHAKE_BUCKETS)
         self.handshake_sum = 0.0
 
