@@ -138,12 +138,14 @@ class Guard:
             return
         clock = self.relay.reactor
         if watch.idle(splice.bytes_to_service + splice.bytes_to_visitor, self._now()):
-            transport = splice.visitor.transport
-            if transport is not None:
+            if splice.visitor.transport is not None:
                 self.relay.stats.visitors_idle_closed += 1
-                transport.loseConnection()
-                # a visitor that does not read would keep the close waiting
-                # on its buffer: reset it if it is not gone one step later
+                # both ways at once: the visitor's socket and its stream
+                for side in (splice.visitor, splice.service):
+                    if side.transport is not None and not side.lost:
+                        side.transport.loseConnection()
+                # a peer that does not read (or never closes its side) would
+                # keep that waiting: reset what is not gone one step later
                 timer[0] = clock.callLater(watch.step, self._idle_abort, splice)
                 return
         timer[0] = clock.callLater(watch.step, self._idle_check, splice, watch, timer)
@@ -151,9 +153,9 @@ class Guard:
     def _idle_abort(self, splice: Splice) -> None:
         if splice.done.called:
             return
-        transport = splice.visitor.transport
-        if transport is not None:
-            transport.abortConnection()
+        for side in (splice.visitor, splice.service):
+            if side.transport is not None and not side.lost:
+                side.transport.abortConnection()
 
     def service_gone(self, service: Hashable) -> None:
         """``service`` left: forget its rate bucket."""
