@@ -35,3 +35,19 @@ def credential_id(secret: bytes) -> str:
     later, claims on names and ports belong to it.
     """
     return sha256(b"tcprelay credential\x00" + secret).hexdigest()[:16]
+
+
+def _print_ids(argv: list[str]) -> int:
+    """``python -m tcprelay.secrets FILE``: each secret's credential id (never the secret)."""
+    if len(argv) != 1:
+        print("usage: python -m tcprelay.secrets SECRETS-FILE")
+        return 2
+    for number, secret in enumerate(read_secrets(argv[0]), 1):
+        print(f"{credential_id(secret)}  secret {number}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_print_ids(sys.argv[1:]))

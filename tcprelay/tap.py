@@ -8,6 +8,7 @@ parses the command line with :class:`Options`, then calls
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 from typing import Any, Optional
@@ -18,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from tcprelay._reactor import DEFAULT_BUSY_POLL
+from tcprelay.config_file import ConfigFileOptions
 from tcprelay.mux.session import SessionConfig
 from tcprelay.options import busy_poll_option, normalise_endpoint
 from tcprelay.relay.config import DEFAULT_SESSION_BUFFER, PRE_HANDSHAKE_BUFFER, RelayConfig
@@ -25,6 +27,7 @@ from tcprelay.relay.core import Relay
 from tcprelay.relay.doors.muxado import ControlFactory
 from tcprelay.relay.entrances.named import NamedEntrance, NamedVisitorFactory
 from tcprelay.relay.sniff import normalise_name
+from tcprelay.relay.limits import AddressFilter, LimitsConfig, parse_networks
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.service import RelayService
 from tcprelay.secrets import read_secrets
@@ -32,6 +35,21 @@ from tcprelay.systemd import SystemdNotifier
 
 DEFAULT_POOL_SIZE = 50
 """Public ports after the control port, as the original's ``-max 50``."""
+
+DEFAULT_CONTROL_BACKLOG = 1024
+"""
+listen() backlog of the control port.  Twisted's default of 50 is too short
+for a reconnect storm (every agent of a restarted relay dialling at once: a
+burst of 1,000 sessions saw 60% of its connects wait for SYN
+retransmissions, 1 s and more); 1024 holds such a burst while the relay
+accepts, and is within Linux's default somaxconn (4096).  Public ports use
+4096 (:data:`~tcprelay.relay.entrances.ports.PUBLIC_BACKLOG`): visitors come
+in far larger numbers than agents.
+"""
+
+_BACKLOG_KINDS = ("tcp", "tcp6", "ssl")
+
+_DEFAULT_LIMITS = LimitsConfig()
 
 
 
@@ -48,6 +66,52 @@ def control_port(description: str) -> Optional[int]:
     if fields and fields[0].isdigit():
         return int(fields[0])
     return None
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    ``description`` with ``backlog=BACKLOG`` added when it is a ``tcp:``,
+    ``tcp6:`` or ``ssl:`` endpoint string without a ``backlog=`` of its own
+    (other endpoint types are returned unchanged).
+    """
+    kind, _, rest = description.partition(":")
+    if kind not in _BACKLOG_KINDS:
+        return description
+    fields = re.split(r"(?<!\\):", rest) if rest else []
+    if any(field.partition("=")[0] == "backlog" for field in fields):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def _count(name: str, value: Any) -> int:
+    """A whole number, 0 or more (0 turns a limit off)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a whole number, not {value!r}") from None
+    if number < 0:
+        raise usage.UsageError(f"--{name} must be 0 or more, not {value!r}")
+    return number
+
+
+def _non_negative(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise usage.UsageError(f"--{name} must be 0 or more, not {value!r}")
+    return number
+
+
+def _networks(name: str, values: list[str]) -> tuple[Any, ...]:
+    try:
+        return parse_networks(values)
+    except ValueError as e:
+        raise usage.UsageError(f"--{name}: {e}") from None
+
+
+_CREDENTIAL_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> Any:
@@ -94,7 +158,7 @@ def check_interface(interface: str) -> None:
         ) from None
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions):
     """Command-line options of ``twistd tcprelay``."""
 
     synopsis = "[options]"
@@ -104,7 +168,17 @@ class Options(usage.Options):
         "becomes a new stream of the service's session."
     )
 
+    config_tables = ("credentials",)
+
     optParameters = [
+        [
+            "config",
+            None,
+            None,
+            "TOML file setting any of these options (key: the long option "
+            "name); the command line wins.  Limits, allow/deny lists and "
+            "secrets are re-read on SIGHUP.",
+        ],
         [
             "control",
             "c",
@@ -175,7 +249,7 @@ class Options(usage.Options):
             None,
             "65536",
             "Most streams a service may open itself (visitors' streams are "
-            "bounded by --max-visitors).",
+            "bounded by --max-visitors-per-service).",
         ],
         [
             "http",
@@ -199,13 +273,6 @@ class Options(usage.Options):
             "10",
             "Seconds a visitor of a shared entrance has to send its request "
             "head or ClientHello.",
-        ],
-        [
-            "max-visitors",
-            None,
-            "16384",
-            "Most visitors one service may have connected at once (each holds "
-            "a descriptor of the relay); more are refused.",
         ],
         [
             "session-buffer",
@@ -273,6 +340,66 @@ class Options(usage.Options):
             "(at least 65536).",
         ],
         [
+            "control-backlog",
+            None,
+            str(DEFAULT_CONTROL_BACKLOG),
+            "listen() backlog of a tcp:/tcp6:/ssl: control endpoint (one that "
+            "gives its own backlog= keeps it).",
+        ],
+        [
+            "max-visitors",
+            None,
+            str(_DEFAULT_LIMITS.max_visitors),
+            "Most visitor connections open at once, relay-wide (0: no limit).",
+        ],
+        [
+            "max-visitors-per-service",
+            None,
+            str(_DEFAULT_LIMITS.max_visitors_per_service),
+            "Most visitor connections open at once to one service (0: no limit).",
+        ],
+        [
+            "max-visitors-per-ip",
+            None,
+            str(_DEFAULT_LIMITS.max_visitors_per_ip),
+            "Most visitor connections open at once from one IP address (IPv6: "
+            "one /64), relay-wide (0: no limit).",
+        ],
+        [
+            "visitor-rate",
+            None,
+            f"{_DEFAULT_LIMITS.visitor_rate:g}",
+            "New visitor connections per second per service (0: no limit).",
+        ],
+        [
+            "visitor-burst",
+            None,
+            str(_DEFAULT_LIMITS.visitor_burst),
+            "New visitor connections a service may take at once above "
+            "--visitor-rate.",
+        ],
+        [
+            "max-sessions-per-ip",
+            None,
+            str(_DEFAULT_LIMITS.max_sessions_per_ip),
+            "Most control connections open at once from one IP address "
+            "(IPv6: one /64) (0: no limit).",
+        ],
+        [
+            "max-pending-sessions",
+            None,
+            str(_DEFAULT_LIMITS.max_pending_sessions),
+            "Most control connections that have not registered a service "
+            "yet, in total (0: no limit).",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "0",
+            "Seconds a visitor connection may pass without a byte either "
+            "way before it is closed (0: never).",
+        ],
+        [
             "busy-poll",
             None,
             str(round(DEFAULT_BUSY_POLL * 1e6)),
@@ -285,6 +412,8 @@ class Options(usage.Options):
         super().__init__()
         self["secret"] = []
         self["domain"] = []
+        self["allow"] = []
+        self["deny"] = []
 
     def opt_domain(self, value: str) -> None:
         """A domain the relay serves named routes under (repeatable): agents
@@ -294,6 +423,14 @@ class Options(usage.Options):
             raise usage.UsageError(f"--domain {value!r} is not a domain name")
         if name not in self["domain"]:
             self["domain"].append(name)
+
+    def opt_allow(self, value: str) -> None:
+        """Visitor networks (CIDR, comma-separated; repeatable) allowed; others are refused."""
+        self["allow"].append(value)
+
+    def opt_deny(self, value: str) -> None:
+        """Visitor networks (CIDR, comma-separated; repeatable) refused."""
+        self["deny"].append(value)
 
     def opt_secret(self, value: str) -> None:
         """A shared secret agents must prove they know (repeatable; prefer --secrets-file)."""
@@ -318,17 +455,31 @@ class Options(usage.Options):
             raise
 
     def postOptions(self) -> None:
-        """Normalise shorthand and check every value; UsageError on bad input."""
+        """Apply --config, normalise shorthand and check every value; UsageError on bad input."""
+        self.apply_config_file()
         self._check()
+
+    reloading = False
+    """Set on the Options :meth:`reparsed` makes for a reload: what only
+    matters at start (the endpoints) is not checked again."""
+
+    def reparsed(self) -> "Options":
+        fresh = type(self)()
+        fresh.parent = self.parent
+        fresh.reloading = True
+        fresh.parseOptions(list(self.argv))
+        return fresh
 
     def _check(self) -> None:
         # endpoint strings are checked by parsing them against a reactor
         # that never runs (only the relay's options need it)
         from twisted.internet.testing import MemoryReactor
 
+        self["control-backlog"] = _positive("control-backlog", self["control-backlog"], True)
         control = normalise_endpoint(self["control"])
         try:
-            serverFromString(MemoryReactor(), control)
+            if not self.reloading:
+                serverFromString(MemoryReactor(), self.control_endpoint(control))
         except Exception as e:
             if control.startswith("systemd:"):
                 raise usage.UsageError(
@@ -342,7 +493,8 @@ class Options(usage.Options):
         if self["metrics"] is not None:
             metrics = normalise_endpoint(self["metrics"])
             try:
-                serverFromString(MemoryReactor(), metrics)
+                if not self.reloading:
+                    serverFromString(MemoryReactor(), metrics)
             except Exception as e:
                 raise usage.UsageError(f"--metrics {metrics!r}: {e}") from None
             self["metrics"] = metrics
@@ -402,7 +554,6 @@ class Options(usage.Options):
         ):
             self[name] = _positive(name, self[name])
         self["max-streams"] = _positive("max-streams", self["max-streams"], True)
-        self["max-visitors"] = _positive("max-visitors", self["max-visitors"], True)
         self["session-buffer"] = _positive("session-buffer", self["session-buffer"], True)
         if self["session-buffer"] < PRE_HANDSHAKE_BUFFER:
             raise usage.UsageError(f"--session-buffer must be at least {PRE_HANDSHAKE_BUFFER}")
@@ -413,6 +564,65 @@ class Options(usage.Options):
             raise usage.UsageError("--receive-window must be between 65536 and 2147483647")
         self["receive-window"] = window
         self["busy-poll"] = busy_poll_option(self["busy-poll"])
+        self["limits"] = self._limits()
+
+    def _limits(self) -> LimitsConfig:
+        counts = {
+            name: _count(name, self[name])
+            for name in (
+                "max-visitors",
+                "max-visitors-per-service",
+                "max-visitors-per-ip",
+                "max-sessions-per-ip",
+                "max-pending-sessions",
+            )
+        }
+        rate = _non_negative("visitor-rate", self["visitor-rate"])
+        burst = _positive("visitor-burst", self["visitor-burst"], True)
+        idle = _non_negative("idle-timeout", self["idle-timeout"])
+        addresses = AddressFilter(
+            _networks("allow", self["allow"]), _networks("deny", self["deny"])
+        )
+        credentials = {}
+        table = self.config_extra.get("credentials", {})
+        for ident, entry in table.items():
+            where = f"--config {self['config']}: credentials.{ident}"
+            if not _CREDENTIAL_ID.fullmatch(ident):
+                raise usage.UsageError(
+                    f"{where}: not a credential id (16 hex digits, from "
+                    "'python -m tcprelay.secrets FILE')"
+                )
+            if not isinstance(entry, dict) or set(entry) - {"allow", "deny"}:
+                raise usage.UsageError(f"{where}: only 'allow' and 'deny' may be set")
+            lists = []
+            for key in ("allow", "deny"):
+                values = entry.get(key, [])
+                if isinstance(values, str):
+                    values = [values]
+                if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                    raise usage.UsageError(f"{where}.{key} must be an array of strings")
+                try:
+                    lists.append(parse_networks(values))
+                except ValueError as e:
+                    raise usage.UsageError(f"{where}.{key}: {e}") from None
+            credentials[ident] = AddressFilter(lists[0], lists[1])
+        return LimitsConfig(
+            max_visitors=counts["max-visitors"],
+            max_visitors_per_service=counts["max-visitors-per-service"],
+            max_visitors_per_ip=counts["max-visitors-per-ip"],
+            visitor_rate=rate,
+            visitor_burst=burst,
+            max_sessions_per_ip=counts["max-sessions-per-ip"],
+            max_pending_sessions=counts["max-pending-sessions"],
+            idle_timeout=idle,
+            addresses=addresses,
+            credentials=credentials,
+        )
+
+    def control_endpoint(self, control: Optional[str] = None) -> str:
+        """The control endpoint string listened on: ``--control`` with
+        ``backlog=`` from ``--control-backlog`` unless it gives its own."""
+        return with_backlog(self["control"] if control is None else control, self["control-backlog"])
 
     def twistd_options(self) -> dict[str, Any]:
         """twistd's own options (``--logfile``, ``-n``, ``--syslog``) when run
@@ -433,7 +643,6 @@ class Options(usage.Options):
             bind_retry=self["bind-retry"],
             lease=self["lease"],
             handshake_timeout=self["handshake-timeout"],
-            max_visitors=self["max-visitors"],
             session_buffer=self["session-buffer"],
             open_timeout=self["open-timeout"] or None,
             half_close_timeout=self["half-close-timeout"] or None,
@@ -445,6 +654,8 @@ class Options(usage.Options):
             secrets=tuple(self["secret"]),
             secrets_file=self["secrets-file"],
             secrets_inline=tuple(self["secret-inline"]),
+            limits=self["limits"],
+            config_file=self["config"],
             session=SessionConfig(
                 receive_window=self["receive-window"],
                 max_streams=self["max-streams"],
@@ -452,6 +663,18 @@ class Options(usage.Options):
                 heartbeat_tolerance=self["heartbeat-tolerance"],
             ),
         )
+
+
+def _config_source(options: Options) -> Any:
+    """What :meth:`Relay.reload_config` calls: the options parsed again, as a config."""
+
+    def source() -> RelayConfig:
+        try:
+            return options.reparsed().relay_config()
+        except usage.UsageError as e:
+            raise ValueError(str(e)) from None
+
+    return source
 
 
 def makeService(
@@ -477,7 +700,9 @@ def makeService(
         config = options.relay_config()
     pool = PortPool(config.ports, reactor, config.bind_retry)
     relay = Relay(config, pool, reactor)
-    endpoint = serverFromString(reactor, options["control"])
+    if options["config"] is not None:
+        relay.config_source = _config_source(options)
+    endpoint = serverFromString(reactor, options.control_endpoint())
     control = StreamServerEndpointService(endpoint, ControlFactory(relay))
     control._raiseSynchronously = True
     metrics = None

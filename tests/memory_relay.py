@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -69,11 +69,15 @@ class MemoryRelay:
         self.relay = self.fixture.relay
         self.peers: list[ScriptedPeer] = []
         self.visitors: list[MemoryVisitor] = []
+        self.unscripted: list[Protocol] = []
+        """Control connections made by :meth:`control_refused`."""
         self._next_port = 40000
 
-    def _address(self) -> IPv4Address:
+    def _address(self, host: str = HOST) -> Any:
         self._next_port += 1
-        return IPv4Address("TCP", HOST, self._next_port)
+        if ":" in host:
+            return IPv6Address("TCP", host, self._next_port)
+        return IPv4Address("TCP", host, self._next_port)
 
     def _factory(self, port: int) -> Any:
         for listened, factory, _backlog, _interface in reversed(self.clock.tcpServers):
@@ -81,10 +85,11 @@ class MemoryRelay:
                 return factory
         raise KeyError(f"nothing listened on {port}")
 
-    def service(self, **kw: Any) -> ScriptedPeer:
-        """A scripted service connected to the control port (no handshake yet)."""
-        address = self._address()
+    def service(self, host: str = HOST, **kw: Any) -> ScriptedPeer:
+        """A scripted service connected to the control port from ``host`` (no handshake yet)."""
+        address = self._address(host)
         protocol = self._factory(0).buildProtocol(address)
+        assert protocol is not None, "the relay refused the control connection"
         transport = StringTransport(peerAddress=address)
         protocol.makeConnection(transport)
         peer = ScriptedPeer.facing(protocol, transport, now=self.clock.seconds(), **kw)
@@ -98,10 +103,20 @@ class MemoryRelay:
         assert kind == "address", address
         return peer, int(address.rpartition(":")[2])
 
-    def visitor(self, port: int) -> Optional[MemoryVisitor]:
-        """A visitor accepted at public ``port`` (None when the relay refused it)."""
-        address = self._address()
-        protocol = self._factory(port).buildProtocol(address)
+    def control_refused(self, host: str = HOST) -> bool:
+        """Whether the control factory refuses a connection from ``host`` (else it is connected, unscripted)."""
+        address = self._address(host)
+        protocol = self._factory(0).buildProtocol(address)
+        if protocol is None:
+            return True
+        protocol.makeConnection(StringTransport(peerAddress=address))
+        self.unscripted.append(protocol)
+        return False
+
+    def visitor(self, port: int, host: str = HOST, first: bytes = b"") -> Optional[MemoryVisitor]:
+        """A visitor from ``host`` accepted at public ``port`` (None when the relay refused it)."""
+        address = self._address(host)
+        protocol = self._factory(port).build_eager(address, first)
         if protocol is None:
             return None
         transport = StringTransport(

@@ -241,8 +241,8 @@ def test_half_closed_stream_of_a_silent_service_is_reset() -> None:
 
 
 def test_visitors_per_service_are_capped() -> None:
-    """--max-visitors bounds the descriptors one service holds: one more visitor is refused before any stream opens."""
-    relay = MemoryRelay("--max-visitors", "2")
+    """--max-visitors-per-service bounds the descriptors one service holds: one more visitor is refused before any stream opens."""
+    relay = MemoryRelay("--max-visitors-per-service", "2")
     peer, port = relay.registered()
     assert relay.visitor(port) is not None and relay.visitor(port) is not None
     opened = relay.relay.stream_count

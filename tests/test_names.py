@@ -102,7 +102,7 @@ def visit(reactor: Any, port: int, data: bytes) -> Deferred[bytes]:
                     if not chunk:
                         break
                     got += chunk
-                    if data.startswith(b"GET") and got.endswith(b"!") :
+                    if got.endswith(b"!"):
                         break
             except (socket.timeout, ConnectionResetError):
                 pass

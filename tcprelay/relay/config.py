@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import attrs
 
 from tcprelay.mux.session import SessionConfig
+from tcprelay.relay.limits import LimitsConfig
 
 __all__ = ["DEFAULT_SESSION_BUFFER", "PRE_HANDSHAKE_BUFFER", "RelayConfig"]
 
@@ -40,8 +41,6 @@ class RelayConfig:
     """Where more secrets come from; re-read by :meth:`Relay.reload_secrets`."""
     secrets_inline: tuple[bytes, ...] = ()
     """The ``--secret`` ones (kept across reloads)."""
-    max_visitors: int = 16384
-    """Visitors one service may have at once (each holds a descriptor)."""
     session_buffer: int = DEFAULT_SESSION_BUFFER
     """Bytes a registered service's socket may hold unsent before it is cut."""
     open_timeout: Optional[float] = 30.0
@@ -61,3 +60,9 @@ class RelayConfig:
     head_timeout: float = 10.0
     """Seconds a visitor of a shared entrance has to name its host."""
     session: SessionConfig = SessionConfig()
+    limits: LimitsConfig = LimitsConfig()
+    """The edge limits (connection counts and rates, address lists, idle
+    timeout); replaced by :meth:`Relay.reload_config`."""
+    config_file: Optional[str] = None
+    """The ``--config`` file, if any (informational: the relay re-reads it
+    through :attr:`Relay.config_source`)."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 from secrets import token_hex
 from typing import Any, Callable, Optional
 
+import attrs
+
 from twisted.application.service import Service
 from twisted.internet import interfaces
 from twisted.internet.defer import (
@@ -38,6 +40,7 @@ from tcprelay.forward import Splice
 from tcprelay.relay.config import RelayConfig
 from tcprelay.relay.entrances.ports import PortEntrance
 from tcprelay.relay.watchdog import Watchdog
+from tcprelay.relay.guard import Guard
 from tcprelay.relay.interfaces import (
     IAgentSession,
     IRegistry,
@@ -115,6 +118,11 @@ class Relay(Service):
         self.sessions: set[IAgentSession] = set()
         """Every agent connection of every door, registered or not."""
         self.secrets: list[bytes] = list(config.secrets)
+        self.guard = Guard(self, config.limits)
+        """The edge limits (:mod:`tcprelay.relay.guard`)."""
+        self.config_source: Optional[Callable[[], RelayConfig]] = None
+        """Where :meth:`reload_config` gets a fresh config (None: only the
+        secrets file is re-read); raises ValueError for a bad one."""
         self.draining = False
         self._idle_waiters: list[Deferred[None]] = []
         self.watchdog = Watchdog(self)
@@ -152,6 +160,49 @@ class Relay(Service):
         self.secrets = list(self.config.secrets_inline) + fresh
         self.log.info(
             "SIGHUP: reloaded {count} secrets from {path}", count=len(self.secrets), path=path
+        )
+        return True
+
+    RELOADABLE = ("secrets", "limits")
+    """What :meth:`reload_config` changes in a running relay."""
+
+    def reload_config(self) -> bool:
+        """
+        Reload what can change without a restart (SIGHUP): with a
+        :attr:`config_source` (``--config``), the secrets and the limits
+        from a fresh config, else :meth:`reload_secrets`.  A bad config is
+        refused with one log line and every old setting stays; changes to
+        settings that need a restart are logged and ignored.
+        """
+        source = self.config_source
+        if source is None:
+            return self.reload_secrets()
+        where = self.config.config_file or "the configuration"
+        try:
+            fresh = source()
+        except (OSError, ValueError) as e:
+            self.log.warn(
+                "SIGHUP: {path} refused ({error}); keeping the old settings",
+                path=where,
+                error=str(e),
+            )
+            return False
+        old = self.config
+        ignored = [
+            f.name
+            for f in attrs.fields(RelayConfig)
+            if f.name not in self.RELOADABLE
+            and f.name not in ("secrets_inline", "config_file")
+            and getattr(old, f.name) != getattr(fresh, f.name)
+        ]
+        self.config = attrs.evolve(old, secrets=fresh.secrets, limits=fresh.limits)
+        self.secrets = list(fresh.secrets)
+        self.guard.configure(fresh.limits)
+        self.log.info(
+            "SIGHUP: reloaded {path} ({count} secrets){ignored}",
+            path=where,
+            count=len(self.secrets),
+            ignored=f"; needs a restart, ignored: {', '.join(ignored)}" if ignored else "",
         )
         return True
 
@@ -289,6 +340,8 @@ class Relay(Service):
     def publish(self, route: PortRoute, tunnel: ITunnel) -> None:
         """``tunnel`` serves ``route`` (claimed with :meth:`claim_port`) from now on."""
         self.registry.add(route, tunnel)
+        # the door's session behind the tunnel is no longer pending
+        self.guard.session_registered(getattr(tunnel, "control", tunnel))
 
     def unpublish(
         self, tunnel: ITunnel, lease: Optional[tuple[str, Optional[str]]] = None
@@ -300,6 +353,7 @@ class Relay(Service):
         """
         route = tunnel.route
         self.registry.remove(route, tunnel)
+        self.guard.service_gone(route)
         return self.release_route(route, None if self.draining else lease)
 
     def release_route(
@@ -348,7 +402,7 @@ class Relay(Service):
         """
         stats = self.stats
         visitors = tunnel.visitors
-        if self.draining or len(visitors) >= self.config.max_visitors:
+        if self.draining:
             stats.visitors_refused += 1
             return None
         visitor = Visitor(peer, first)
@@ -409,6 +463,7 @@ class Relay(Service):
     def session_gone(self, session: IAgentSession) -> None:
         """A door's agent connection has closed for good."""
         self.sessions.discard(session)
+        self.guard.session_gone(session)
         if not self.sessions:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:

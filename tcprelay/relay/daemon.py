@@ -7,7 +7,7 @@ module: its :data:`Options` are the tap's, and its :func:`makeService`
 builds a :class:`RelayDaemon`, the :class:`~tcprelay.relay.service.RelayService`
 plus the process: the open-files limit, the reactor's poll step and
 allocator (:func:`tcprelay.process.own_process`), SIGHUP reloading the
-secrets, calm repeated SIGTERM/SIGINT, a plain one-line error when a port
+secrets and the ``--config`` file's limits, calm repeated SIGTERM/SIGINT, a plain one-line error when a port
 cannot be bound (on standard error and in the log, and in daemon mode
 reported to the waiting twistd parent, which exits 1), exit status 1 after
 a bad option (:class:`Options`), and exit status 0 after a completed
@@ -144,7 +144,7 @@ class RelayDaemon(RelayService):
         if hasattr(signal, "SIGHUP"):
 
             def on_hup(signum: int, frame: object) -> None:
-                reactor.callFromThread(self.relay.reload_secrets)
+                reactor.callFromThread(self.relay.reload_config)
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_hup)
         reactor.callWhenRunning(

@@ -84,6 +84,27 @@ class RelayCollector(Collector):
             "Sessions closed because heartbeats went unanswered.",
             stats.heartbeat_timeouts,
         )
+        limited = CounterMetricFamily(
+            "tcprelay_visitors_limited",
+            "Visitor connections refused by a limit (also in visitors_refused), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in stats.visitors_limited.items():
+            limited.add_metric([reason], count)
+        yield limited
+        sessions_limited = CounterMetricFamily(
+            "tcprelay_sessions_limited",
+            "Control connections refused by a limit, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in stats.sessions_limited.items():
+            sessions_limited.add_metric([reason], count)
+        yield sessions_limited
+        yield counter(
+            "visitors_idle_closed",
+            "Visitor connections closed by the idle timeout.",
+            stats.visitors_idle_closed,
+        )
         to_service, to_visitor = relay.bytes_relayed()
         relayed = CounterMetricFamily(
             "tcprelay_bytes_relayed", "Payload bytes relayed.", labels=["direction"]
@@ -161,6 +182,11 @@ def status(relay: Relay) -> dict[str, Any]:
             "connected": relay.visitor_count,
             "accepted": stats.visitors_accepted,
             "refused": stats.visitors_refused,
+        },
+        "limits": {
+            "visitors_refused": dict(stats.visitors_limited),
+            "sessions_refused": dict(stats.sessions_limited),
+            "visitors_idle_closed": stats.visitors_idle_closed,
         },
         "bytes_relayed": {"to_service": to_service, "to_visitor": to_visitor},
         "services_refused": stats.services_refused,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from tcprelay.mux.frames import ErrorCode
 
+from tcprelay.relay.limits import SESSION_REASONS, VISITOR_REASONS
+
 __all__ = ["HANDSHAKE_BUCKETS", "OTHER_CODE", "TIMEOUT_REASONS", "RelayStats", "error_label"]
 
 OTHER_CODE = -1
@@ -51,6 +53,12 @@ class RelayStats:
         self.bytes_to_visitor = 0
         self.visitors_timed_out: dict[str, int] = {reason: 0 for reason in TIMEOUT_REASONS}
         """Visitor streams ended because the service left them waiting, by reason."""
+        self.visitors_limited = dict.fromkeys(VISITOR_REASONS, 0)
+        """Visitors refused by a limit, by reason (also in :attr:`visitors_refused`)."""
+        self.sessions_limited = dict.fromkeys(SESSION_REASONS, 0)
+        """Control connections refused by a limit, by reason."""
+        self.visitors_idle_closed = 0
+        """Visitor connections closed by the idle timeout."""
         self.handshake_buckets = [0] * len(HANDSHAKE_BUCKETS)
         self.handshake_sum = 0.0
 

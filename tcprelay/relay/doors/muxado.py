@@ -386,6 +386,8 @@ class ControlFactory(Factory):
         self.relay = relay
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        if self.relay.draining:
+        if self.relay.draining or not self.relay.guard.admit_session(addr):
             return None
-        return ControlSession(self.relay)
+        session = ControlSession(self.relay)
+        self.relay.guard.session_opened(session, addr)
+        return session

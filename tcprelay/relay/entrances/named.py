@@ -94,10 +94,17 @@ class SniffingVisitor(Protocol):
             return
         transport = self.transport
         assert transport is not None
+        guard = relay.guard
+        route = tunnel.route
+        if not guard.admit_visitor(route, tunnel, self.addr):
+            transport.abortConnection()  # counted and logged; no stream was opened
+            return
         protocol = relay.splice_visitor(tunnel, self.addr, bytes(self.reader.data))
         if protocol is None:
+            guard.not_spliced(route, self.addr)
             self._answer(503, f"{name} cannot take more visitors now", UNRECOGNIZED_NAME)
             return
+        guard.spliced(route, self.addr, protocol.splice)
         # From here the connection is the splice's: it reads the rest.
         transport.protocol = protocol  # type: ignore[attr-defined]
         protocol.makeConnection(transport)

@@ -49,7 +49,16 @@ class PortVisitorFactory(Factory):
         if tunnel is None:
             relay.stats.visitors_refused += 1
             return None
-        return relay.splice_visitor(tunnel, addr, first)  # type: ignore[no-any-return]
+        guard = relay.guard
+        route = self.route
+        if not guard.admit_visitor(route, tunnel, addr):
+            return None  # counted and logged; no stream was opened
+        protocol = relay.splice_visitor(tunnel, addr, first)
+        if protocol is None:
+            guard.not_spliced(route, addr)
+            return None
+        guard.spliced(route, addr, protocol.splice)
+        return protocol  # type: ignore[no-any-return]
 
 
 class PortEntrance:
