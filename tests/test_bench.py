@@ -170,3 +170,28 @@ def test_baseline_stack_is_measured_side_by_side(tmp_path: Path) -> None:
     assert Path(installs["baseline"]["module_file"]).is_relative_to(venv)
     assert Path(installs["current"]["module_file"]) == REPO_ROOT / "tcprelay" / "__init__.py"
     assert document["settings"]["baseline_venv"] == str(venv)
+
+
+def test_goload_churn_connects_writes_and_resets(tmp_path: Path) -> None:
+    """``goload churn -rst`` against a listener that never accepts (the
+    kernel completes the connections into its backlog): a bounded number of
+    connections, each counted, one JSON line."""
+    import socket
+
+    gobuild.require_go()
+    goload = gobuild.build("goload")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        host, port = listener.getsockname()
+        proc = subprocess.run(
+            [str(goload), "churn", "-addr", f"{host}:{port}", "-conns", "4", "-rate", "100",
+             "-seconds", "0.2", "-rst"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0, result
+    assert result["rst"] is True and result["conns"] == 4 and result["rate"] == 100
+    # the schedule starts at most rate * seconds (+1 for the slot at t=0)
+    assert 1 <= result["completed"] <= 21

@@ -3,8 +3,9 @@
 //
 //	goload echo       -listen 127.0.0.1:0
 //	goload throughput -addr H:P [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
-//	goload latency    -addr H:P[,H:P...] [-n 1000] [-block 50] [-timeout 10s]
+//	goload latency    -addr H:P[,H:P...] [-n 1000] [-block 50] [-seconds 0] [-timeout 10s]
 //	goload cps        -addr H:P [-conns 8] [-seconds 3] [-timeout 10s]
+//	goload churn      -addr H:P [-conns 32] [-rate 0] [-seconds 3] [-rst] [-timeout 2s]
 //	goload hold       -addr H:P [-n 10000] [-parallel 32] [-ping] [-timeout 120s]
 //
 // echo: listens, prints "LISTEN host:port", then echoes every connection
@@ -28,9 +29,19 @@
 // connections at a time, the order rotating every round (an address that
 // fails 10 times in a row is not tried again: the rest count as errors); prints
 // {"addrs":[..],"block":..,"results":[one object as above per address]}.
+// With -seconds > 0 it also stops once that long has passed (n counts the
+// connections made).
 //
 // cps: -conns goroutines each loop connect + 1-byte echo + close for
 // -seconds; prints {"cps","completed","errors","seconds"}.
+//
+// churn: visitor churn, no echo awaited: -conns goroutines each loop
+// connect, write 1 byte, close, for -seconds; with -rst the close is an
+// abortive one (SO_LINGER 0: the peer gets a RST). With -rate > 0 the
+// connections start on a schedule of that many per second in all
+// (goroutines that fall behind start at once, never more than -conns in
+// flight); 0 is as fast as they go. Prints
+// {"cps","completed","errors","seconds","rate","conns","rst","error"}.
 //
 // hold: opens -n connections (-parallel dials at a time), with -ping each
 // one echoes one byte first (so the whole path is known to be up), then
@@ -104,7 +115,7 @@ func usage(format string, args ...interface{}) {
 
 func main() {
 	if len(os.Args) < 2 {
-		usage("usage: goload echo|throughput|latency|cps|hold [flags]")
+		usage("usage: goload echo|throughput|latency|cps|churn|hold [flags]")
 	}
 	cmd, args := os.Args[1], os.Args[2:]
 	switch cmd {
@@ -116,10 +127,12 @@ func main() {
 		latencyMain(args)
 	case "cps":
 		cpsMain(args)
+	case "churn":
+		churnMain(args)
 	case "hold":
 		holdMain(args)
 	default:
-		usage("unknown command %q (echo, throughput, latency, cps, hold)", cmd)
+		usage("unknown command %q (echo, throughput, latency, cps, churn, hold)", cmd)
 	}
 }
 
@@ -424,9 +437,14 @@ func latencyMain(args []string) {
 	addrList := fs.String("addr", "", "host:port to connect to; several, comma-separated, take turns")
 	n := fs.Int("n", 1000, "connections, one after another (to each address)")
 	block := fs.Int("block", 50, "with several addresses: connections to one before the next takes its turn")
+	seconds := fs.Float64("seconds", 0, "also stop after this long (0: no limit)")
 	timeout := fs.Duration("timeout", 10*time.Second, "give up on one connection after this long")
 	parse(fs, args)
 	addrs := strings.Split(*addrList, ",")
+	var stopAt time.Time
+	if *seconds > 0 {
+		stopAt = time.Now().Add(time.Duration(*seconds * float64(time.Second)))
+	}
 	if *addrList == "" || *n < 1 || *block < 1 {
 		usage("latency: need -addr, -n >= 1 and -block >= 1")
 	}
@@ -443,6 +461,9 @@ func latencyMain(args []string) {
 		for k := range addrs {
 			j := (k + round) % len(addrs)
 			for i := 0; i < *block && done[j] < *n; i++ {
+				if !stopAt.IsZero() && time.Now().After(stopAt) {
+					break
+				}
 				busy = true
 				done[j]++
 				if failing[j] >= giveUp {
@@ -546,6 +567,96 @@ func cpsMain(args []string) {
 		Completed: done,
 		Errors:    errs.n,
 		Seconds:   elapsed,
+		Error:     errs.text(),
+	})
+}
+
+// --------------------------------------------------------------- churn
+
+type churnResult struct {
+	CPS       float64 `json:"cps"`
+	Completed int64   `json:"completed"`
+	Errors    int     `json:"errors"`
+	Seconds   float64 `json:"seconds"`
+	Rate      float64 `json:"rate"`
+	Conns     int     `json:"conns"`
+	RST       bool    `json:"rst"`
+	Error     string  `json:"error,omitempty"`
+}
+
+// churnOnce connects, writes one byte and closes (abortively with rst).
+func churnOnce(addr string, timeout time.Duration, rst bool) error {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if rst {
+		if err := c.(*net.TCPConn).SetLinger(0); err != nil {
+			return fmt.Errorf("linger: %w", err)
+		}
+	}
+	return nil
+}
+
+func churnMain(args []string) {
+	fs := flag.NewFlagSet("churn", flag.ContinueOnError)
+	addr := fs.String("addr", "", "host:port to connect to")
+	conns := fs.Int("conns", 32, "concurrent clients")
+	rate := fs.Float64("rate", 0, "connections per second in all (0: as fast as they go)")
+	seconds := fs.Float64("seconds", 3, "how long to run")
+	rst := fs.Bool("rst", false, "close with a RST (SO_LINGER 0) instead of a FIN")
+	timeout := fs.Duration("timeout", 2*time.Second, "give up on one connection after this long")
+	parse(fs, args)
+	if *addr == "" || *conns < 1 || *seconds <= 0 || *rate < 0 {
+		usage("churn: need -addr, -conns >= 1, -seconds > 0 and -rate >= 0")
+	}
+	exitOnSignal()
+	var errs firstError
+	var done, slot int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	stopAt := start.Add(time.Duration(*seconds * float64(time.Second)))
+	for i := 0; i < *conns; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				if *rate > 0 {
+					// the next slot of the shared schedule
+					k := atomic.AddInt64(&slot, 1) - 1
+					at := start.Add(time.Duration(float64(k) / *rate * float64(time.Second)))
+					if at.After(stopAt) {
+						return
+					}
+					if wait := time.Until(at); wait > 0 {
+						time.Sleep(wait)
+					}
+				} else if time.Now().After(stopAt) {
+					return
+				}
+				if err := churnOnce(*addr, *timeout, *rst); err != nil {
+					errs.add(err)
+					continue
+				}
+				atomic.AddInt64(&done, 1)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start).Seconds()
+	emitJSON(churnResult{
+		CPS:       float64(done) / elapsed,
+		Completed: done,
+		Errors:    errs.n,
+		Seconds:   elapsed,
+		Rate:      *rate,
+		Conns:     *conns,
+		RST:       *rst,
 		Error:     errs.text(),
 	})
 }
