@@ -55,8 +55,8 @@ class Options(tap.Options):
             super().parseOptions(options)
         except usage.UsageError as e:
             parent = getattr(self, "parent", None)
-            if parent is None or not self.twistd_options():
-                raise
+            if parent is None or not self.twistd_options() or getattr(self, "reloading", False):
+                raise  # (a reload on SIGHUP keeps the running relay)
             sys.stdout.write(f"{parent}\n{' '.join(sys.argv[0:2])}: {e}\n")
             sys.stdout.flush()
             raise SystemExit(1) from None
