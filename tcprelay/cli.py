@@ -60,6 +60,20 @@ class ExposeOptions(_Common):
         ["secret-file", "s", None, "File holding the shared secret (first line)."],
         ["port", "p", None, "Public port to ask for (default: any)."],
         [
+            "http",
+            None,
+            None,
+            "Ask for the name NAME on the relay's shared HTTP entrance instead of "
+            "a port (NAME.DOMAIN, or a full name; '*.NAME' for a wildcard).",
+        ],
+        [
+            "tls",
+            None,
+            None,
+            "Ask for the name NAME on the relay's shared TLS entrance (SNI; LOCAL "
+            "terminates TLS itself).",
+        ],
+        [
             "proxy-protocol",
             None,
             "none",
@@ -144,11 +158,22 @@ class ExposeOptions(_Common):
             if not self["port"].isdigit() or not 0 < int(self["port"]) < 65536:
                 raise usage.UsageError("--port must be a port number")
             self["port"] = int(self["port"])
+        asked = [k for k in ("port", "http", "tls") if self[k] is not None]
+        if len(asked) > 1:
+            raise usage.UsageError(f"give one of --port, --http, --tls, not {' and '.join('--' + a for a in asked)}")
+        self["kind"], self["name"] = "port", None
+        for kind in ("http", "tls"):
+            if self[kind] is not None:
+                name = self[kind].strip()
+                if not name:
+                    raise usage.UsageError(f"--{kind} needs a name")
+                self["kind"], self["name"] = kind, name
         self["busy-poll"] = busy_poll_option(self["busy-poll"])
         self["backoff-max"] = _backoff_max(self["backoff-max"])
         if self["lease-file"] is None:
             state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-            key = hashlib.sha256(f"{self['relay']}|{self['local']}".encode()).hexdigest()[:16]
+            what = f"|{self['kind']}:{self['name']}" if self["name"] else ""
+            key = hashlib.sha256(f"{self['relay']}|{self['local']}{what}".encode()).hexdigest()[:16]
             self["lease-file"] = os.path.join(state, "tcprelay", f"lease-{key}.json")
 
 
@@ -227,6 +252,8 @@ def run_expose(reactor: Any, options: ExposeOptions, relay: Any, local: Any) -> 
         AgentConfig(
             secret=options["secret"],
             port=options["port"],
+            kind=options["kind"],
+            name=options["name"],
             proxy=options["proxy-protocol"] != "none",
             lease_file=options["lease-file"],
             backoff_max=options["backoff-max"],

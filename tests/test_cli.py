@@ -97,3 +97,43 @@ def test_agent_config_refuses_values_that_make_no_sense(field: str, value: float
 def test_endpoint_request_port_must_be_a_port(value: str) -> None:
     with pytest.raises(ValueError, match="requestPort must be a port number"):
         parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", requestPort=value)
+
+
+def test_expose_asks_for_a_name_with_http_or_tls() -> None:
+    """--http NAME and --tls NAME ask for a named route; one of --port/--http/--tls at most."""
+    from tcprelay.cli import ExposeOptions
+
+    options = ExposeOptions()
+    options.parseOptions(["3000", "--relay", "127.0.0.1:8080", "--http", "app", "--lease-file", "/tmp/x"])
+    assert (options["kind"], options["name"]) == ("http", "app")
+    options = ExposeOptions()
+    options.parseOptions(["3000", "--relay", "127.0.0.1:8080", "--tls", "*.app", "--lease-file", "/tmp/x"])
+    assert (options["kind"], options["name"]) == ("tls", "*.app")
+
+
+def test_expose_refuses_two_routes(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "expose", "3000", "--relay", "127.0.0.1:8080", "--http", "a", "--port", "9000")
+    assert code == 2
+    assert "give one of --port, --http, --tls" in err
+
+
+def test_expose_lease_files_differ_by_name() -> None:
+    """The default lease file of a name differs from the port route's of the same LOCAL."""
+    from tcprelay.cli import ExposeOptions
+
+    files = set()
+    for extra in ([], ["--http", "a"], ["--http", "b"], ["--tls", "a"]):
+        options = ExposeOptions()
+        options.parseOptions(["3000", "--relay", "127.0.0.1:8080", *extra])
+        files.add(options["lease-file"])
+    assert len(files) == 4
+
+
+def test_endpoint_takes_kind_and_name() -> None:
+    endpoint = parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", kind="tls", name="app")
+    assert (endpoint.config.kind, endpoint.config.name) == ("tls", "app")
+    assert parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", name="app").config.kind == "http"
+    with pytest.raises(ValueError, match="needs name"):
+        parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", kind="http")
+    with pytest.raises(ValueError, match="kind must be"):
+        parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", kind="udp", name="a")

@@ -258,3 +258,20 @@ async def test_a_reconnecting_agent_keeps_its_name(reactor: Any, named: Named) -
     await wait_for(reactor, lambda: agent.session is not None and agent.session.ready and relay.relay.find_named("http", f"keep.{DOMAIN}") is not None, what="the agent back")
     assert relay.relay.registry.lease_count() == 0, "the lease was taken up"
     assert await bounded(visit(reactor, named.http_port, request(f"keep.{DOMAIN}")), reactor) == b"kept!"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_endpoint_serves_a_factory_under_a_name(reactor: Any, named: Named) -> None:
+    """serverFromString("tcprelay:...:kind=http:name=web") listens on a name; getHost() is the name and the entrance's port."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory
+
+    relay = await named.start()
+    endpoint = serverFromString(reactor, f"tcprelay:host=127.0.0.1:port={relay.control_port}:kind=http:name=web")
+    port = await bounded(endpoint.listen(Factory.forProtocol(lambda: Answer(b"web!", []))), reactor)
+    try:
+        host = port.getHost()
+        assert (host.host, host.port) == (f"web.{DOMAIN}", named.http_port)
+        assert await bounded(visit(reactor, named.http_port, request(f"web.{DOMAIN}")), reactor) == b"web!"
+    finally:
+        await bounded(port.stopListening(), reactor)

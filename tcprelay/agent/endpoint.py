@@ -10,7 +10,7 @@ is the visitor's address (from the relay's PROXY v2 header).
 String form (the plugin in ``twisted/plugins/tcprelay_plugin.py``)::
 
     tcprelay:host=relay.example.com:port=8080[:secretFile=PATH][:secret=TEXT]
-        [:requestPort=N][:caFile=PATH][:leaseFile=PATH]
+        [:requestPort=N][:kind=http|tls:name=NAME][:caFile=PATH][:leaseFile=PATH]
 
 so ``serverFromString(reactor, "tcprelay:host=...:port=...")`` and
 ``twistd web --listen tcprelay:...`` work.
@@ -59,6 +59,10 @@ class RelayListeningPort:
     def getHost(self) -> IPv4Address:
         """The public address (host as the relay names it)."""
         address = self.agent.address or ":0"
+        if "://" in address:  # a named route's URL: its host, the entrance's port
+            from urllib.parse import urlsplit
+
+            return IPv4Address("TCP", urlsplit(address).hostname or "", self.agent.port or 0)
         host, _, port = address.rpartition(":")
         return IPv4Address("TCP", host, int(port))
 
@@ -126,6 +130,16 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
     request = kwargs.pop("requestPort", None)
     ca_file = kwargs.pop("caFile", None)
     lease_file = kwargs.pop("leaseFile", None)
+    kind = kwargs.pop("kind", "port")
+    name = kwargs.pop("name", None)
+    if kind not in ("port", "http", "tls"):
+        raise ValueError(f"tcprelay: kind must be port, http or tls, not {kind!r}")
+    if name is not None and kind == "port":
+        kind = "http"  # a name alone asks for the HTTP entrance
+    if kind != "port" and not name:
+        raise ValueError(f"tcprelay: kind={kind} needs name=")
+    if kind != "port" and request:
+        raise ValueError("tcprelay: requestPort= is for port routes, not names")
     if kwargs:
         raise ValueError(f"tcprelay: unknown endpoint arguments: {', '.join(sorted(kwargs))}")
     wanted: Optional[int] = None
@@ -137,6 +151,8 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
     config = AgentConfig(
         secret=secret,
         port=wanted,
+        kind=kind,
+        name=name,
         proxy=True,
         lease_file=lease_file,
     )

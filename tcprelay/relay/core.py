@@ -320,7 +320,7 @@ class Relay(Service):
             raise RouteRefused(f"{kind} name {name} is taken", retry=True)
         held = self.registry.lease_of(route)
         if held is not None:
-            if lease is None or self.registry.resume_lease(lease, credential) != route:
+            if held.token != lease or self.registry.resume_lease(lease, credential) != route:
                 raise RouteRefused(f"{kind} name {name} is held for its agent's lease", retry=True)
         return route
 
