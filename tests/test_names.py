@@ -275,3 +275,21 @@ async def test_the_endpoint_serves_a_factory_under_a_name(reactor: Any, named: N
         assert await bounded(visit(reactor, named.http_port, request(f"web.{DOMAIN}")), reactor) == b"web!"
     finally:
         await bounded(port.stopListening(), reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_show_named_routes(reactor: Any, named: Named) -> None:
+    """/status lists a named route by kind and name; unrouted visitors are counted under a fixed metric."""
+    from tcprelay.relay.metrics import RelayCollector, status
+
+    relay = await named.start()
+    agent = named.agent("http", "st", b"!", [])
+    await bounded(agent.when_ready(), reactor)
+    await bounded(visit(reactor, named.http_port, request(f"nope.{DOMAIN}")), reactor)
+    doc = status(relay.relay)
+    [service] = doc["services"]
+    assert service["route"] == {"kind": "http", "name": f"st.{DOMAIN}"}
+    assert service["address"] == f"http://st.{DOMAIN}:{named.http_port}/"
+    assert doc["visitors"]["unrouted"] == 1
+    [family] = [m for m in RelayCollector(relay.relay).collect() if m.name == "tcprelay_visitors_unrouted"]
+    assert [s.value for s in family.samples if s.name.endswith("_total")] == [1]

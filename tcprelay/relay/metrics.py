@@ -74,6 +74,11 @@ class RelayCollector(Collector):
             "visitors_refused", "Visitor connections refused.", stats.visitors_refused
         )
         yield counter(
+            "visitors_unrouted",
+            "Visitors of a shared entrance asking for a name no route serves.",
+            stats.visitors_unrouted,
+        )
+        yield counter(
             "services_refused",
             "Services turned away (queue timeout, auth).",
             stats.services_refused,
@@ -182,6 +187,7 @@ def status(relay: Relay) -> dict[str, Any]:
             "connected": relay.visitor_count,
             "accepted": stats.visitors_accepted,
             "refused": stats.visitors_refused,
+            "unrouted": stats.visitors_unrouted,
         },
         "limits": {
             "visitors_refused": dict(stats.visitors_limited),

@@ -370,7 +370,7 @@ def test_metrics_and_status_follow_a_service_and_its_visitors(procs: Procs) -> N
         assert moved >= total, (direction, moved)
         assert moved > metric(during, "tcprelay_bytes_relayed_total", direction=direction)
     doc = status(mport)
-    assert doc["visitors"] == {"connected": 0, "accepted": 2, "refused": 0}  # type: ignore[comparison-overlap]
+    assert doc["visitors"] == {"connected": 0, "accepted": 2, "refused": 0, "unrouted": 0}  # type: ignore[comparison-overlap]
     assert doc["bytes_relayed"]["to_service"] >= total  # type: ignore[index]
 
     # A session that sends garbage is ended with PROTOCOL_ERROR and counted.
