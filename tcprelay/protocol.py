@@ -396,6 +396,10 @@ class MuxProtocol(Protocol):
         bytes have (checked at each such interval: a frame still unfinished,
         with no frame completed since the last check, ends the session with
         PROTOCOL_ERROR).  None: no limit."""
+        self.max_read_size: Optional[int] = None
+        """Most bytes one read of the socket takes (None: as many as the
+        streams need); a relay keeps unregistered sessions' reads small, so
+        that what one read makes it decode stays small too."""
         self._frame_timer: Optional[IDelayedCall] = None
         self._frame_mark = 0
         self._owed_timer: Optional[IDelayedCall] = None
@@ -434,11 +438,11 @@ class MuxProtocol(Protocol):
                 self._schedule()
         streams = len(self.streams)
         # never 0: a read of 0 bytes would look like end-of-file
-        read_size(
-            self.transport,
-            READ_SIZE_PER_STREAM * (streams if 0 < streams < MAX_READ_STREAMS
-                                    else MAX_READ_STREAMS if streams else 1),
+        size = READ_SIZE_PER_STREAM * (
+            streams if 0 < streams < MAX_READ_STREAMS else MAX_READ_STREAMS if streams else 1
         )
+        limit = self.max_read_size
+        read_size(self.transport, size if limit is None or size < limit else limit)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         """The socket is gone: every stream ends, then the session."""

@@ -9,13 +9,17 @@ import attrs
 from tcprelay.mux.session import SessionConfig
 from tcprelay.relay.limits import LimitsConfig
 
-__all__ = ["DEFAULT_SESSION_BUFFER", "PRE_HANDSHAKE_BUFFER", "RelayConfig"]
+__all__ = ["DEFAULT_SESSION_BUFFER", "PRE_HANDSHAKE_BUFFER", "PRE_HANDSHAKE_READ", "RelayConfig"]
 
 DEFAULT_SESSION_BUFFER = 4 * 1024 * 1024
 """Bytes a registered service's socket may hold unsent (``--session-buffer``):
 stream data waits in its streams while the socket is full, so only what the
 peer provokes without reading (echoes, RSTs, WNDINCs) grows past a few
 hundred KiB; 4 MiB leaves honest peers far from it."""
+PRE_HANDSHAKE_READ = 4096
+"""Bytes one read takes from an unregistered session: a handshake is a few
+hundred bytes, and a peer flooding frames before it has registered makes
+the relay decode no more than this at a time."""
 PRE_HANDSHAKE_BUFFER = 256 * 1024
 """The same limit before the handshake: nothing but control frames and the
 handshake's reply go to an unregistered peer."""

@@ -20,6 +20,7 @@ from tcprelay.mux.frames import (
     encode_syn,
     encode_wndinc,
 )
+from tcprelay.handshake import CONTROL_STREAM_TYPE
 from tests.e2e.support import HOST, Procs, start_relay
 from tests.muxpeer import ScriptedPeer
 
@@ -178,3 +179,36 @@ def test_frame_that_never_completes_ends_the_session(procs: Procs) -> None:
         assert b"unfinished" in data  # the GOAWAY's text
     finally:
         peer.close()
+
+
+def test_refused_stream_flood_from_a_peer_that_never_reads_is_cut(procs: Procs) -> None:
+    """An unregistered peer that opens stream after stream (each refused with an RST) and never reads: the relay cuts it, at most 256 KiB + 1 MiB larger meanwhile."""
+    relay = start_relay(procs, pool=1)
+    pid = relay.proc.pid
+    base = _settled_rss(pid)
+    sock = socket.create_connection((HOST, relay.control), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peak, sent, sid = base, 0, 5
+    try:
+        # an extended handshake's stream that never registers: the session
+        # stays unauthenticated while every later stream is refused
+        sock.sendall(encode_syn(3, 0, CONTROL_STREAM_TYPE))
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            burst = b"".join(encode_syn(sid + 2 * i, 0, 0) for i in range(500))
+            sid += 1000
+            try:
+                sock.sendall(burst)
+                sent += len(burst)
+            except (socket.timeout, OSError):
+                break
+            time.sleep(0.001)
+            peak = max(peak, rss(pid))
+    finally:
+        sock.close()
+    print(f"sent {sent / MIB:.1f} MiB of SYNs; relay grew by {(peak - base) / MIB:.2f} MiB at most")
+    assert relay.proc.matching(r"flood|does not read"), relay.proc.describe()
+    assert peak - base <= 256 * 1024 + MIB
+    until(lambda: rss(pid) - base <= MIB, 10, "the relay's memory back to baseline")
+    assert relay.proc.running

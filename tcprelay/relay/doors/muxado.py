@@ -43,7 +43,7 @@ from tcprelay.relay.interfaces import (
     IVisitor,
     TunnelUnavailable,
 )
-from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER
+from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
 from tcprelay.relay.routes import PortRoute
 from tcprelay.relay.watchdog import WatchState
 
@@ -216,6 +216,7 @@ class ControlSession(MuxProtocol):
         super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
         self.relay = relay
         self.max_buffered = PRE_HANDSHAKE_BUFFER
+        self.max_read_size = PRE_HANDSHAKE_READ
         self.frame_timeout = relay.config.frame_timeout
         self.tunnel: Optional[MuxTunnel] = None
         self.handshake: Optional[Handshake] = None
@@ -256,6 +257,7 @@ class ControlSession(MuxProtocol):
         tunnel = MuxTunnel(self, route, handshake.extended, handshake.proxy, handshake.credential)
         self.tunnel = tunnel
         self.max_buffered = self.relay.config.session_buffer
+        self.max_read_size = None
         self.relay.publish(route, tunnel)
         return tunnel
 
