@@ -293,3 +293,51 @@ async def test_status_and_metrics_show_named_routes(reactor: Any, named: Named) 
     assert doc["visitors"]["unrouted"] == 1
     [family] = [m for m in RelayCollector(relay.relay).collect() if m.name == "tcprelay_visitors_unrouted"]
     assert [s.value for s in family.samples if s.name.endswith("_total")] == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_named_visitor_address_reaches_the_agent(reactor: Any, named: Named) -> None:
+    """With PROXY on (extended agents), a named route's visitor arrives with its real address and the entrance's."""
+    relay = await named.start()
+    headers: list[Any] = []
+
+    def handler(stream: Any, header: Any) -> Answer:
+        headers.append(header)
+        return Answer(b"!", [])
+
+    agent = Agent(relay.control_endpoint, AgentConfig(kind="http", name="px", proxy=True), reactor, handler)
+    named.agents.append(agent)
+    agent.startService()
+    await bounded(agent.when_ready(), reactor)
+    assert await bounded(visit(reactor, named.http_port, request(f"px.{DOMAIN}")), reactor) == b"!"
+    [header] = headers
+    assert header.source_host == "127.0.0.1" and header.source_port > 0
+    assert (header.dest_host, header.dest_port) == ("127.0.0.1", named.http_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_hello_in_tiny_records_and_reads_is_routed(reactor: Any, named: Named) -> None:
+    """A ClientHello cut into 1-byte TLS records, sent a few bytes at a time, is routed and forwarded byte for byte."""
+    import time
+
+    from twisted.internet.threads import deferToThread
+
+    from tests.test_sniff import refragment
+
+    await named.start()
+    seen: list[bytes] = []
+    agent = named.agent("tls", "tiny", b"!", seen)
+    await bounded(agent.when_ready(), reactor)
+    hello = refragment(client_hello(f"tiny.{DOMAIN}"), 1)
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", named.tls_port), timeout=5) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(0, len(hello), 700):
+                sock.sendall(hello[i : i + 700])
+                time.sleep(0.01)
+            return sock.recv(10)
+
+    assert await bounded(deferToThread(run), reactor) == b"!"
+    await wait_for(reactor, lambda: seen, what="the visitor's end")
+    assert seen == [hello]

@@ -133,7 +133,9 @@ def test_departed_visitors_of_a_silent_service_are_let_go(procs: Procs) -> None:
         for _ in range(1000):
             with socket.create_connection((HOST, port), timeout=5) as visitor:
                 visitor.sendall(b"hi\n")
+        peak = fds(pid)
         held = until(lambda: fds(pid) <= base + 5, 2 * 1.25 + 5, "the visitors' descriptors closed")
+        print(f"relay descriptors: {base} before, {peak} after 1,000 visitors left, back in {held:.1f}s")
         assert held >= 1.0, "closed before the limit: the test did not see the defect"
     finally:
         peer.close()
