@@ -714,3 +714,26 @@ async def test_eager_port_accepts_a_bounded_batch_per_pass(reactor: Any) -> None
         for client in clients:
             client.close()
         await port.stopListening()
+
+
+def test_splice_done_hooks_run_once_in_order_and_the_deferred_fires() -> None:
+    """when_done hooks run in order once both sides closed (a failing one does not stop the rest); done fires; late hooks run at once."""
+    from twisted.internet.testing import StringTransport
+
+    from tcprelay.forward import Splice
+
+    splice = Splice()
+    calls: list[object] = []
+    splice.when_done(lambda _, tag: calls.append(tag), "first")
+    splice.when_done(lambda _: 1 / 0)
+    splice.when_done(lambda _, tag: calls.append(tag), "second")
+    done = splice.done
+    for side in (splice.visitor, splice.service):
+        side.makeConnection(StringTransport())
+    splice.visitor.connectionLost(Failure(ConnectionDone()))
+    assert calls == [] and not done.called and not splice.finished
+    splice.service.connectionLost(Failure(ConnectionDone()))
+    assert calls == ["first", "second"] and done.called and splice.finished
+    splice.when_done(lambda _, tag: calls.append(tag), "late")
+    assert calls[-1] == "late"
+    assert splice.done.called

@@ -216,7 +216,7 @@ class LocalForwarder:
         self, stream: MuxStream, header: Optional[hs.ProxyHeader]
     ) -> Optional[interfaces.IProtocol]:
         splice = Splice()
-        splice.done.addCallback(self._done, splice)
+        splice.when_done(self._done, splice)
         if header is not None and self.proxy_mode == "v2":
             splice.greeting = hs.encode_proxy_v2(header)
         elif header is not None and self.proxy_mode == "v1":

@@ -417,7 +417,7 @@ class Relay(Service):
             splice.on_linked = visitor._linked
         stream.attach(splice.service)
         visitors.add(splice)
-        splice.done.addCallback(self._visitor_done, tunnel, splice)
+        splice.when_done(self._visitor_done, tunnel, splice)
         stats.visitors_accepted += 1
         self.watchdog.wake()
         return splice.visitor

@@ -117,24 +117,24 @@ class Guard:
         """An admitted visitor is spliced: release it when done, watch it for idleness."""
         host = _host(addr)
         timeout = self.config.idle_timeout
-        timer: list[Any] = [None]
-
-        def done(result: object) -> object:
-            self.visitors.release(host, service)
-            call = timer[0]
-            if call is not None and call.active():
-                call.cancel()
-            timer[0] = None
-            return result
-
-        splice.done.addBoth(done)
+        timer: Optional[list[Any]] = None
         if timeout > 0:
+            timer = [None]
             watch = IdleWatch(timeout, splice.bytes_to_service + splice.bytes_to_visitor, self._now())
             timer[0] = self.relay.reactor.callLater(watch.step, self._idle_check, splice, watch, timer)
+        # a bound method and its arguments: no closure, no Deferred per visitor
+        splice.when_done(self._released, host, service, timer)
+
+    def _released(self, _: object, host: str, service: Hashable, timer: Optional[list[Any]]) -> None:
+        self.visitors.release(host, service)
+        if timer is not None:
+            call, timer[0] = timer[0], None
+            if call is not None and call.active():
+                call.cancel()
 
     def _idle_check(self, splice: Splice, watch: IdleWatch, timer: list[Any]) -> None:
         timer[0] = None
-        if splice.done.called:
+        if splice.finished:
             return
         clock = self.relay.reactor
         if watch.idle(splice.bytes_to_service + splice.bytes_to_visitor, self._now()):
@@ -151,7 +151,7 @@ class Guard:
         timer[0] = clock.callLater(watch.step, self._idle_check, splice, watch, timer)
 
     def _idle_abort(self, splice: Splice) -> None:
-        if splice.done.called:
+        if splice.finished:
             return
         for side in (splice.visitor, splice.service):
             if side.transport is not None and not side.lost:
