@@ -19,6 +19,10 @@ Backpressure:
 - A stream whose protocol pauses it (``pauseProducing``) keeps what arrives
   and stops granting window, so only that stream's peer stops sending; the
   other streams go on.
+
+Why one module of this size: MuxProtocol and MuxStream are the two halves of
+one adapter (the stream's producer and consumer calls go through the
+session's), and each needs the other's internals.
 """
 
 from __future__ import annotations

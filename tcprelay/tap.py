@@ -4,6 +4,10 @@ twistd wiring for the relay: command-line options and ``makeService``.
 twistd (through the ServiceMaker in twisted/plugins/tcprelay_plugin.py)
 parses the command line with :class:`Options`, then calls
 :func:`makeService`, which only composes services and never listens itself.
+
+Why one module of this size: most of it is the option table (every option
+with its help text and its check), which must stay in one Options class
+for twistd, ``--help`` and the ``--config`` file alike.
 """
 
 from __future__ import annotations

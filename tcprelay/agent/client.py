@@ -8,6 +8,10 @@ handshake on a :data:`~tcprelay.handshake.CONTROL_STREAM_TYPE` stream, and
 falls back to the legacy dialect when the relay answers with a bare
 ``HOST:PORT``.  After any loss it reconnects with exponential backoff and
 jitter, asking for the same port and presenting its lease token.
+
+Why one module of this size: the agent's handshake, session and reconnect
+loop share one state machine (a registration and its lease), which reads
+best in one place.
 """
 
 from __future__ import annotations

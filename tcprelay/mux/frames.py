@@ -16,6 +16,10 @@ Wire format (all integers big-endian), see docs/protocol.rst::
 
 Only the low 14 bits of ``length``, the low 5 bits of ``type`` and the low 31
 bits of ``stream id`` count.
+
+Why one module of this size: the codec is one wire format whose encoders and
+decoder must agree byte for byte; splitting them would put the two halves of
+each frame's layout in different files.
 """
 
 from __future__ import annotations

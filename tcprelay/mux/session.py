@@ -17,6 +17,10 @@ session with GOAWAY carrying the matching error code and a
 :class:`~tcprelay.mux.events.SessionEnded` event.  Methods called by the
 application raise :class:`SessionClosedError` or :class:`StreamClosedError`
 when asked for something the state does not allow.
+
+Why one module of this size: the session is one state machine over every
+stream's state, windows, heartbeats and flood counters; a split would
+scatter the invariants that each frame handler keeps.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ The relay's core (:class:`Relay`): what every door and entrance shares.
 Nothing here listens or changes the process: the ports entrance
 (:mod:`tcprelay.relay.entrances.ports`) owns the public listeners, and the
 daemon (:mod:`tcprelay.relay.daemon`) the process.
+
+Why one module of this size: it is the one place doors and entrances meet
+(claiming routes, publishing tunnels, splicing visitors, draining); the
+registry, routes, stats, entrances and doors live in modules of their own.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The relay is a table of *routes* (how visitors find a service) pointing at
 
     agents (doors)                                   visitors (entrances)
     muxado v1 legacy / extended --.            .-- dedicated port  (route: port)
-    (later: ssh -R, ngrok SDKs) ---+-- tunnel --+-- (later: HTTP Host, TLS SNI)
+    (later: ssh -R, ngrok SDKs) ---+-- tunnel --+-- shared HTTP / TLS ports (by Host, SNI)
                                    |
                       registry of routes, tunnels, leases
 
@@ -129,7 +129,7 @@ class IRoute(Interface):
     HTTP port or an SNI name on a shared TLS port come next.
     """
 
-    kind = Attribute("The kind of route: 'port' (later 'http', 'tls').")
+    kind = Attribute("The kind of route: 'port', 'http' or 'tls'.")
     name = Attribute("What it names within its kind, as text: '8081', 'app.example.com'.")
     address = Attribute("The public address given to the agent ('relay.example.com:8081').")
 
