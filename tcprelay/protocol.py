@@ -53,6 +53,12 @@ __all__ = ["MuxProtocol", "MuxStream", "StreamResetError"]
 CLOSE_TIMEOUT = 10.0
 """Seconds a closing session may take to flush before the socket is aborted."""
 
+HOLD_AT = 1024 * 1024
+"""Bytes a socket may hold unsent before its session stops framing stream
+data (until the socket drains): enough that a socket that is merely full
+for a moment keeps a write queued behind what it is sending, so that it
+never runs dry; what a peer grants beyond it waits in the streams."""
+
 OWED_GRANT_DELAY = 1.0
 """Seconds the extra window of a stream the peer opened may wait for our
 next frames before it goes alone: the peer hears from every stream it
@@ -473,11 +479,10 @@ class MuxProtocol(Protocol):
     # -- IPushProducer (for our socket) ------------------------------------
 
     def pauseProducing(self) -> None:
-        """The socket's write buffer is full: hold stream data, pause every stream's producer."""
+        """The socket's write buffer is full: pause every stream's producer."""
         if self.paused:
             return
         self.paused = True
-        self.session.congested = True
         for stream in list(self.streams.values()):
             stream._update_producer()
 
@@ -587,7 +592,7 @@ class MuxProtocol(Protocol):
             while True:
                 out = session.data_to_send()
                 if out and self._connected:
-                    if not write_now(transport, out) and self.max_buffered is not None:
+                    if not write_now(transport, out):
                         self._check_buffered(len(out))
                 if events is None:
                     events = session.events()
@@ -648,12 +653,18 @@ class MuxProtocol(Protocol):
         )
 
     def _check_buffered(self, written: int) -> None:
-        """Cut the session when its socket holds more than :attr:`max_buffered` unsent."""
+        """
+        After a write that did not all go out: hold stream data once the
+        socket holds more than :data:`HOLD_AT` unsent (until it drains), and
+        cut the session when it holds more than :attr:`max_buffered`.
+        """
         held = queued(self.transport)
         if held is None:
             if self.paused:
                 self._written_paused += written
             held = self._written_paused
+        if held > HOLD_AT and self.paused:
+            self.session.congested = True
         limit = self.max_buffered
         if limit is None or held <= limit or self.overflowed:
             return

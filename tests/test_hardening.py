@@ -185,7 +185,8 @@ def test_heartbeat_echo_flood_from_a_peer_that_does_not_read_is_cut() -> None:
         if control.session.ended:
             break
     assert control.session.ended
-    assert b"flood" in control.session.end_reason.reason.encode()
+    reason = control.session.end_reason.reason
+    assert "flood" in reason or "does not read" in reason, reason
 
 
 # -- streams a service leaves waiting ------------------------------------------

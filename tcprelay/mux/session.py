@@ -57,9 +57,9 @@ __all__ = [
 
 INITIAL_WINDOW: Final = 0x10000
 """Every stream starts with this send window in each direction (64 KiB)."""
-OUT_LIMIT: Final = 0x40000
+OUT_LIMIT: Final = 0x100000
 """Stream data framed into one :meth:`Session.data_to_send` at most (about
-256 KiB): what a peer's window grants beyond it waits in the streams'
+1 MiB): what a peer's window grants beyond it waits in the streams'
 queues, so that the bytes queued for a connection stay bounded by what it
 drains, however much window the peer grants at once."""
 MAX_WINDOW: Final = 0x7FFFFFFF
