@@ -118,6 +118,10 @@ def parser() -> argparse.ArgumentParser:
                         "turn (default: 50)")
     p.add_argument("--hold", type=int, default=None, metavar="N",
                    help="idle visitor connections to hold (default: 10000; quick: 2000)")
+    p.add_argument("--head-all", action="store_true",
+                   help="every stack's visitors first send the HTTP request head the "
+                        "expose-http stack's visitors send (and read its echo), so that "
+                        "all stacks make the same round trips")
     p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
     p.add_argument("--inherit-nofile", action="store_true",
                    help="start tcprelay's relay with this process's raised open-files "
@@ -148,6 +152,7 @@ def _settings(args: argparse.Namespace, original_nofile: tuple[int, int]) -> Set
         rounds=args.rounds or (1 if quick else 3),
         latency_block=args.latency_block,
         warmup=not args.no_warmup,
+        head_all=args.head_all,
         relay_nofile=None if args.inherit_nofile else original_nofile,
         profile_dir=Path(args.profile).resolve() if args.profile else None,
     )
@@ -278,6 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "cps_seconds": settings.cps_seconds,
                 "rounds": settings.rounds,
                 "latency_block": settings.latency_block,
+                "head_all": settings.head_all,
                 "hold_n": settings.hold_n,
                 "baseline_venv": args.baseline_venv,
                 "open_files": {"original_soft": soft, "raised_soft": raised, "hard": hard},

@@ -28,6 +28,7 @@ COLUMNS = (
     ("go-relay", "Go relay"),
     ("tcprelay", "tcprelay"),
     ("expose", "+expose"),
+    ("expose-http", "+exp http"),
     ("tcprelay-baseline", "baseline"),
     ("expose-baseline", "+exp base"),
 )
@@ -40,6 +41,7 @@ RATIOS = (
     ("expose", "go-relay", "exp/Go"),
     ("expose-baseline", "go-relay", "bexp/Go"),
     ("expose", "tcprelay", "exp/tcp"),
+    ("expose-http", "expose", "http/exp"),
 )
 """(numerator, denominator, heading) of each ratio column; a baseline
 install's ratio against the Go relay stands next to the current one's."""

@@ -61,12 +61,23 @@ DEFAULT_SCENARIOS = ("direct", "go-relay", "tcprelay", "expose")
 """The stacks of a run without ``--baseline-venv``."""
 BASELINE_OF = {"tcprelay": "tcprelay-baseline", "expose": "expose-baseline"}
 """The baseline install's counterpart of each tcprelay stack."""
-SCENARIOS = DEFAULT_SCENARIOS + tuple(BASELINE_OF.values())
+EXTRA_SCENARIOS = ("expose-http",)
+"""Stacks run only when named: ``expose-http`` is the ``expose`` stack's
+agent on a named HTTP route (the relay's ``--http`` entrance), its visitors
+sending a request head with ``Host: echo.bench.test`` first."""
+SCENARIOS = DEFAULT_SCENARIOS + EXTRA_SCENARIOS + tuple(BASELINE_OF.values())
 """Every stack, in the order the stacks start and take turns."""
-PYTHON_STACKS = frozenset(BASELINE_OF) | frozenset(BASELINE_OF.values())
+PYTHON_STACKS = (
+    frozenset(BASELINE_OF) | frozenset(BASELINE_OF.values()) | frozenset(EXTRA_SCENARIOS)
+)
 """The stacks whose relay (and agent) are tcprelay's Python processes."""
 TESTS = ("throughput", "latency", "cps", "hold")
 STARTUP_TIMEOUT = 20.0
+HTTP_DOMAIN = "bench.test"
+"""The relay's ``--domain`` in the ``expose-http`` stack."""
+HTTP_NAME = "echo"
+"""The name the ``expose-http`` agent claims: visitors ask for Host echo.bench.test."""
+NAMED_AGENT = Path(__file__).resolve().with_name("named_agent.py")
 
 
 def choose_scenarios(requested: Optional[tuple[str, ...]], baseline: bool) -> tuple[str, ...]:
@@ -106,6 +117,11 @@ class Settings:
     #: the open-files soft limit tcprelay's relay starts with (it must raise
     #: its own); None: inherit the benchmark's raised limit
     relay_nofile: Optional[tuple[int, int]] = None
+    #: every stack's visitors send the request head of ``expose-http``'s
+    #: visitors first (port routes pass it on to the echo service like any
+    #: bytes): the same round trips everywhere, so that a ratio against
+    #: ``expose-http`` is the routing's cost alone
+    head_all: bool = False
     #: record py-spy profiles of tcprelay's processes here (None: do not)
     profile_dir: Optional[Path] = None
     py_spy: str = "py-spy"
@@ -134,6 +150,13 @@ class Stack:
     #: the echo service behind the relay (or the echo server itself)
     service: Optional[Process] = None
     procs: list[Process] = attrs.Factory(list)
+    #: the Host every visitor names in a request head first (named HTTP
+    #: routes; None: visitors send their bytes straight away)
+    host: Optional[str] = None
+
+    def host_args(self) -> list[str]:
+        """goload's ``-host`` option for this stack (none without a host)."""
+        return ["-host", self.host] if self.host else []
 
     def watched(self) -> dict[str, Process]:
         """The relay path's processes (relay, agent): RSS, fds, profiles."""
@@ -193,9 +216,13 @@ class Runner:
             self.echo_address = self.echo.wait_line(r"^LISTEN (\S+)$", STARTUP_TIMEOUT).group(1)
         return self.echo_address
 
-    def start_tcprelay(self, tag: str, install: Install) -> tuple[Process, int]:
-        """``twistd -n tcprelay`` of ``install`` on a fresh control port."""
-        control = free_port_block(5)
+    def start_tcprelay(
+        self, tag: str, install: Install, http: bool = False
+    ) -> tuple[Process, int]:
+        """``twistd -n tcprelay`` of ``install`` on a fresh control port;
+        with ``http`` also a shared HTTP entrance on the control port + 5
+        (domain :data:`HTTP_DOMAIN`)."""
+        control = free_port_block(6 if http else 5)
         argv = [
             *install.twistd,
             "-n",
@@ -210,6 +237,8 @@ class Runner:
             "--drain-timeout",
             "1",
         ]
+        if http:
+            argv += ["--http", f"tcp:{control + 5}:interface={HOST}", "--domain", HTTP_DOMAIN]
         proc = self.processes.start(
             f"{tag}-relay", argv, env=install.env, nofile=self.settings.relay_nofile
         )
@@ -247,7 +276,43 @@ class Runner:
                 name, f"{HOST}:{_port_of(address)}", relay=relay, agent=agent,
                 service=self.echo, procs=[agent, relay],
             )
+        if name == "expose-http":
+            install = self.install_of(name)
+            echo = self.start_echo()
+            relay, control = self.start_tcprelay(name, install, http=True)
+            agent = self.processes.start(
+                f"{name}-agent",
+                [*self.http_agent(install), echo,
+                 "--relay", f"{HOST}:{control}", "--http", HTTP_NAME,
+                 "--lease-file", str(self.processes.logdir / f"{name}-lease.json")],
+                env=install.env,
+            )
+            agent.wait_line(r"^http://\S+$", STARTUP_TIMEOUT)
+            return Stack(
+                name, f"{HOST}:{control + 5}", relay=relay, agent=agent,
+                service=self.echo, procs=[agent, relay],
+                host=f"{HTTP_NAME}.{HTTP_DOMAIN}",
+            )
         raise ValueError(f"unknown scenario {name!r}")
+
+    def http_agent(self, install: Install) -> list[str]:
+        """
+        The argv prefix of ``tcprelay expose`` with ``--http NAME``: the
+        install's own command when its ``expose --help`` lists ``--http``,
+        else ``benchmarks/named_agent.py`` (the same ``tcprelay expose``
+        code, its agent asking for a name) run by the install's Python.
+        """
+        try:
+            helped = subprocess.run(
+                [*install.tcprelay, "expose", "--help"], env=install.env,
+                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=60, check=False,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            helped = ""
+        if "--http" in helped:
+            return [*install.tcprelay, "expose"]
+        return [install.python, str(NAMED_AGENT)]
 
     def _behind_relay(self, name: str, relay: Process, control: int) -> Stack:
         """The Go echo service registered with ``relay``; the stack visitors use."""
@@ -324,6 +389,8 @@ class Runner:
             "error_messages": [],
             "loadavg_start": os.getloadavg()[0],
         }
+        if stack.host:
+            out["host"] = stack.host
         for role, proc in stack.watched().items():
             out[f"{role}_pid"] = proc.pid
             limit = open_files_limit(proc.pid)
@@ -332,10 +399,11 @@ class Runner:
         return out
 
     def warm_up(self, stack: Stack) -> None:
-        self.goload(["latency", "-addr", stack.address, "-n", "50"], 60)
+        self.goload(["latency", "-addr", stack.address, *stack.host_args(), "-n", "50"], 60)
         if "throughput" in self.settings.tests:
             self.goload(
-                ["throughput", "-addr", stack.address, "-conns", "1", "-seconds", "0.2"], 60
+                ["throughput", "-addr", stack.address, *stack.host_args(),
+                 "-conns", "1", "-seconds", "0.2"], 60
             )
 
     def throughput_round(self, stack: Stack, seconds: float, n: int) -> dict[str, Any]:
@@ -351,7 +419,7 @@ class Runner:
         machine_before = machine_cpu_seconds()
         waited = {role: runqueue_wait(p.pid) for role, p in stack.watched().items()}
         result = self.goload(
-            ["throughput", "-addr", stack.address, "-conns", str(n),
+            ["throughput", "-addr", stack.address, *stack.host_args(), "-conns", str(n),
              "-seconds", f"{seconds:g}", "-timeout", f"{seconds + 60:g}s"],
             seconds + 120,
         )
@@ -372,7 +440,8 @@ class Runner:
     def cps_round(self, stack: Stack, seconds: float) -> dict[str, Any]:
         s = self.settings
         return self.goload(
-            ["cps", "-addr", stack.address, "-conns", str(s.cps_conns), "-seconds", f"{seconds:g}"],
+            ["cps", "-addr", stack.address, *stack.host_args(),
+             "-conns", str(s.cps_conns), "-seconds", f"{seconds:g}"],
             seconds + 60,
         )
 
@@ -386,6 +455,7 @@ class Runner:
         s = self.settings
         result = self.goload(
             ["latency", "-addr", ",".join(stack.address for stack in stacks),
+             *latency_host_args(stacks),
              "-n", str(s.latency_n), "-block", str(s.latency_block)],
             60 + len(stacks) * s.latency_n * 0.05,
         )
@@ -403,7 +473,8 @@ class Runner:
         base_fds = {role: fd_count(p.pid) for role, p in watched.items()}
         holder = self.processes.start(
             f"{stack.name}-hold",
-            [self.bin["goload"], "hold", "-addr", stack.address, "-n", str(s.hold_n),
+            [self.bin["goload"], "hold", "-addr", stack.address, *stack.host_args(),
+             "-n", str(s.hold_n),
              "-timeout", f"{60 + s.hold_n / 100:g}s"],
             stdin_pipe=True,
         )
@@ -437,6 +508,14 @@ class Runner:
             fd_count(p.pid) <= base_fds[role] + 16 for role, p in watched.items()
         )
         return result
+
+
+def latency_host_args(stacks: list[Stack]) -> list[str]:
+    """goload latency's ``-host`` list for ``stacks`` (one entry per
+    address, empty where a stack has no host); none if no stack has one."""
+    if not any(stack.host for stack in stacks):
+        return []
+    return ["-host", ",".join(stack.host or "" for stack in stacks)]
 
 
 def _rotated(items: list[Any], by: int) -> list[Any]:
@@ -538,6 +617,8 @@ class _Run:
                     if proc not in before and proc is not self.runner.echo:
                         processes.stop(proc)
                 continue
+            if self.settings.head_all and stack.host is None:
+                stack.host = f"{HTTP_NAME}.{HTTP_DOMAIN}"
             self.stacks[name] = stack
             self.results[name] = self.runner.describe(stack)
 

@@ -2,11 +2,19 @@
 // “python -m benchmarks“ (standard library only, builds in GOPATH mode):
 //
 //	goload echo       -listen 127.0.0.1:0
-//	goload throughput -addr H:P [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
-//	goload latency    -addr H:P[,H:P...] [-n 1000] [-block 50] [-seconds 0] [-timeout 10s]
-//	goload cps        -addr H:P [-conns 8] [-seconds 3] [-timeout 10s]
+//	goload throughput -addr H:P [-host NAME] [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
+//	goload latency    -addr H:P[,H:P...] [-host NAME[,NAME...]] [-n 1000] [-block 50] [-seconds 0] [-timeout 10s]
+//	goload cps        -addr H:P [-host NAME] [-conns 8] [-seconds 3] [-timeout 10s]
 //	goload churn      -addr H:P [-conns 32] [-rate 0] [-seconds 3] [-rst] [-timeout 2s]
-//	goload hold       -addr H:P [-n 10000] [-parallel 32] [-ping] [-timeout 120s]
+//	goload hold       -addr H:P [-host NAME] [-n 10000] [-parallel 32] [-ping] [-timeout 120s]
+//
+// -host NAME (throughput, latency, cps, hold): every connection first sends
+// an HTTP request head naming NAME ("GET / HTTP/1.1\r\nHost: NAME\r\n\r\n",
+// what a relay's shared HTTP entrance routes by) and reads its echo back,
+// then goes on as without it. Throughput sends the heads before the clock
+// starts; latency, cps and hold count them in (latency: connect + head and
+// its echo + the 1-byte echo). For latency, -host is a comma-separated list
+// matching -addr entry by entry, an empty entry meaning no head there.
 //
 // echo: listens, prints "LISTEN host:port", then echoes every connection
 // exactly (io.Copy); after the peer's FIN has been read and everything
@@ -253,6 +261,7 @@ func (f *firstError) text() string {
 func throughputMain(args []string) {
 	fs := flag.NewFlagSet("throughput", flag.ContinueOnError)
 	addr := fs.String("addr", "", "host:port to connect to")
+	host := fs.String("host", "", "send an HTTP request head naming this host first (and read its echo)")
 	conns := fs.Int("conns", 1, "concurrent connections")
 	nbytes := fs.Int64("bytes", 0, "bytes each connection sends (0: no limit, use -seconds)")
 	seconds := fs.Float64("seconds", 0, "stop sending after this long (0: no limit, use -bytes)")
@@ -268,9 +277,9 @@ func throughputMain(args []string) {
 	// connect everything first, then start the clock
 	connsList := make([]net.Conn, *conns)
 	for i := range connsList {
-		c, err := net.DialTimeout("tcp", *addr, 10*time.Second)
+		c, err := dialHead(*addr, *host, 10*time.Second)
 		if err != nil {
-			errs.add(fmt.Errorf("dial: %w", err))
+			errs.add(err)
 			continue
 		}
 		connsList[i] = c
@@ -383,12 +392,76 @@ func echoStream(c net.Conn, start, limit int64, stopAt, deadline time.Time) (int
 
 // ------------------------------------------------------------- latency
 
-func ping(addr string, timeout time.Duration) (net.Conn, error) {
+// httpHead is the request head -host sends first.
+func httpHead(host string) []byte {
+	return []byte("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n")
+}
+
+// sendHead writes the request head naming host (nothing when host is
+// empty) and reads its echo back, checking it.
+func sendHead(c net.Conn, host string) error {
+	if host == "" {
+		return nil
+	}
+	head := httpHead(host)
+	if _, err := c.Write(head); err != nil {
+		return fmt.Errorf("write head: %w", err)
+	}
+	got := make([]byte, len(head))
+	if n, err := io.ReadFull(c, got); err != nil {
+		return fmt.Errorf("read head echo (%q so far): %w", got[:n], err)
+	}
+	if !bytes.Equal(got, head) {
+		return fmt.Errorf("head echo differs: %q", got)
+	}
+	return nil
+}
+
+// parseHosts splits latency's -host list: one entry per address (an
+// empty list: no heads at all).
+func parseHosts(list string, addrs int) ([]string, error) {
+	if list == "" {
+		return make([]string, addrs), nil
+	}
+	hosts := strings.Split(list, ",")
+	if len(hosts) != addrs {
+		return nil, fmt.Errorf("-host has %d entries for %d addresses", len(hosts), addrs)
+	}
+	for _, h := range hosts {
+		if strings.ContainsAny(h, " \t\r\n") {
+			return nil, fmt.Errorf("-host %q holds white space", h)
+		}
+	}
+	return hosts, nil
+}
+
+// dialHead connects to addr and sends the head naming host (if any).
+func dialHead(addr, host string, timeout time.Duration) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	if host != "" {
+		c.SetDeadline(time.Now().Add(timeout))
+		if err := sendHead(c, host); err != nil {
+			c.Close()
+			return nil, err
+		}
+		c.SetDeadline(time.Time{})
+	}
+	return c, nil
+}
+
+func ping(addr, host string, timeout time.Duration) (net.Conn, error) {
 	c, err := net.DialTimeout("tcp", addr, timeout)
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
 	c.SetDeadline(time.Now().Add(timeout))
+	if err := sendHead(c, host); err != nil {
+		c.Close()
+		return nil, err
+	}
 	if _, err := c.Write([]byte{'x'}); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("write: %w", err)
@@ -435,6 +508,7 @@ func percentile(sorted []float64, p float64) float64 {
 func latencyMain(args []string) {
 	fs := flag.NewFlagSet("latency", flag.ContinueOnError)
 	addrList := fs.String("addr", "", "host:port to connect to; several, comma-separated, take turns")
+	hostList := fs.String("host", "", "send an HTTP request head naming this host first; comma-separated, one per -addr (empty: none)")
 	n := fs.Int("n", 1000, "connections, one after another (to each address)")
 	block := fs.Int("block", 50, "with several addresses: connections to one before the next takes its turn")
 	seconds := fs.Float64("seconds", 0, "also stop after this long (0: no limit)")
@@ -447,6 +521,10 @@ func latencyMain(args []string) {
 	}
 	if *addrList == "" || *n < 1 || *block < 1 {
 		usage("latency: need -addr, -n >= 1 and -block >= 1")
+	}
+	hosts, err := parseHosts(*hostList, len(addrs))
+	if err != nil {
+		usage("latency: %v", err)
 	}
 	errs := make([]firstError, len(addrs))
 	samples := make([][]float64, len(addrs))
@@ -473,7 +551,7 @@ func latencyMain(args []string) {
 					continue
 				}
 				t0 := time.Now()
-				c, err := ping(addrs[j], *timeout)
+				c, err := ping(addrs[j], hosts[j], *timeout)
 				us := float64(time.Since(t0).Nanoseconds()) / 1e3
 				if err != nil {
 					errs[j].add(err)
@@ -497,7 +575,7 @@ func latencyMain(args []string) {
 		emitJSON(results[0])
 		return
 	}
-	emitJSON(map[string]interface{}{"addrs": addrs, "block": *block, "results": results})
+	emitJSON(map[string]interface{}{"addrs": addrs, "hosts": hosts, "block": *block, "results": results})
 }
 
 func summarize(samples []float64, errs *firstError) latencyResult {
@@ -530,6 +608,7 @@ type cpsResult struct {
 func cpsMain(args []string) {
 	fs := flag.NewFlagSet("cps", flag.ContinueOnError)
 	addr := fs.String("addr", "", "host:port to connect to")
+	host := fs.String("host", "", "send an HTTP request head naming this host first (and read its echo)")
 	conns := fs.Int("conns", 8, "concurrent clients")
 	seconds := fs.Float64("seconds", 3, "how long to run")
 	timeout := fs.Duration("timeout", 10*time.Second, "give up on one connection after this long")
@@ -547,7 +626,7 @@ func cpsMain(args []string) {
 		go func() {
 			defer wg.Done()
 			for time.Now().Before(stopAt) {
-				c, err := ping(*addr, *timeout)
+				c, err := ping(*addr, *host, *timeout)
 				if err != nil {
 					errs.add(err)
 					if errs.n > 1000 {
@@ -673,6 +752,7 @@ type holdResult struct {
 func holdMain(args []string) {
 	fs := flag.NewFlagSet("hold", flag.ContinueOnError)
 	addr := fs.String("addr", "", "host:port to connect to")
+	host := fs.String("host", "", "send an HTTP request head naming this host first (and read its echo)")
 	n := fs.Int("n", 10000, "connections to open and hold")
 	parallel := fs.Int("parallel", 32, "dials in flight at once")
 	doPing := fs.Bool("ping", true, "echo one byte on each connection before holding it")
@@ -709,9 +789,9 @@ func holdMain(args []string) {
 				var c net.Conn
 				var err error
 				if *doPing {
-					c, err = ping(*addr, left)
+					c, err = ping(*addr, *host, left)
 				} else {
-					c, err = net.DialTimeout("tcp", *addr, left)
+					c, err = dialHead(*addr, *host, left)
 				}
 				if err != nil {
 					errs.add(err)
