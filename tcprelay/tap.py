@@ -774,7 +774,7 @@ def makeService(
         else:
             log_observer = json_lines_observer()
     notifier = SystemdNotifier(reactor, control)
-    entrances = [
+    entrances: list[Any] = [
         NamedEntrance(serverFromString(reactor, options[kind]), NamedVisitorFactory(relay, kind))
         for kind in ("http", "tls")
         if options[kind] is not None
