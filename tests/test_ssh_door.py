@@ -229,3 +229,32 @@ def test_authorized_keys_with_options_comments_and_a_bad_line(tmp_path: Any) -> 
     again, created = load_host_key(str(tmp_path / "k"))
     assert not created and again == key
     assert keys.Key.fromString((tmp_path / "k").read_bytes()).isPublic() is False
+
+
+def test_ssh_options_need_both_files_and_a_readable_key_list(tmp_path: Any) -> None:
+    import pytest
+    from twisted.python import usage
+
+    from tcprelay import tap
+
+    def parse(*argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--control", "tcp:18080", *argv])
+        return options
+
+    with pytest.raises(usage.UsageError, match="--ssh needs --ssh-host-key"):
+        parse("--ssh", "tcp:2222")
+    with pytest.raises(usage.UsageError, match="--ssh-host-key needs --ssh"):
+        parse("--ssh-host-key", str(tmp_path / "k"))
+    with pytest.raises(usage.UsageError, match="--ssh-authorized-keys: cannot read"):
+        parse("--ssh", "2222", "--ssh-host-key", str(tmp_path / "k"),
+              "--ssh-authorized-keys", str(tmp_path / "missing"))
+    (tmp_path / "public").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ4xHO8XpuZvohiH1tS8yVrsJOOJgYh3+KC5AWrYs8VK\n")
+    (tmp_path / "authorized_keys").write_text("")
+    with pytest.raises(usage.UsageError, match="holds a public key"):
+        parse("--ssh", "2222", "--ssh-host-key", str(tmp_path / "public"),
+              "--ssh-authorized-keys", str(tmp_path / "authorized_keys"))
+    options = parse("--ssh", "2222", "--ssh-host-key", str(tmp_path / "k"),
+                    "--ssh-authorized-keys", str(tmp_path / "authorized_keys"))
+    assert options["ssh"] == "tcp:2222"
+    assert not (tmp_path / "k").exists()  # created by the service on start, not by parsing
