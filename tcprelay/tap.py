@@ -272,6 +272,28 @@ class Options(ConfigFileOptions):
             "(e.g. tcp:443; off by default; needs --domain).",
         ],
         [
+            "ssh",
+            None,
+            None,
+            "Endpoint of the SSH door: OpenSSH clients are agents, each "
+            "remote forward (ssh -R) a service (e.g. tcp:2222; off by default; "
+            "needs --ssh-host-key and --ssh-authorized-keys).",
+        ],
+        [
+            "ssh-host-key",
+            None,
+            None,
+            "Private host key file of the SSH door; an Ed25519 key is created "
+            "there (mode 0600) when the file does not exist.",
+        ],
+        [
+            "ssh-authorized-keys",
+            None,
+            None,
+            "OpenSSH authorized_keys file of the keys that may log in to the "
+            "SSH door (public keys only); re-read when it changes.",
+        ],
+        [
             "head-timeout",
             None,
             "10",
@@ -512,6 +534,7 @@ class Options(ConfigFileOptions):
                 self[kind] = spec
                 if not self["domain"]:
                     raise usage.UsageError(f"--{kind} needs --domain (the names it serves)")
+        self._check_ssh()
         self["head-timeout"] = _positive("head-timeout", self["head-timeout"])
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
@@ -569,6 +592,28 @@ class Options(ConfigFileOptions):
         self["receive-window"] = window
         self["busy-poll"] = busy_poll_option(self["busy-poll"])
         self["limits"] = self._limits()
+
+    def _check_ssh(self) -> None:
+        """--ssh: its endpoint and both of its files (the host key may be absent)."""
+        from twisted.internet.testing import MemoryReactor
+
+        if self["ssh"] is None:
+            for name in ("ssh-host-key", "ssh-authorized-keys"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --ssh (the SSH door's endpoint)")
+            return
+        spec = normalise_endpoint(self["ssh"])
+        try:
+            if not self.reloading:
+                serverFromString(MemoryReactor(), spec)
+        except Exception as e:
+            raise usage.UsageError(f"--ssh {spec!r}: {e}") from None
+        self["ssh"] = spec
+        from tcprelay.relay.doors.ssh_keys import check_ssh_files
+
+        problem = check_ssh_files(self["ssh-host-key"], self["ssh-authorized-keys"])
+        if problem is not None:
+            raise usage.UsageError(problem)
 
     def _limits(self) -> LimitsConfig:
         counts = {
@@ -733,11 +778,22 @@ def makeService(
         else:
             log_observer = json_lines_observer()
     notifier = SystemdNotifier(reactor, control)
-    entrances = [
+    entrances: list[Any] = [
         NamedEntrance(serverFromString(reactor, options[kind]), NamedVisitorFactory(relay, kind))
         for kind in ("http", "tls")
         if options[kind] is not None
     ]
+    if options["ssh"] is not None:
+        from tcprelay.relay.doors.ssh import SshDoor
+
+        entrances.append(
+            SshDoor(
+                relay,
+                serverFromString(reactor, options["ssh"]),
+                options["ssh-host-key"],
+                options["ssh-authorized-keys"],
+            )
+        )
     return service_class(
         relay,
         control,
