@@ -228,17 +228,14 @@ def _port_range(text: str, number: int) -> range:
 
 
 def _describe_ports(ports: frozenset[int]) -> str:
-    runs: list[str] = []
-    ordered = sorted(ports)
-    start = previous = ordered[0] if ordered else 0
-    for port in ordered[1:] + [None]:  # type: ignore[list-item]
-        if port is not None and port == previous + 1:
-            previous = port
-            continue
-        runs.append(str(start) if start == previous else f"{start}-{previous}")
-        if port is not None:
-            start = previous = port
-    return ",".join(runs) if ordered else ""
+    """``9000-9002,9005`` for {9000, 9001, 9002, 9005}."""
+    runs: list[list[int]] = []
+    for port in sorted(ports):
+        if runs and port == runs[-1][1] + 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
 
 
 def credential_id(secret: bytes) -> str:

@@ -111,7 +111,7 @@ class Handshake(Protocol):
             self.refuse(str(failure.value), ErrorCode.REFUSED_STREAM)
             return
         if failure.check(RouteRefused):
-            refused: RouteRefused = failure.value  # type: ignore[assignment]
+            refused: RouteRefused = failure.value
             self.refuse(str(refused), ErrorCode.REFUSED_STREAM, retry=refused.retry)
             return
         self.log.failure("acquiring a port", failure)
