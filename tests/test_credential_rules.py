@@ -327,3 +327,20 @@ async def test_reload_config_reloads_the_rules(reactor: Any, tenants: Tenants, t
     agent = tenants.agent(b"team-a")
     await bounded(agent.when_ready(), reactor)
     assert agent.port == tenants.ports[3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_on_a_port_the_new_rules_forbid_is_given_up(reactor: Any, tenants: Tenants) -> None:
+    """After SIGHUP, a reconnecting agent whose held port is no longer allowed gets an allowed one; the old port is free."""
+    first, later = tenants.ports[0], tenants.ports[4]
+    await tenants.start(f"#: ports={first}\nteam-a\n", "--lease", "30")
+    relay = tenants.relay.relay  # type: ignore[union-attr]
+    agent = tenants.agent(b"team-a")
+    await bounded(agent.when_ready(), reactor)
+    assert agent.port == first
+    tenants.secrets.write_text(f"#: ports={later}\nteam-a\n")
+    assert relay.reload_secrets()
+    agent.session.transport.abortConnection()  # type: ignore[union-attr]
+    await wait_for(reactor, lambda: agent.port == later and relay.tunnel_at(later) is not None, what="the agent on its new port")
+    assert relay.registry.lease_count() == 0
+    assert relay.tunnel_at(first) is None and relay.pool.take(first), "the old port is back in the pool"

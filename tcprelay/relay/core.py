@@ -307,6 +307,8 @@ class Relay(Service):
         held = self.registry.resume_lease(lease, credential) if lease else None
         if isinstance(held, PortRoute) and allowed is not None and held.port not in allowed:
             self.pool.release(held.port)  # the rules changed since (SIGHUP)
+            if wanted == held.port:  # a reconnecting agent asks for its old port
+                wanted = None
             held = None
         if isinstance(held, PortRoute):
             try_port(held.port)
