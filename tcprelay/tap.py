@@ -34,7 +34,7 @@ from tcprelay.relay.sniff import normalise_name
 from tcprelay.relay.limits import AddressFilter, LimitsConfig, parse_networks
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.service import RelayService
-from tcprelay.secrets import read_secrets
+from tcprelay.secrets import read_secrets_file
 from tcprelay.systemd import SystemdNotifier
 
 DEFAULT_POOL_SIZE = 50
@@ -565,11 +565,14 @@ class Options(ConfigFileOptions):
             except ValueError as e:
                 raise usage.UsageError(f"--ports: {e}") from None
         self["secret-inline"] = list(self["secret"])
+        self["rules"] = {}
         if self["secrets-file"] is not None:
             try:
-                self["secret"] = self["secret"] + read_secrets(self["secrets-file"])
+                parsed = read_secrets_file(self["secrets-file"])
             except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--secrets-file: {e}") from None
+            self["secret"] = self["secret"] + parsed.secrets
+            self["rules"] = parsed.rules
         for name in (
             "handshake-timeout",
             "lease",
@@ -703,6 +706,7 @@ class Options(ConfigFileOptions):
             secrets=tuple(self["secret"]),
             secrets_file=self["secrets-file"],
             secrets_inline=tuple(self["secret-inline"]),
+            rules=dict(self["rules"]),
             limits=self["limits"],
             config_file=self["config"],
             session=SessionConfig(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import attrs
 
 from tcprelay.mux.session import SessionConfig
 from tcprelay.relay.limits import LimitsConfig
+from tcprelay.secrets import CredentialRules
 
 __all__ = ["DEFAULT_SESSION_BUFFER", "PRE_HANDSHAKE_BUFFER", "PRE_HANDSHAKE_READ", "RelayConfig"]
 
@@ -45,6 +46,9 @@ class RelayConfig:
     """Where more secrets come from; re-read by :meth:`Relay.reload_secrets`."""
     secrets_inline: tuple[bytes, ...] = ()
     """The ``--secret`` ones (kept across reloads)."""
+    rules: Mapping[str, CredentialRules] = attrs.field(factory=dict)
+    """What each credential (by id) may claim, from the secrets file's
+    ``#:`` lines; a credential not in here may claim any port and name."""
     session_buffer: int = DEFAULT_SESSION_BUFFER
     """Bytes a registered service's socket may hold unsent before it is cut."""
     open_timeout: Optional[float] = 30.0

@@ -57,7 +57,7 @@ from tcprelay.relay.registry import MemoryRegistry
 from tcprelay.relay.routes import NAME_KINDS, NameRoute, PortRoute, wildcards
 from tcprelay.relay.sniff import normalise_name
 from tcprelay.relay.stats import RelayStats
-from tcprelay.secrets import credential_id, read_secrets
+from tcprelay.secrets import CredentialRules, credential_id, read_secrets_file
 
 __all__ = ["Relay", "Visitor"]
 
@@ -122,6 +122,8 @@ class Relay(Service):
         self.sessions: set[IAgentSession] = set()
         """Every agent connection of every door, registered or not."""
         self.secrets: list[bytes] = list(config.secrets)
+        self.rules: dict[str, CredentialRules] = dict(config.rules)
+        """What each credential may claim (see :meth:`rules_for`)."""
         self.guard = Guard(self, config.limits)
         """The edge limits (:mod:`tcprelay.relay.guard`)."""
         self.config_source: Optional[Callable[[], RelayConfig]] = None
@@ -152,7 +154,7 @@ class Relay(Service):
             self.log.info("SIGHUP: no --secrets-file to reload")
             return False
         try:
-            fresh = read_secrets(path)
+            parsed = read_secrets_file(path)
         except (OSError, ValueError) as e:
             self.log.warn(
                 "SIGHUP: secrets file {path} refused ({error}); keeping {count} old secrets",
@@ -161,13 +163,21 @@ class Relay(Service):
                 count=len(self.secrets),
             )
             return False
-        self.secrets = list(self.config.secrets_inline) + fresh
+        self.secrets = list(self.config.secrets_inline) + parsed.secrets
+        self.rules = dict(parsed.rules)
         self.log.info(
             "SIGHUP: reloaded {count} secrets from {path}", count=len(self.secrets), path=path
         )
         return True
 
-    RELOADABLE = ("secrets", "limits")
+    def rules_for(self, credential: Optional[str]) -> Optional[CredentialRules]:
+        """What ``credential`` may claim; None when it may claim anything
+        (no rules for it, or no authentication)."""
+        if credential is None or not self.secrets:
+            return None
+        return self.rules.get(credential)
+
+    RELOADABLE = ("secrets", "limits", "rules")
     """What :meth:`reload_config` changes in a running relay."""
 
     def reload_config(self) -> bool:
@@ -199,8 +209,11 @@ class Relay(Service):
             and f.name not in ("secrets_inline", "config_file")
             and getattr(old, f.name) != getattr(fresh, f.name)
         ]
-        self.config = attrs.evolve(old, secrets=fresh.secrets, limits=fresh.limits)
+        self.config = attrs.evolve(
+            old, secrets=fresh.secrets, limits=fresh.limits, rules=fresh.rules
+        )
         self.secrets = list(fresh.secrets)
+        self.rules = dict(fresh.rules)
         self.guard.configure(fresh.limits)
         self.log.info(
             "SIGHUP: reloaded {path} ({count} secrets){ignored}",
@@ -226,7 +239,14 @@ class Relay(Service):
         to the wait timeout (then :class:`PoolTimeout`).  A port that cannot
         be bound is quarantined and the next one tried.  Cancelling the
         Deferred leaves the queue.
+
+        A credential with port rules (:meth:`rules_for`) gets only a port
+        they allow, and never queues: ``wanted`` outside them fails with
+        :class:`RouteRefused` (for good), and when none of its ports is
+        free, with ``retry``.
         """
+        rules = self.rules_for(credential)
+        allowed = None if rules is None else rules.ports
         acquiring: list[Optional[Deferred[int]]] = [None]
 
         def cancel(_: Deferred[PortRoute]) -> None:
@@ -264,13 +284,42 @@ class Relay(Service):
                 self.log.failure("acquiring a port", failure)
 
         def next_port() -> None:
+            if allowed is not None:
+                next_allowed_port()
+                return
             d = self.pool.acquire(self.config.wait_timeout, on_queued)
             acquiring[0] = d
             d.addCallbacks(try_port, failed)
 
+        def next_allowed_port() -> None:
+            assert allowed is not None
+            for port in self.pool.ports:
+                if port in allowed and self.pool.take(port):
+                    try_port(port)
+                    return
+            if any(port in allowed for port in self.pool.ports):
+                refusal = RouteRefused(
+                    f"no allowed port free for credential {credential}", retry=True
+                )
+            else:
+                refusal = RouteRefused(
+                    f"none of the ports allowed for credential {credential} "
+                    "is in this relay's range"
+                )
+            result.errback(refusal)
+
         held = self.registry.resume_lease(lease, credential) if lease else None
+        if isinstance(held, PortRoute) and allowed is not None and held.port not in allowed:
+            self.pool.release(held.port)  # the rules changed since (SIGHUP)
+            if wanted == held.port:  # a reconnecting agent asks for its old port
+                wanted = None
+            held = None
         if isinstance(held, PortRoute):
             try_port(held.port)
+        elif wanted and allowed is not None and wanted not in allowed:
+            result.errback(
+                RouteRefused(f"port {wanted} is not allowed for credential {credential}")
+            )
         elif wanted and self.pool.take(wanted):
             try_port(wanted)
         else:
@@ -290,7 +339,8 @@ class Relay(Service):
         ``--domain``), a wildcard label (``*.app``), a name relative to the
         first domain (``api.app``), or a full name under one of the domains
         (a trailing dot makes a name absolute: it must be under one).  Raises :class:`RouteRefused` when the relay has
-        no such entrance or domain, the name is not a host name, or another
+        no such entrance or domain, the name is not a host name, the
+        credential's rules (:meth:`rules_for`) do not allow it, or another
         agent serves it or holds it for its lease.
         """
         config = self.config
@@ -320,6 +370,9 @@ class Relay(Service):
         shown = bare if not name.startswith("*.") else name
         url = f"{scheme}://{shown}{'' if port == default else f':{port}'}/"
         route = NameRoute(kind, name, url, port)
+        rules = self.rules_for(credential)
+        if rules is not None and not rules.allows_name(name, config.domains):
+            raise RouteRefused(f"{kind} name {name} is not allowed for credential {credential}")
         if self.registry.lookup(route) is not None:
             raise RouteRefused(f"{kind} name {name} is taken", retry=True)
         held = self.registry.lease_of(route)

@@ -110,6 +110,10 @@ class Handshake(Protocol):
         if failure.check(PoolTimeout):
             self.refuse(str(failure.value), ErrorCode.REFUSED_STREAM)
             return
+        if failure.check(RouteRefused):
+            refused: RouteRefused = failure.value
+            self.refuse(str(refused), ErrorCode.REFUSED_STREAM, retry=refused.retry)
+            return
         self.log.failure("acquiring a port", failure)
 
     def refuse(self, reason: str, code: int, retry: Optional[bool] = None) -> None:
