@@ -126,6 +126,9 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
     request = kwargs.pop("requestPort", None)
     ca_file = kwargs.pop("caFile", None)
     lease_file = kwargs.pop("leaseFile", None)
+    pool = kwargs.pop("pool", "no").lower()
+    if pool not in ("yes", "no", "true", "false"):
+        raise ValueError(f"tcprelay: pool must be yes or no, not {pool!r}")
     if kwargs:
         raise ValueError(f"tcprelay: unknown endpoint arguments: {', '.join(sorted(kwargs))}")
     wanted: Optional[int] = None
@@ -139,5 +142,6 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
         port=wanted,
         proxy=True,
         lease_file=lease_file,
+        pool=pool in ("yes", "true"),
     )
     return RelayServerEndpoint(reactor, relay, config)

@@ -256,7 +256,7 @@ class ControlSession(MuxProtocol):
         tunnel = MuxTunnel(self, route, handshake.extended, handshake.proxy, handshake.credential)
         self.tunnel = tunnel
         self.max_buffered = self.relay.config.session_buffer
-        self.relay.publish(route, tunnel)
+        self.relay.publish(route, tunnel, pool=handshake.pool)
         return tunnel
 
     # -- lifecycle ---------------------------------------------------------
