@@ -383,3 +383,30 @@ async def test_a_port_is_shared_only_with_a_pooled_claim_of_its_credential(react
     await wait_for(reactor, lambda: any("pooled for another credential" in r for r in other.reasons), what="the refusal")
     pool = pool_of(named, relay.tunnel_at(port).route)  # type: ignore[union-attr]
     assert len(pool.members) == 1
+
+
+# -- asking to pool ----------------------------------------------------------------
+
+
+def test_expose_pool_flag() -> None:
+    from tcprelay.cli import ExposeOptions
+
+    options = ExposeOptions()
+    options.parseOptions(["--relay", "relay.example:7000", "--pool", "8080"])
+    assert options["pool"]
+    plain = ExposeOptions()
+    plain.parseOptions(["--relay", "relay.example:7000", "8080"])
+    assert not plain["pool"]
+
+
+@pytest.mark.parametrize(("value", "pool"), [("yes", True), ("no", False), ("TRUE", True)])
+def test_endpoint_pool_argument(value: str, pool: bool) -> None:
+    from twisted.internet.testing import MemoryReactor
+
+    from tcprelay.agent.endpoint import parse_endpoint
+
+    endpoint = parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", pool=value)
+    assert endpoint.config.pool is pool
+    assert parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9").config.pool is False
+    with pytest.raises(ValueError, match="pool must be yes or no"):
+        parse_endpoint(MemoryReactor(), host="127.0.0.1", port="9", pool="maybe")
