@@ -97,6 +97,16 @@ class ExposeOptions(_Common):
         ],
     ]
 
+    optFlags = [
+        [
+            "pool",
+            None,
+            "Share the route with the other agents of the same secret that ask "
+            "to pool (joining a port route: give its --port): the relay "
+            "spreads visitors over them.",
+        ],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["secret"] = None
@@ -257,6 +267,7 @@ def run_expose(reactor: Any, options: ExposeOptions, relay: Any, local: Any) -> 
             proxy=options["proxy-protocol"] != "none",
             lease_file=options["lease-file"],
             backoff_max=options["backoff-max"],
+            pool=bool(options["pool"]),
         ),
         reactor,
         LocalForwarder(local, options["proxy-protocol"]),

@@ -22,7 +22,10 @@ messages over :data:`MAX_MESSAGE` bytes end the conversation::
 ``b"tcprelay-register-v1:" + nonce``, hex encoded; the secret itself never
 crosses the wire.  Visitor streams to an extended agent have stream type
 :data:`VISITOR_STREAM_TYPE`; when the agent asked for ``proxy`` they start
-with a PROXY protocol v2 header naming the visitor.
+with a PROXY protocol v2 header naming the visitor.  ``register`` may also
+carry ``route`` and ``name`` (a named route on the shared HTTP or TLS
+entrance) and ``pool: true`` (share the route with the other agents of the
+same credential that ask to pool: see :mod:`tcprelay.relay.pooled`).
 """
 
 from __future__ import annotations

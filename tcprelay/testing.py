@@ -280,9 +280,12 @@ class RelayFixture:
             # visitor sockets may close a reactor turn later (an aborted
             # TCP connection is lost from a callLater(0)): keep them to wait on.
             tunnels = set(self.relay.tunnels())
+            tunnels.update([m for t in list(tunnels) for m in getattr(t, "members", ())])
             served, self._served = self._served, []
             await DeferredList([p.stopListening() for p in served])
             tunnels.update(self.relay.tunnels())
+            # a pool's members keep their own visitors (and leave the pool)
+            tunnels.update([m for t in list(tunnels) for m in getattr(t, "members", ())])
             if self.service.running:
                 await self.service.stopService()
             await self.relay.when_idle()

@@ -64,6 +64,10 @@ class AgentConfig:
     (``app``), a wildcard label (``*.app``) or a full name."""
     proxy: bool = True
     """Ask the relay for visitor addresses (PROXY v2 header per stream)."""
+    pool: bool = False
+    """Share the route (the :attr:`name`, or the :attr:`port`, which a
+    joining agent must then give) with the other agents of the same
+    credential that ask to pool: the relay spreads visitors over them."""
     lease_file: Optional[str] = None
     """Where the lease token and port are kept across agent restarts."""
     backoff_initial: float = 0.5
@@ -146,6 +150,8 @@ class _Control(Protocol):
             if config.kind != "port":
                 fields["route"] = config.kind
                 fields["name"] = config.name
+            if config.pool:
+                fields["pool"] = True
             if message.get("auth"):
                 if agent.config.secret is None:
                     self.session.fail("the relay requires a secret (--secret-file)", retry=False)

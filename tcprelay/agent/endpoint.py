@@ -140,6 +140,9 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
         raise ValueError(f"tcprelay: kind={kind} needs name=")
     if kind != "port" and request:
         raise ValueError("tcprelay: requestPort= is for port routes, not names")
+    pool = kwargs.pop("pool", "no").lower()
+    if pool not in ("yes", "no", "true", "false"):
+        raise ValueError(f"tcprelay: pool must be yes or no, not {pool!r}")
     if kwargs:
         raise ValueError(f"tcprelay: unknown endpoint arguments: {', '.join(sorted(kwargs))}")
     wanted: Optional[int] = None
@@ -155,5 +158,6 @@ def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> RelayServerEndpoi
         name=name,
         proxy=True,
         lease_file=lease_file,
+        pool=pool in ("yes", "true"),
     )
     return RelayServerEndpoint(reactor, relay, config)

@@ -32,6 +32,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
+    fail,
     succeed,
 )
 from twisted.internet.error import CannotListenError
@@ -53,6 +54,7 @@ from tcprelay.relay.interfaces import (
     TunnelUnavailable,
 )
 from tcprelay.relay.pool import PoolTimeout, PortPool
+from tcprelay.relay.pooled import PooledTunnel
 from tcprelay.relay.registry import MemoryRegistry
 from tcprelay.relay.routes import NAME_KINDS, NameRoute, PortRoute, wildcards
 from tcprelay.relay.sniff import normalise_name
@@ -132,6 +134,8 @@ class Relay(Service):
         self.draining = False
         self._idle_waiters: list[Deferred[None]] = []
         self.watchdog = Watchdog(self)
+        self._pooled_leases: dict[Any, str] = {}
+        """Routes of ended pools held for a lease: the lease's token."""
 
     # -- credentials -------------------------------------------------------
 
@@ -231,6 +235,7 @@ class Relay(Service):
         lease: Optional[str],
         credential: Optional[str],
         on_queued: Callable[[int], None],
+        pool: bool = False,
     ) -> Deferred[PortRoute]:
         """
         A listening public port for an agent: the one its ``lease`` holds
@@ -244,9 +249,23 @@ class Relay(Service):
         they allow, and never queues: ``wanted`` outside them fails with
         :class:`RouteRefused` (for good), and when none of its ports is
         free, with ``retry``.
+
+        With ``pool`` (and a ``wanted`` port) the agent joins the pool
+        serving ``wanted`` when its credential is the pool's, takes it up
+        when free or held for a lease of its pool, and is refused
+        (:class:`RouteRefused`, retry) rather than given another port.
         """
         rules = self.rules_for(credential)
         allowed = None if rules is None else rules.ports
+        if pool and wanted:
+            joined = self._pool_to_join(PortRoute(wanted, self.config.public_host), credential)
+            if isinstance(joined, RouteRefused):
+                return fail(joined)
+            if joined is not None:
+                return succeed(joined)  # type: ignore[arg-type]
+            pooled_lease = self._pooled_lease(PortRoute(wanted), credential)
+            if pooled_lease is not None:
+                lease = pooled_lease
         acquiring: list[Optional[Deferred[int]]] = [None]
 
         def cancel(_: Deferred[PortRoute]) -> None:
@@ -322,6 +341,8 @@ class Relay(Service):
             )
         elif wanted and self.pool.take(wanted):
             try_port(wanted)
+        elif pool and wanted:
+            result.errback(RouteRefused(f"port {wanted} is taken", retry=True))
         else:
             next_port()
         return result
@@ -332,6 +353,7 @@ class Relay(Service):
         requested: str,
         lease: Optional[str],
         credential: Optional[str],
+        pool: bool = False,
     ) -> NameRoute:
         """
         The named route of ``kind`` (``http``, ``tls``) an agent asks for:
@@ -341,7 +363,9 @@ class Relay(Service):
         (a trailing dot makes a name absolute: it must be under one).  Raises :class:`RouteRefused` when the relay has
         no such entrance or domain, the name is not a host name, the
         credential's rules (:meth:`rules_for`) do not allow it, or another
-        agent serves it or holds it for its lease.
+        agent serves it or holds it for its lease.  With ``pool``, an agent
+        whose credential is that of the pool serving the name joins it, or
+        takes up the lease its pool's last agent left.
         """
         config = self.config
         if kind not in NAME_KINDS:
@@ -373,6 +397,13 @@ class Relay(Service):
         rules = self.rules_for(credential)
         if rules is not None and not rules.allows_name(name, config.domains):
             raise RouteRefused(f"{kind} name {name} is not allowed for credential {credential}")
+        if pool:
+            joined = self._pool_to_join(route, credential)
+            if isinstance(joined, RouteRefused):
+                raise joined
+            if joined is not None:
+                return joined  # type: ignore[no-any-return]
+            lease = self._pooled_lease(route, credential) or lease
         if self.registry.lookup(route) is not None:
             raise RouteRefused(f"{kind} name {name} is taken", retry=True)
         held = self.registry.lease_of(route)
@@ -380,6 +411,35 @@ class Relay(Service):
             if held.token != lease or self.registry.resume_lease(lease, credential) != route:
                 raise RouteRefused(f"{kind} name {name} is held for its agent's lease", retry=True)
         return route
+
+    def _pool_to_join(self, route: Any, credential: Optional[str]) -> Any:
+        """
+        For a pooled claim of ``route``: the route of the pool serving it
+        that ``credential`` may join; a :class:`RouteRefused` when another
+        credential's pool or an unpooled tunnel serves it; None when
+        nothing does.
+        """
+        current = self.registry.lookup(route)
+        if current is None:
+            return None
+        what = f"port {route.name}" if route.kind == "port" else f"{route.kind} name {route.name}"
+        if not isinstance(current, PooledTunnel):
+            return RouteRefused(f"{what} is taken (not pooled)", retry=True)
+        if not current.admits(credential):
+            return RouteRefused(f"{what} is pooled for another credential", retry=True)
+        return current.route
+
+    def _pooled_lease(self, route: Any, credential: Optional[str]) -> Optional[str]:
+        """The token of the lease holding ``route`` for an ended pool of
+        ``credential`` (any agent of that pool may take it up), or None."""
+        token = self._pooled_leases.get(route)
+        if token is None:
+            return None
+        held: Any = self.registry.lease_of(route)
+        if held is None or held.token != token:
+            del self._pooled_leases[route]  # expired or taken up
+            return None
+        return token if held.credential == credential else None
 
     def find_named(self, kind: str, name: str) -> Optional[ITunnel]:
         """The tunnel for a visitor of ``kind`` asking for ``name``: the exact
@@ -394,9 +454,22 @@ class Relay(Service):
                 return tunnel  # type: ignore[no-any-return]
         return None
 
-    def publish(self, route: PortRoute, tunnel: ITunnel) -> None:
-        """``tunnel`` serves ``route`` (claimed with :meth:`claim_port`) from now on."""
-        self.registry.add(route, tunnel)
+    def publish(self, route: PortRoute, tunnel: ITunnel, pool: bool = False) -> None:
+        """
+        ``tunnel`` serves ``route`` (claimed with :meth:`claim_port`) from
+        now on.  With ``pool`` it joins the route's :class:`PooledTunnel`,
+        or starts one: the registry holds the pool, not ``tunnel``.
+        """
+        if pool:
+            current = self.registry.lookup(route)
+            if isinstance(current, PooledTunnel):
+                current.add(tunnel)
+            else:
+                pooled = PooledTunnel(route, tunnel.credential)
+                pooled.add(tunnel)
+                self.registry.add(route, pooled)
+        else:
+            self.registry.add(route, tunnel)
         # the door's session behind the tunnel is no longer pending
         self.guard.session_registered(getattr(tunnel, "control", tunnel))
 
@@ -406,9 +479,19 @@ class Relay(Service):
         """
         ``tunnel`` is gone: its route leaves the registry and its public
         port closes; the port is then held for ``lease`` (token,
-        credential) unless the relay is draining, or freed.
+        credential) unless the relay is draining, or freed.  A member of a
+        pool only leaves the pool, unless it is the last one: the pool
+        ends, and the route is released as a single tunnel's is.
         """
         route = tunnel.route
+        current = self.registry.lookup(route)
+        if isinstance(current, PooledTunnel) and tunnel in current:
+            if not current.remove(tunnel):
+                return succeed(None)  # the others keep the route
+            self.registry.remove(route, current)
+            current.ended.callback(None)
+            if lease is not None and not self.draining:
+                self._pooled_leases[route] = lease[0]
         self.registry.remove(route, tunnel)
         self.guard.service_gone(route)
         return self.release_route(route, None if self.draining else lease)
@@ -444,6 +527,7 @@ class Relay(Service):
         return token_hex(16)
 
     def _lease_expired(self, route: Any) -> None:
+        self._pooled_leases.pop(route, None)
         if isinstance(route, PortRoute):
             self.pool.release(route.port)
 
@@ -458,12 +542,15 @@ class Relay(Service):
         transport, or None (counted as refused) when the tunnel cannot.
         """
         stats = self.stats
-        visitors = tunnel.visitors
         if self.draining:
             stats.visitors_refused += 1
             return None
         visitor = Visitor(peer, first)
         try:
+            if isinstance(tunnel, PooledTunnel):
+                # the member's own visitor: it leaves (or drains) with it
+                tunnel = tunnel.pick()
+            visitors = tunnel.visitors
             stream = tunnel.open_stream(visitor)
         except TunnelUnavailable:
             stats.visitors_refused += 1

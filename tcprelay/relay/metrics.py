@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tcprelay.relay.core import Relay
+from tcprelay.relay.pooled import PooledTunnel
 from tcprelay.relay.stats import HANDSHAKE_BUCKETS, error_label
 
 __all__ = ["RelayCollector", "status", "metrics_site"]
@@ -52,6 +53,11 @@ class RelayCollector(Collector):
         yield gauge("sessions", "Service sessions connected.", len(relay.sessions))
         yield gauge(
             "services_registered", "Services holding a public port.", len(relay.tunnels())
+        )
+        yield gauge(
+            "pooled_agents",
+            "Agents serving a pooled route (each pooled route counts once in services_registered).",
+            sum(len(t.members) for t in relay.tunnels() if isinstance(t, PooledTunnel)),
         )
         yield gauge("services_queued", "Services waiting for a free port.", pool.queued)
         yield gauge("port_pool_size", "Public ports in the configured range.", pool.size)
@@ -147,6 +153,11 @@ class RelayCollector(Collector):
         )
 
 
+def _peer(tunnel: Any) -> str:
+    peer = tunnel.peer
+    return f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}"
+
+
 def status(relay: Relay) -> dict[str, Any]:
     """The JSON document served at ``/status``."""
     pool = relay.pool
@@ -155,23 +166,36 @@ def status(relay: Relay) -> dict[str, Any]:
     services = []
     for tunnel in sorted(relay.tunnels(), key=lambda t: (t.route.kind, getattr(t.route, "port", 0), t.route.name)):
         route = tunnel.route
-        peer = tunnel.peer
-        services.append(
-            {
-                "address": route.address,
-                "route": {"kind": route.kind, "name": route.name},
-                "port": getattr(route, "port", None),
-                "peer": f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}",
-                "dialect": tunnel.dialect,
-                "connected_since": _iso(tunnel.connected_since),
-                "open_streams": tunnel.stream_count(),
-                "visitors": len(tunnel.visitors),
-                "bytes_to_service": tunnel.bytes_to_service
-                + sum(s.bytes_to_service for s in tunnel.visitors),
-                "bytes_to_visitor": tunnel.bytes_to_visitor
-                + sum(s.bytes_to_visitor for s in tunnel.visitors),
-            }
-        )
+        pooled = isinstance(tunnel, PooledTunnel)
+        members = tunnel.members if pooled else [tunnel]  # type: ignore[attr-defined]
+        entry: dict[str, Any] = {
+            "address": route.address,
+            "route": {"kind": route.kind, "name": route.name},
+            "port": getattr(route, "port", None),
+            "peer": _peer(tunnel),
+            "pooled": pooled,
+            "agents": len(members),
+            "dialect": tunnel.dialect,
+            "connected_since": _iso(tunnel.connected_since),
+            "open_streams": tunnel.stream_count(),
+            "visitors": len(tunnel.visitors),
+            "bytes_to_service": tunnel.bytes_to_service
+            + sum(s.bytes_to_service for s in tunnel.visitors),
+            "bytes_to_visitor": tunnel.bytes_to_visitor
+            + sum(s.bytes_to_visitor for s in tunnel.visitors),
+        }
+        if pooled:
+            entry["members"] = [
+                {
+                    "peer": _peer(member),
+                    "dialect": member.dialect,
+                    "connected_since": _iso(member.connected_since),
+                    "open_streams": member.stream_count(),
+                    "visitors": len(member.visitors),
+                }
+                for member in members
+            ]
+        services.append(entry)
     return {
         "sessions": len(relay.sessions),
         "services": services,

@@ -258,7 +258,7 @@ class ControlSession(MuxProtocol):
         self.tunnel = tunnel
         self.max_buffered = self.relay.config.session_buffer
         self.max_read_size = None
-        self.relay.publish(route, tunnel)
+        self.relay.publish(route, tunnel, pool=handshake.pool)
         return tunnel
 
     # -- lifecycle ---------------------------------------------------------

@@ -20,6 +20,7 @@ from tcprelay import handshake as hs
 from tcprelay.mux.frames import ErrorCode
 from tcprelay.relay.pool import PoolTimeout
 from tcprelay.relay.core import RouteRefused
+from tcprelay.relay.pooled import PooledTunnel
 from tcprelay.relay.routes import PortRoute
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class Handshake(Protocol):
         self._claim: Optional[Deferred[PortRoute]] = None
         self.done = False
         self.proxy = False
+        self.pool = False
+        """The agent asked to share its route with agents of its credential."""
         self.credential: Optional[str] = None
         self.queue_position = 0
 
@@ -54,7 +57,7 @@ class Handshake(Protocol):
         relay = control.relay
         control.handshake_started()
         self._started = relay.reactor.seconds()
-        claim = relay.claim_port(wanted, lease, self.credential, self._queued)
+        claim = relay.claim_port(wanted, lease, self.credential, self._queued, pool=self.pool)
         self._claim = claim
         claim.addCallbacks(self._got_route, self._no_port)
 
@@ -65,7 +68,7 @@ class Handshake(Protocol):
         control.handshake_started()
         self._started = relay.reactor.seconds()
         try:
-            route = relay.claim_name(kind, name, lease, self.credential)
+            route = relay.claim_name(kind, name, lease, self.credential, pool=self.pool)
         except RouteRefused as e:
             self.refuse(str(e), ErrorCode.REFUSED_STREAM, retry=e.retry)
             return
@@ -88,15 +91,18 @@ class Handshake(Protocol):
         control = self.control
         relay = control.relay
         if control.session.ended or self.transport is None or relay.draining:
-            relay.release_route(route)
+            if relay.registry.lookup(route) is None:  # not a pool's that it joined
+                relay.release_route(route)
             return
         tunnel = control.registered(route, self)
         relay.stats.record_handshake(relay.reactor.seconds() - self._started)
         self.done = True
+        pooled = relay.registry.lookup(route)
         self.log.info(
-            "service {peer} registered at {address}",
+            "service {peer} registered at {address}{pool}",
             peer=control.label,
             address=route.address,
+            pool=f" (pooled, {len(pooled.members)} agents)" if isinstance(pooled, PooledTunnel) else "",
             service_port=route.port,
             session=control.label,
             dialect=tunnel.dialect,
@@ -225,6 +231,7 @@ class ExtendedHandshake(Handshake):
         port = message.get("port")
         lease = message.get("lease")
         self.proxy = message.get("proxy") is True
+        self.pool = message.get("pool") is True
         kind = message.get("route", "port")
         if kind != "port":
             name = message.get("name")
