@@ -174,3 +174,19 @@ def test_tls_by_sni_to_an_agent_whose_service_terminates_tls(procs: Procs, tmp_p
     finally:
         listener.close()
         thread.join(5)
+
+
+def test_pooled_agents_share_a_name_and_survive_one_dying(procs: Procs, services: dict[str, HttpService]) -> None:
+    """Two `expose --http p --pool` agents: visitors reach both; killing one leaves the name up on the other."""
+    relay, http_port, _ = _relay(procs)
+    agents = {}
+    for which in ("one", "two"):
+        services[which] = HttpService(which)
+        agents[which] = start_agent(procs, services[which].port, relay.address, "--http", "p", "--pool", name=f"agent-{which}")
+        agents[which].proc.wait_line(r"^(http://\S+)$", 20, stream="out")
+    answers = [_get(http_port, f"p.{DOMAIN}") for _ in range(20)]
+    assert {status for status, _ in answers} == {200}
+    assert {body for _, body in answers} == {b"service one\n", b"service two\n"}
+    agents["one"].proc.kill()
+    later = [_get(http_port, f"p.{DOMAIN}") for _ in range(10)]
+    assert later == [(200, b"service two\n")] * 10
