@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from twisted.conch.ssh import forwarding, keys
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -258,3 +260,25 @@ def test_ssh_options_need_both_files_and_a_readable_key_list(tmp_path: Any) -> N
                     "--ssh-authorized-keys", str(tmp_path / "authorized_keys"))
     assert options["ssh"] == "tcp:2222"
     assert not (tmp_path / "k").exists()  # created by the service on start, not by parsing
+
+
+def test_permitlisten_becomes_claim_rules() -> None:
+    """permitlisten options: ports, ranges, * and LABEL:80/443 names; none means anything; garbage is an error."""
+    from twisted.conch.ssh import keys as ckeys
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from tcprelay.relay.doors.ssh_keys import AuthorizedKey, key_rules
+
+    key = ckeys.Key(ed25519.Ed25519PrivateKey.generate()).public()
+
+    def rules(*values: str):  # type: ignore[no-untyped-def]
+        return key_rules(AuthorizedKey(key, "fp", {"permitlisten": list(values)} if values else {}, ""))
+
+    assert rules() is None
+    r = rules('"9000-9002,9100"', '"app:80"', '"*.w:443"', '"localhost:9200"')
+    assert r.ports == frozenset({9000, 9001, 9002, 9100, 9200})
+    assert r.names == ("app", "*.w")
+    assert r.allows_name("app.example.test", ["example.test"]) and not r.allows_name("b.example.test", ["example.test"])
+    assert rules('"*"').ports is None
+    with pytest.raises(ValueError, match="permitlisten"):
+        rules('"nonsense"')

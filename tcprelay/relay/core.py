@@ -133,6 +133,9 @@ class Relay(Service):
         secrets file is re-read); raises ValueError for a bad one."""
         self.draining = False
         self._idle_waiters: list[Deferred[None]] = []
+        self.key_rules: dict[str, Optional[CredentialRules]] = {}
+        """Rules of credentials that are not secrets (an SSH key's options),
+        set by their door as they log in."""
         self.watchdog = Watchdog(self)
         self._pooled_leases: dict[Any, str] = {}
         """Routes of ended pools held for a lease: the lease's token."""
@@ -177,7 +180,11 @@ class Relay(Service):
     def rules_for(self, credential: Optional[str]) -> Optional[CredentialRules]:
         """What ``credential`` may claim; None when it may claim anything
         (no rules for it, or no authentication)."""
-        if credential is None or not self.secrets:
+        if credential is None:
+            return None
+        if credential in self.key_rules:  # an SSH key's permitlisten
+            return self.key_rules[credential]
+        if not self.secrets:
             return None
         return self.rules.get(credential)
 

@@ -212,3 +212,21 @@ def test_ssh_label_on_port_80_claims_an_http_name(
     agent.wait_line(rf"^http://app\.{DOMAIN}:{http_port}/$", stream="out")
     request = f"GET / HTTP/1.1\r\nHost: app.{DOMAIN}\r\n\r\n".encode()
     assert echo_round_trip(http_port, request) == request  # the echo service got the request
+
+
+def test_ssh_permitlisten_bounds_what_a_key_may_claim(
+    procs: Procs, tmp_path: Path, echo_server: EchoServer
+) -> None:
+    """A key with permitlisten="PORT" gets that port for -R 0 and is refused any other."""
+    r = _start(procs, tmp_path)
+    allowed = r.relay.ports[-1]
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(f'permitlisten="{allowed}" ' + (tmp_path / "agent_key.pub").read_text())
+    ok = _ssh(procs, r, "-N", "-R", f"0:{HOST}:{echo_server.port}", f"user@{HOST}", name="ssh-ok")
+    assert _allocated(ok) == allowed
+    assert echo_round_trip(allowed, b"allowed") == b"allowed"
+    other = r.relay.ports[0]
+    refused = _ssh(procs, r, "-N", "-R", f"{other}:{HOST}:{echo_server.port}", f"user@{HOST}", name="ssh-no")
+    assert refused.wait_exit() == 255
+    refused.wait_line(r"remote port forwarding failed", stream="err")
+    r.relay.proc.wait_line(rf"port {other} is not allowed for credential ssh:")

@@ -67,9 +67,11 @@ from tcprelay.relay.doors.ssh_keys import (
     AuthorizedKeys,
     AuthorizedKeysChecker,
     fingerprint,
+    key_rules,
     load_host_key,
 )
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
+from tcprelay.relay.core import RouteRefused
 from tcprelay.relay.pool import PoolTimeout
 from tcprelay.relay.routes import NameRoute, PortRoute
 
@@ -771,10 +773,12 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
             return self._refuse(host, port, "already forwarded on this connection")
         token = lease_token(self.entry.fingerprint, host, port, index)
         credential = self.credential
+        try:
+            relay.key_rules[credential] = key_rules(self.entry)
+        except ValueError as e:
+            return self._refuse(host, port, f"this key's options: {e}")
         kind = named_kind(host, port, config.http_port is not None, config.tls_port is not None)
         if kind is not None:
-            from tcprelay.relay.core import RouteRefused
-
             try:
                 route = relay.claim_name(kind, host, token, credential)
             except RouteRefused as e:
@@ -807,6 +811,8 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
             self.claims.pop(key, None)
             if failure.check(PoolTimeout):
                 return self._refuse(host, port, "no free public port")
+            if failure.check(RouteRefused):
+                return self._refuse(host, port, str(failure.value))
             if failure.check(CancelledError):
                 return False
             return failure  # type: ignore[return-value]

@@ -255,3 +255,43 @@ class AuthorizedKeysChecker:
         if not good:
             return fail(UnauthorizedLogin("bad signature"))
         return succeed(entry)
+
+
+def key_rules(entry: AuthorizedKey) -> Optional["CredentialRules"]:
+    """
+    What a key may claim, from its ``permitlisten`` options (OpenSSH's
+    syntax, repeatable or comma-separated inside the quotes): ``PORT``,
+    ``LOW-HIGH`` or ``*`` (ports; a host part such as ``localhost:`` is
+    ignored), ``LABEL:80`` / ``LABEL:443`` (an HTTP / TLS name pattern, as
+    in a secrets file's ``names=``: ``app``, ``*.app``, ``api-*``).  None
+    (anything) without the option.  A value that is none of these raises
+    ValueError.
+    """
+    from tcprelay.secrets import CredentialRules
+
+    values = entry.options.get("permitlisten")
+    if values is None:
+        return None
+    ports: set[int] = set()
+    any_port = False
+    names: list[str] = []
+    for value in values:
+        for item in value.strip().strip('"').split(","):
+            item = item.strip()
+            host, colon, port_text = item.rpartition(":")
+            if not colon:
+                host, port_text = "", item
+            if port_text == "*":
+                any_port = True
+                continue
+            low, dash, high = port_text.partition("-")
+            if not low.isdigit() or (dash and not high.isdigit()):
+                raise ValueError(f"permitlisten {item!r}: not PORT, LOW-HIGH, * or NAME:80|443")
+            first, last = int(low), int(high) if dash else int(low)
+            if not 1 <= first <= last <= 65535:
+                raise ValueError(f"permitlisten {item!r}: ports run 1-65535")
+            if host and host not in ("localhost", "*", "0.0.0.0", "::") and not dash and first in (80, 443):
+                names.append(host.lower())
+            else:
+                ports.update(range(first, last + 1))
+    return CredentialRules(tuple(names), None if any_port else frozenset(ports))
