@@ -230,3 +230,76 @@ def test_ssh_permitlisten_bounds_what_a_key_may_claim(
     assert refused.wait_exit() == 255
     refused.wait_line(r"remote port forwarding failed", stream="err")
     r.relay.proc.wait_line(rf"port {other} is not allowed for credential ssh:")
+
+
+def test_ssh_new_connection_of_a_key_replaces_a_dead_one_at_once(
+    procs: Procs, tmp_path: Path, echo_server: EchoServer
+) -> None:
+    """A frozen ssh (its connection still open) is replaced by a new connection of the same key: same port, at once."""
+    r = _start(procs, tmp_path)
+    forward = ("-N", "-R", f"0:{HOST}:{echo_server.port}", f"user@{HOST}")
+    first = _ssh(procs, r, *forward, name="ssh-1")
+    port = _allocated(first)
+    first.signal(signal.SIGSTOP)  # alive for TCP, dead for SSH
+    try:
+        again = _ssh(procs, r, *forward, name="ssh-2")
+        assert _allocated(again) == port
+        r.relay.proc.wait_line(r"replaced by a new connection of its key")
+        assert echo_round_trip(port, b"the new one") == b"the new one"
+    finally:
+        first.signal(signal.SIGCONT)
+
+
+def test_ssh_visitor_that_never_reads_holds_back_the_service(procs: Procs, tmp_path: Path) -> None:
+    """A local service writing 64 MB to a visitor that never reads: the relay withholds the channel's window, so the service is stopped and the relay grows by a few MiB at most."""
+    import threading
+    import time
+
+    sent = [0]
+    listener = socket.create_server((HOST, 0))
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        chunk = b"x" * 65536
+        conn.settimeout(15)
+        try:
+            while sent[0] < 64 << 20:
+                conn.sendall(chunk)
+                sent[0] += len(chunk)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    r = _start(procs, tmp_path)
+    pid = r.relay.proc.pid
+
+    def rss() -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    agent = _ssh(procs, r, "-N", "-R", f"0:{HOST}:{listener.getsockname()[1]}", f"user@{HOST}")
+    port = _allocated(agent)
+    base = rss()
+    visitor = socket.socket()
+    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        visitor.connect((HOST, port))
+        visitor.sendall(b"go")
+        # wait until the service is stopped: its count no longer moves
+        last, still = -1, 0
+        deadline = time.monotonic() + 20
+        while still < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            still = still + 1 if sent[0] == last else 0
+            last = sent[0]
+        assert still >= 10, "the service was never held back"
+        assert sent[0] < 32 << 20, f"the service wrote {sent[0] >> 20} MiB to a visitor that reads nothing"
+        assert rss() - base < 8 << 20, f"relay grew by {(rss() - base) >> 20} MiB"
+    finally:
+        visitor.close()
+        listener.close()

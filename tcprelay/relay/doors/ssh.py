@@ -777,6 +777,20 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
             relay.key_rules[credential] = key_rules(self.entry)
         except ValueError as e:
             return self._refuse(host, port, f"this key's options: {e}")
+        stale = [
+            tunnel
+            for _, tunnel in relay.registry.routes()
+            if isinstance(tunnel, SshTunnel) and tunnel.lease_token == token and tunnel.conn is not self
+        ]
+        if stale:
+            # The same key asks again for the same forward from a new
+            # connection: the old one is dead (or about to be). Its route
+            # goes to its lease, which this claim takes up at once.
+            old = stale[0]
+            released = old.conn.end_forward(
+                old, (old.lease_token, old.credential), "replaced by a new connection of its key"
+            )
+            return released.addCallback(lambda _: self.forward(host, port) if port else self._reforward(host))
         kind = named_kind(host, port, config.http_port is not None, config.tls_port is not None)
         if kind is not None:
             try:
@@ -836,14 +850,19 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
         for channel in list(self.session_channels):
             channel.announce(route.address)
 
+    def _reforward(self, host: str) -> Union[bool, bytes, Deferred[Any]]:
+        """Claim a ``-R 0`` forward again with the same index (after a replacement)."""
+        self._zero_forwards[host] = self._zero_forwards.get(host, 1) - 1
+        return self.forward(host, 0)
+
     def end_forward(
         self, tunnel: SshTunnel, lease: Optional[tuple[str, Optional[str]]], why: str
-    ) -> None:
-        """``tunnel``'s route is given up (held for ``lease`` when given)."""
+    ) -> Deferred[None]:
+        """``tunnel``'s route is given up (held for ``lease`` when given); fires once it is."""
         if self.forwards.get((tunnel.bind_host, tunnel.bind_port)) is tunnel:
             del self.forwards[(tunnel.bind_host, tunnel.bind_port)]
         if tunnel.ended.called:
-            return
+            return succeed(None)
         log.info(
             "SSH agent {peer}: {address} closed ({why}){held}",
             peer=self.label,
@@ -851,8 +870,9 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
             why=why,
             held="; held for its lease" if lease is not None and not self.relay.draining else "",
         )
-        self.relay.unpublish(tunnel, lease)
+        released = self.relay.unpublish(tunnel, lease)
         tunnel.ended.callback(None)
+        return released
 
 
 class SshUserAuth(userauth.SSHUserAuthServer):  # type: ignore[misc]
