@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from tcprelay._reactor import MAX_BUSY_POLL
 
-__all__ = ["busy_poll_option", "normalise_endpoint"]
+__all__ = ["busy_poll_option", "normalise_endpoint", "parse_port_range"]
 
 
 def normalise_endpoint(description: str) -> str:
@@ -38,3 +38,19 @@ def busy_poll_option(value: Any) -> float:
             f"--busy-poll must be between 0 and {MAX_BUSY_POLL * 1e6:.0f} microseconds"
         )
     return micros / 1e6
+
+
+def parse_port_range(text: str) -> range:
+    """
+    Parse ``LOW-HIGH`` (inclusive) or a single port into a range.
+    Raises ValueError with a readable message.
+    """
+    low_s, sep, high_s = text.partition("-")
+    try:
+        low = int(low_s)
+        high = int(high_s) if sep else low
+    except ValueError:
+        raise ValueError(f"port range {text!r} is not LOW-HIGH") from None
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"port range {text!r} must satisfy 1 <= LOW <= HIGH <= 65535")
+    return range(low, high + 1)

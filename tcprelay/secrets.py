@@ -216,15 +216,12 @@ def _name_pattern(text: str, number: int) -> str:
 
 
 def _port_range(text: str, number: int) -> range:
-    low_s, sep, high_s = text.partition("-")
+    from tcprelay.options import parse_port_range
+
     try:
-        low = int(low_s)
-        high = int(high_s) if sep else low
-    except ValueError:
-        raise ValueError(f"line {number}: ports: {text!r} is not PORT or LOW-HIGH") from None
-    if not 1 <= low <= high <= 65535:
-        raise ValueError(f"line {number}: ports: {text!r} must satisfy 1 <= LOW <= HIGH <= 65535")
-    return range(low, high + 1)
+        return parse_port_range(text)
+    except ValueError as e:
+        raise ValueError(f"line {number}: ports: {e}") from None
 
 
 def _describe_ports(ports: frozenset[int]) -> str:

@@ -135,16 +135,6 @@ def _public_port(description: Optional[str], default: int) -> Optional[int]:
     return control_port(description) or default
 
 
-def _non_negative(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
-    if not number >= 0 or number == float("inf"):
-        raise usage.UsageError(f"--{name} must be 0 or more seconds, not {value!r}")
-    return number
-
-
 def check_interface(interface: str) -> None:
     """
     UsageError unless a TCP socket can be bound to ``interface`` (port 0,

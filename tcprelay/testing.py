@@ -152,31 +152,14 @@ class RelayFixture:
         """The public port range."""
 
     @classmethod
-    def start(
-        cls,
-        reactor: Any,
-        *args: str,
-        ports: int = 8,
-        secrets: Sequence[bytes] = (),
-        wait_timeout: float = 5.0,
-        lease: float = 0.5,
-        session: Optional[SessionConfig] = None,
-    ) -> Deferred[RelayFixture]:
+    def start(cls, reactor: Any, *args: str, **kwargs: Any) -> Deferred[RelayFixture]:
         """
-        Start a relay with ``ports`` public ports; fires with the fixture.
-        ``args`` are more ``twistd tcprelay`` options (``"--metrics",
-        "tcp:0"``...), applied after the fixture's own; ``session`` replaces
-        the session settings the options give.
+        Start a relay (arguments as for :meth:`create`: ``ports`` public
+        ports, ``secrets``, ``wait_timeout``, ``lease``, ``session``, and
+        more ``twistd tcprelay`` options in ``args``); fires with the
+        fixture once it listens.
         """
-        return cls.create(
-            reactor,
-            *args,
-            ports=ports,
-            secrets=secrets,
-            wait_timeout=wait_timeout,
-            lease=lease,
-            session=session,
-        ).begin()
+        return cls.create(reactor, *args, **kwargs).begin()
 
     @classmethod
     def create(
@@ -190,8 +173,12 @@ class RelayFixture:
         session: Optional[SessionConfig] = None,
     ) -> RelayFixture:
         """
-        The fixture :meth:`start` makes, not started yet: change what you
-        need (for example the relay's clock), then call :meth:`begin`.
+        A relay with ``ports`` public ports, not started yet: change what
+        you need, then call :meth:`begin` (:meth:`start` does both).
+        ``args`` are more ``twistd tcprelay`` options (``"--metrics",
+        "tcp:0"``...), applied after the fixture's own; ``secrets`` (bytes)
+        turns authentication on; ``session`` replaces the session settings
+        the options give.
         """
         base = free_port_block(ports)
         argv = [

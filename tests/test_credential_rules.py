@@ -79,8 +79,8 @@ def test_the_agent_reads_a_file_with_rules_as_before() -> None:
         (b"#: nmes=app\na\n", "line 1: unknown rule 'nmes'"),
         (b"#: app\na\n", "line 1: 'app' is not KEY=VALUE"),
         (b"#:\na\n", "line 1: an empty rules line"),
-        (b"x\n\n#: ports=9000-80\na\n", "line 3: ports: '9000-80' must satisfy"),
-        (b"#: ports=http\na\n", "line 1: ports: 'http' is not PORT or LOW-HIGH"),
+        (b"x\n\n#: ports=9000-80\na\n", "line 3: ports: port range '9000-80' must satisfy"),
+        (b"#: ports=http\na\n", "line 1: ports: port range 'http' is not LOW-HIGH"),
         (b"#: names=a/b\na\n", "line 1: names: 'a/b' is not a name pattern"),
         (b"#: names=a names=b\na\n", "line 1: names= given twice"),
         (b"#: names=a\n#: names=b\na\n", "line 2: names= given twice for one secret"),
@@ -145,7 +145,7 @@ def test_a_bad_secrets_file_is_a_usage_error_at_start(tmp_path: Path) -> None:
 
     path = tmp_path / "secrets"
     path.write_bytes(b"#: names=app ports=1-2-3\nteam-a\n")
-    with pytest.raises(usage.UsageError, match=r"^--secrets-file: .*: line 1: ports: '1-2-3'"):
+    with pytest.raises(usage.UsageError, match=r"^--secrets-file: .*: line 1: ports: port range '1-2-3'"):
         tap.Options().parseOptions(["--ports", "9000-9009", "--secrets-file", str(path)])
 
 

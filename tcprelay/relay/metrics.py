@@ -50,6 +50,13 @@ class RelayCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"tcprelay_{name}", doc, value=value)
 
+        def by_reason(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily:
+            """A counter by ``reason``: the keys of ``counts`` are a fixed set."""
+            family = CounterMetricFamily(f"tcprelay_{name}", doc, labels=["reason"])
+            for reason, count in counts.items():
+                family.add_metric([reason], count)
+            return family
+
         yield gauge("sessions", "Service sessions connected.", len(relay.sessions))
         yield gauge(
             "services_registered", "Services holding a public port.", len(relay.tunnels())
@@ -95,22 +102,16 @@ class RelayCollector(Collector):
             "Sessions closed because heartbeats went unanswered.",
             stats.heartbeat_timeouts,
         )
-        limited = CounterMetricFamily(
-            "tcprelay_visitors_limited",
+        yield by_reason(
+            "visitors_limited",
             "Visitor connections refused by a limit (also in visitors_refused), by reason.",
-            labels=["reason"],
+            stats.visitors_limited,
         )
-        for reason, count in stats.visitors_limited.items():
-            limited.add_metric([reason], count)
-        yield limited
-        sessions_limited = CounterMetricFamily(
-            "tcprelay_sessions_limited",
+        yield by_reason(
+            "sessions_limited",
             "Control connections refused by a limit, by reason.",
-            labels=["reason"],
+            stats.sessions_limited,
         )
-        for reason, count in stats.sessions_limited.items():
-            sessions_limited.add_metric([reason], count)
-        yield sessions_limited
         yield counter(
             "visitors_idle_closed",
             "Visitor connections closed by the idle timeout.",
@@ -131,15 +132,12 @@ class RelayCollector(Collector):
         for code, count in sorted(stats.protocol_errors.items()):
             errors.add_metric([error_label(code)], count)
         yield errors
-        timed_out = CounterMetricFamily(
-            "tcprelay_visitors_timed_out",
+        yield by_reason(
+            "visitors_timed_out",
             "Visitor streams ended because the service left them waiting "
             "(unanswered: --open-timeout; half_closed: --half-close-timeout).",
-            labels=["reason"],
+            stats.visitors_timed_out,
         )
-        for reason, count in stats.visitors_timed_out.items():
-            timed_out.add_metric([reason], count)
-        yield timed_out
         buckets = []
         running = 0
         for bound, count in zip(HANDSHAKE_BUCKETS, stats.handshake_buckets):

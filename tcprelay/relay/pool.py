@@ -10,32 +10,19 @@ from collections import deque
 from typing import Callable, Iterable, Optional
 
 import attrs
+
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from tcprelay.options import parse_port_range
 
 __all__ = ["PortPool", "PoolTimeout", "parse_port_range"]
 
 
 class PoolTimeout(Exception):
     """No port became free within the wait timeout."""
-
-
-def parse_port_range(text: str) -> range:
-    """
-    Parse ``LOW-HIGH`` (inclusive) or a single port into a range.
-    Raises ValueError with a readable message.
-    """
-    low_s, sep, high_s = text.partition("-")
-    try:
-        low = int(low_s)
-        high = int(high_s) if sep else low
-    except ValueError:
-        raise ValueError(f"port range {text!r} is not LOW-HIGH") from None
-    if not 1 <= low <= high <= 65535:
-        raise ValueError(f"port range {text!r} must satisfy 1 <= LOW <= HIGH <= 65535")
-    return range(low, high + 1)
 
 
 PositionCallback = Callable[[int], None]

@@ -28,6 +28,11 @@ the relay is an SSH server (Twisted Conch) on ``--ssh`` with the host key
 - ``keepalive@openssh.com`` requests are answered, and the relay sends its
   own every ``--heartbeat-interval`` seconds: a connection that answers
   none for ``--heartbeat-tolerance`` seconds is closed.
+
+Why one module of this size: the SSH door is one protocol's server side
+(connection, global requests, forwards, channels, session channel) whose
+parts call each other's state; key handling is already apart in
+:mod:`tcprelay.relay.doors.ssh_keys`.
 """
 
 from __future__ import annotations
