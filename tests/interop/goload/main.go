@@ -6,7 +6,7 @@
 //	goload latency    -addr H:P[,H:P...] [-host NAME[,NAME...]] [-n 1000] [-block 50] [-seconds 0] [-timeout 10s]
 //	goload cps        -addr H:P [-host NAME] [-conns 8] [-seconds 3] [-timeout 10s]
 //	goload churn      -addr H:P [-conns 32] [-rate 0] [-seconds 3] [-rst] [-timeout 2s]
-//	goload hold       -addr H:P [-host NAME] [-n 10000] [-parallel 32] [-ping] [-timeout 120s]
+//	goload hold       -addr H:P [-host NAME] [-n 10000] [-parallel 32] [-ping] [-src CIDR] [-timeout 120s]
 //
 // -host NAME (throughput, latency, cps, hold): every connection first sends
 // an HTTP request head naming NAME ("GET / HTTP/1.1\r\nHost: NAME\r\n\r\n",
@@ -55,6 +55,10 @@
 // one echoes one byte first (so the whole path is known to be up), then
 // prints {"held","errors","seconds","error"} and holds them idle until
 // stdin reaches EOF or SIGTERM/SIGINT arrives; then closes them and exits 0.
+// With -src CIDR (e.g. 127.0.0.0/8) each connection's socket is bound to the
+// next address of that network before it connects (127.0.0.1, the network
+// and broadcast addresses skipped), so that 100,000 connections to one port
+// do not run out of ephemeral ports.
 //
 // Exit status: 0 when the JSON line was printed (errors are counted in it),
 // 2 on bad usage.
@@ -435,9 +439,57 @@ func parseHosts(list string, addrs int) ([]string, error) {
 	return hosts, nil
 }
 
+// srcBase/srcSize/srcNext: hold's -src network, each connection bound to
+// its next address before it connects (zero size: the kernel chooses).
+var (
+	srcMu   sync.Mutex
+	srcBase uint32
+	srcSize uint32
+	srcNext uint32
+)
+
+func setSources(cidr string) error {
+	_, n, err := net.ParseCIDR(cidr)
+	if err != nil {
+		return err
+	}
+	ip4 := n.IP.To4()
+	ones, bits := n.Mask.Size()
+	if ip4 == nil || bits-ones < 2 {
+		return fmt.Errorf("-src %s: an IPv4 network of at least 4 addresses", cidr)
+	}
+	srcBase = uint32(ip4[0])<<24 | uint32(ip4[1])<<16 | uint32(ip4[2])<<8 | uint32(ip4[3])
+	srcSize = uint32(1) << uint(bits-ones)
+	srcNext = 1
+	return nil
+}
+
+// dialTCP connects to addr, from the next -src address if there is one
+// (the network and broadcast addresses and 127.0.0.1 skipped).
+func dialTCP(addr string, timeout time.Duration) (net.Conn, error) {
+	d := net.Dialer{Timeout: timeout}
+	if srcSize > 0 {
+		srcMu.Lock()
+		var a uint32
+		for {
+			a = srcBase + srcNext
+			srcNext++
+			if srcNext >= srcSize-1 {
+				srcNext = 1
+			}
+			if a != 0x7f000001 {
+				break
+			}
+		}
+		srcMu.Unlock()
+		d.LocalAddr = &net.TCPAddr{IP: net.IPv4(byte(a>>24), byte(a>>16), byte(a>>8), byte(a))}
+	}
+	return d.Dial("tcp", addr)
+}
+
 // dialHead connects to addr and sends the head naming host (if any).
 func dialHead(addr, host string, timeout time.Duration) (net.Conn, error) {
-	c, err := net.DialTimeout("tcp", addr, timeout)
+	c, err := dialTCP(addr, timeout)
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
@@ -453,7 +505,7 @@ func dialHead(addr, host string, timeout time.Duration) (net.Conn, error) {
 }
 
 func ping(addr, host string, timeout time.Duration) (net.Conn, error) {
-	c, err := net.DialTimeout("tcp", addr, timeout)
+	c, err := dialTCP(addr, timeout)
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
@@ -757,9 +809,15 @@ func holdMain(args []string) {
 	parallel := fs.Int("parallel", 32, "dials in flight at once")
 	doPing := fs.Bool("ping", true, "echo one byte on each connection before holding it")
 	timeout := fs.Duration("timeout", 120*time.Second, "give up opening after this long")
+	src := fs.String("src", "", "bind each connection to the next address of this IPv4 network (e.g. 127.0.0.0/8)")
 	parse(fs, args)
 	if *addr == "" || *n < 1 || *parallel < 1 {
 		usage("hold: need -addr, -n >= 1 and -parallel >= 1")
+	}
+	if *src != "" {
+		if err := setSources(*src); err != nil {
+			usage("hold: %v", err)
+		}
 	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
