@@ -63,7 +63,7 @@ import attrs
 
 from benchmarks import gotools
 from benchmarks.cli import _on_sigterm, _positive
-from benchmarks.install import Install, current_install
+from benchmarks.install import Install, baseline_install, current_install
 from benchmarks.procs import (
     BenchError,
     Process,
@@ -86,9 +86,11 @@ NOFILE = 1 << 20
 """Hard open-files limit the benchmark gives itself and every process
 (fs.nr_open's default; raising a hard limit needs root or CAP_SYS_RESOURCE)."""
 STARTUP = 30.0
-RELAYS = ("go-relay", "tcprelay", "tcprelay-http")
+RELAYS = ("go-relay", "tcprelay", "tcprelay-http", "tcprelay-baseline")
 """tcprelay-http: the sessions test only, each session claiming a named HTTP
-route in the extended dialect (no public port, so no listening socket)."""
+route in the extended dialect (no public port, so no listening socket).
+tcprelay-baseline: the tcprelay installed in ``--baseline-venv`` (an older
+commit), measured like tcprelay."""
 HTTP_DOMAIN = "bench.test"
 
 
@@ -146,6 +148,9 @@ class Capacity:
         self.processes = processes
         self.log = log
         self.install: Install = current_install()
+        self.baseline: Optional[Install] = (
+            baseline_install(Path(args.baseline_venv)) if args.baseline_venv else None
+        )
         self.soft, self.hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         # what one process can hold under the hard limit (raising it needs
         # CAP_SYS_RESOURCE): a visitor is one descriptor in the relay (and
@@ -180,8 +185,10 @@ class Capacity:
             proc.wait_line(r"^LISTEN ", STARTUP)
             return Relay(label, proc, control)
         metrics = control + ports + 1
+        install = self.baseline if name == "tcprelay-baseline" else self.install
+        assert install is not None
         argv = [
-            *self.install.twistd, "-n", "--pidfile=", "tcprelay",
+            *install.twistd, "-n", "--pidfile=", "tcprelay",
             "--control", f"tcp:{control}:interface={HOST}",
             "--ports", f"{control + 1}-{control + ports}",
             "--public-interface", HOST,
@@ -198,7 +205,7 @@ class Capacity:
                      "--domain", HTTP_DOMAIN]
         # the soft limit stays the benchmark's original one: the daemon
         # raises its own (tcprelay.process.raise_open_files_limit)
-        proc = self.processes.start(f"{label}-relay", argv, env=self.install.env,
+        proc = self.processes.start(f"{label}-relay", argv, env=install.env,
                                     nofile=(self.soft, self.hard))
         proc.wait_line(rf"starting on {control}\b", STARTUP)
         return Relay(label, proc, control, metrics=metrics)
@@ -235,10 +242,15 @@ class Capacity:
                              f"{proc.stderr.strip()[-500:]}")
         return lines
 
-    def latency(self, relay: Relay, n: int) -> dict[str, Any]:
+    def latency(self, relay: Relay, n: int, rate: float = 0, seconds: float = 0) -> dict[str, Any]:
+        """``goload latency``: closed loop, or with ``rate`` open loop
+        (connections started on a schedule, each timed from its due time)."""
         assert relay.address is not None
-        return self.run([self.bin["goload"], "latency", "-addr", relay.address, "-n", n,
-                         "-timeout", "10s"], timeout=60 + n / 50)[-1]
+        argv: list[object] = [self.bin["goload"], "latency", "-addr", relay.address, "-n", n,
+                              "-timeout", "10s"]
+        if rate:
+            argv += ["-rate", f"{rate:g}", "-seconds", f"{seconds:g}"]
+        return self.run(argv, timeout=60 + n / 50 + seconds)[-1]
 
     @staticmethod
     def wait_fds(pid: int, target: int, timeout: float) -> tuple[int, float]:
@@ -285,8 +297,12 @@ class Capacity:
                 if status is not None:
                     result["relay_visitors_connected"] = status["visitors"]["connected"]
                     result["relay_limits"] = status["limits"]
-                # one more visitor at a time, with every visitor held
-                result["latency_while_held"] = self.latency(relay, self.args.probe)
+                # new visitors arriving on a schedule, with every visitor
+                # held: long enough for the relay's periodic work (the
+                # visitors' watchdog checks every 7.5 s) to be met
+                a = self.args
+                result["latency_while_held"] = self.latency(
+                    relay, int(a.probe_rate * a.probe_seconds) + 1, a.probe_rate, a.probe_seconds)
                 self.log(
                     f"  {name}: {result['held']} held, {result['errors']} errors in "
                     f"{result['seconds']:.1f}s; relay "
@@ -452,9 +468,11 @@ class Capacity:
                 self.stop_relay(r)
 
 
-def _ratio(results: dict[str, Any], key: Callable[[dict[str, Any]], Optional[float]]) -> Optional[float]:
+def _ratio(results: dict[str, Any], key: Callable[[dict[str, Any]], Optional[float]],
+           against: str = "go-relay") -> Optional[float]:
+    """tcprelay's figure over ``against``'s (the Go relay's)."""
     try:
-        t, g = key(results["tcprelay"]), key(results["go-relay"])
+        t, g = key(results["tcprelay"]), key(results[against])
     except (KeyError, TypeError):
         return None
     if t is None or not g:
@@ -472,7 +490,9 @@ def summary(test: str, results: dict[str, Any]) -> list[str]:
             ("seconds to open", lambda r: r["seconds"], "{:.1f}"),
             ("relay KiB/visitor", lambda r: r.get("relay_bytes_per_visitor", 0) / 1024, "{:.2f}"),
             ("service KiB/visitor", lambda r: r.get("service_bytes_per_visitor", 0) / 1024, "{:.2f}"),
-            ("p99 us while held", lambda r: r["latency_while_held"]["p99_us"], "{:.0f}"),
+            ("new conn p50 us, held", lambda r: r["latency_while_held"]["p50_us"], "{:.0f}"),
+            ("new conn p99 us, held", lambda r: r["latency_while_held"]["p99_us"], "{:.0f}"),
+            ("new conn max us, held", lambda r: r["latency_while_held"]["max_us"], "{:.0f}"),
             ("relay fds held", lambda r: r["relay_fds_held"], "{:.0f}"),
             ("fds back to base", lambda r: float(r["fds_back"]), "{:.0f}"),
         ]
@@ -502,7 +522,8 @@ def summary(test: str, results: dict[str, Any]) -> list[str]:
             ("session errors", lambda r: r["agents"].get("errors"), "{:.0f}"),
         ]
     names = [n for n in RELAYS if n in results]
-    out = [f"{test}: " + "  ".join(f"{n:>12}" for n in ["figure".ljust(22), *names, "tcp/Go"])]
+    out = [f"{test}: " + "  ".join(f"{n:>12}" for n in ["figure".ljust(22), *names, "tcp/Go"])
+           + ("  " + f"{'tcp/base':>12}" if "tcprelay-baseline" in results else "")]
     for label, key, fmt in rows:
         cells = []
         for n in names:
@@ -513,6 +534,9 @@ def summary(test: str, results: dict[str, Any]) -> list[str]:
                 cells.append("-")
         ratio = _ratio(results, key)
         cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
+        if "tcprelay-baseline" in results:
+            ratio = _ratio(results, key, "tcprelay-baseline")
+            cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
         out.append("      " + label.ljust(22) + "  " + "  ".join(f"{c:>12}" for c in cells))
     return out
 
@@ -534,12 +558,19 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG, description="One relay node's capacity, tcprelay beside the Go relay.")
     p.add_argument("tests", nargs="+", choices=("idle", "sessions", "soak"),
                    help="what to measure, in this order")
-    p.add_argument("--relays", default=",".join(RELAYS),
-                   help="relays to measure, of go-relay,tcprelay (default: both)")
+    p.add_argument("--relays", default=None,
+                   help="relays to measure, of " + ",".join(RELAYS) + " (default: go-relay, "
+                        "tcprelay, tcprelay-http for sessions, tcprelay-baseline with "
+                        "--baseline-venv)")
     p.add_argument("--visitors", type=_positive, default=100_000,
                    help="idle: visitor connections held (default: 100000)")
-    p.add_argument("--probe", type=_positive, default=500,
-                   help="idle: latency samples while they are held (default: 500)")
+    p.add_argument("--probe-rate", type=float, default=200.0,
+                   help="idle: new connections per second (connect + 1-byte echo, open "
+                        "loop) while the visitors are held (default: 200)")
+    p.add_argument("--probe-seconds", type=float, default=20.0,
+                   help="idle: seconds of those (default: 20)")
+    p.add_argument("--baseline-venv", metavar="PATH",
+                   help="also measure the tcprelay installed there (tcprelay-baseline)")
     p.add_argument("--sessions", type=_positive, default=10_000,
                    help="sessions: agent sessions held (default: 10000)")
     p.add_argument("--hold", type=float, default=60.0,
@@ -581,7 +612,13 @@ def raise_own_limit() -> tuple[int, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if args.relays is None:
+        args.relays = "go-relay,tcprelay,tcprelay-http" + (
+            ",tcprelay-baseline" if args.baseline_venv else "")
     names = [n for n in args.relays.split(",") if n]
+    if "tcprelay-baseline" in names and not args.baseline_venv:
+        print(f"{PROG}: tcprelay-baseline needs --baseline-venv", file=sys.stderr)
+        return 2
     if not names or any(n not in RELAYS for n in names):
         print(f"{PROG}: --relays: of {','.join(RELAYS)}", file=sys.stderr)
         return 2

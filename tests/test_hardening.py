@@ -241,6 +241,57 @@ def test_half_closed_stream_of_a_silent_service_is_reset() -> None:
     assert relay.relay.visitor_count == 0
 
 
+def test_watchdog_looks_at_its_visitors_a_slice_per_reactor_pass() -> None:
+    """A check looks at no more than Watchdog.batch visitors in one reactor pass (a pass over 100,000 held visitors stalled the relay for some 190 ms), and a stream left unanswered among them is still reset in time."""
+    relay = MemoryRelay(
+        "--open-timeout", "4", "--half-close-timeout", "0", "--max-visitors-per-service", "0"
+    )
+    relay.relay.watchdog.batch = 10
+    peer, port = relay.registered(auto_ack=False)
+    idle = [relay.visitor(port) for _ in range(24)]
+    waiting = relay.visitor(port)
+    assert waiting is not None and all(v is not None for v in idle)
+    waiting.send(b"hello?")
+    relay.settle()
+    [control] = relay.relay.sessions
+    tunnel = control.tunnel
+    passes: list[int] = []
+    original = tunnel.expire_streams
+
+    def spy(now: float, open_timeout: Any, half_close_timeout: Any, splices: Any = None) -> None:
+        part = list(splices) if splices is not None else list(tunnel.visitors)
+        passes.append(len(part))
+        original(now, open_timeout, half_close_timeout, part)
+
+    tunnel.expire_streams = spy
+    relay.advance(1)  # the first check (every quarter of the 4 s)
+    assert passes == [10, 10, 5]
+    relay.advance(4)
+    assert waiting.closed_by_relay
+    assert not any(v.closed_by_relay for v in idle)  # type: ignore[union-attr]
+    assert max(passes) <= 10
+    assert relay.relay.stats.visitors_timed_out["unanswered"] == 1
+
+
+def test_idle_visitors_cost_the_watchdog_no_state() -> None:
+    """Only a visitor left waiting (unanswered, or half-closed) has a WatchState between checks: idle visitors cost a check no allocation."""
+    relay = MemoryRelay("--open-timeout", "4", "--half-close-timeout", "8")
+    peer, port = relay.registered(auto_ack=False)
+    idle = [relay.visitor(port) for _ in range(5)]
+    waiting = relay.visitor(port)
+    assert waiting is not None and all(v is not None for v in idle)
+    waiting.send(b"hello?")
+    relay.settle()
+    relay.advance(2)
+    [control] = relay.relay.sessions
+    watch = control.tunnel._watch
+    assert len(watch) == 1
+    waiting.leave()
+    relay.settle()
+    relay.advance(2)
+    assert watch == {}
+
+
 def test_visitors_per_service_are_capped() -> None:
     """--max-visitors-per-service bounds the descriptors one service holds: one more visitor is refused before any stream opens."""
     relay = MemoryRelay("--max-visitors-per-service", "2")

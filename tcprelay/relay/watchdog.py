@@ -16,6 +16,13 @@ The stream is then reset (CANCEL) and the visitor's connection closed.  A
 limit is checked every quarter of it, so it is met within 1.25 times its
 value.  The checks themselves are the tunnels' (:meth:`expire_streams`),
 which know their protocol; tunnels without the method are left alone.
+
+A check looks at every visitor, so it is cut into slices of at most
+:data:`BATCH` visitors, one slice per reactor pass: in one pass, the
+100,000 idle visitors a relay can hold took some 190 ms of CPU (measured:
+36 ms for 19,000 on a 2-CPU VM, the pass 63 ms long), during which no
+other visitor was accepted or served.  Sliced, the other connections wait
+for one slice at most (about 2 ms), whatever the number of visitors.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from twisted.internet.interfaces import IDelayedCall
 if TYPE_CHECKING:
     from tcprelay.relay.core import Relay
 
-__all__ = ["Watchdog", "WatchState"]
+__all__ = ["BATCH", "Watchdog", "WatchState"]
+
+BATCH = 1000
+"""Most visitors one reactor pass of a check looks at (see above)."""
 
 
 class WatchState:
@@ -44,12 +54,17 @@ class WatchState:
 class Watchdog:
     """Runs the tunnels' stream checks while any visitor is connected."""
 
+    batch = BATCH
+    """Visitors per reactor pass (:data:`BATCH`; tests lower it)."""
+
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         config = relay.config
         limits = [t for t in (config.open_timeout, config.half_close_timeout) if t]
         self.interval: Optional[float] = min(limits) / 4 if limits else None
         self._timer: Optional[IDelayedCall] = None
+        self._work: list[tuple[Any, list[Any]]] = []
+        """The check under way: (tunnel, its visitors not looked at yet)."""
 
     def wake(self) -> None:
         """A visitor arrived: make sure the checks run."""
@@ -58,21 +73,48 @@ class Watchdog:
 
     def stop(self) -> None:
         timer, self._timer = self._timer, None
+        self._work = []
         if timer is not None and timer.active():
             timer.cancel()
 
     def _check(self) -> None:
+        """Start a check: note every tunnel's visitors, look at a first slice."""
+        self._timer = None
+        work = []
+        # the sessions' tunnels: one going away still has visitors to finish
+        for session in list(self.relay.sessions):
+            tunnel: Any = getattr(session, "tunnel", None)
+            if getattr(tunnel, "expire_streams", None) is not None and tunnel.visitors:
+                work.append((tunnel, list(tunnel.visitors)))
+        self._work = work
+        self._slice()
+
+    def _slice(self) -> None:
+        """Look at up to :attr:`batch` visitors; the rest in the next pass."""
         self._timer = None
         relay = self.relay
         config = relay.config
         now = relay.reactor.seconds()
+        work = self._work
+        budget = self.batch
+        while work and budget > 0:
+            tunnel, splices = work[-1]
+            if len(splices) <= budget:
+                part = splices
+                work.pop()
+            else:
+                part = splices[-budget:]
+                del splices[-budget:]
+            budget -= len(part)
+            tunnel.expire_streams(now, config.open_timeout, config.half_close_timeout, part)
+        if work:
+            self._timer = relay.reactor.callLater(0, self._slice)
+            return
         busy = False
-        # the sessions' tunnels: one going away still has visitors to finish
         for session in list(relay.sessions):
             tunnel: Any = getattr(session, "tunnel", None)
-            expire: Any = getattr(tunnel, "expire_streams", None)
-            if expire is not None and tunnel.visitors:
-                expire(now, config.open_timeout, config.half_close_timeout)
-                busy = busy or bool(tunnel.visitors)
+            if getattr(tunnel, "expire_streams", None) is not None and tunnel.visitors:
+                busy = True
+                break
         if busy:
             self.wake()

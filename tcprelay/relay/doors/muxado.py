@@ -15,6 +15,7 @@ The muxado v1 door: services and agents that dial the control port.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import interfaces
@@ -101,40 +102,62 @@ class MuxTunnel:
         self._watch: dict[Splice, WatchState] = {}
 
     def expire_streams(
-        self, now: float, open_timeout: Optional[float], half_close_timeout: Optional[float]
+        self,
+        now: float,
+        open_timeout: Optional[float],
+        half_close_timeout: Optional[float],
+        splices: Optional[Iterable[Splice]] = None,
     ) -> None:
         """
         End the visitors' streams the service has left waiting (see
         :mod:`tcprelay.relay.watchdog`): unanswered ``open_timeout`` after
         the visitor's first bytes, or silent ``half_close_timeout`` after
-        the visitor's end-of-file.
+        the visitor's end-of-file.  ``splices``: the visitors to look at
+        (default: all; the watchdog passes one slice at a time).  Only a
+        visitor in one of those two states has a :class:`WatchState`, so
+        that idle visitors cost a check no allocation.
         """
         session = self.control.session
         stats = self.control.relay.stats
-        watch, self._watch = self._watch, {}
-        for splice in list(self.visitors):
+        watch = self._watch
+        visitors = self.visitors
+        if splices is None:
+            splices = list(visitors)
+        for gone in [s for s in watch if s not in visitors]:
+            del watch[gone]
+        for splice in splices:
             stream = splice.service.transport
             if not isinstance(stream, MuxStream) or stream.disconnected:
+                watch.pop(splice, None)
                 continue
-            state = watch.get(splice) or WatchState()
+            unanswered = bool(
+                open_timeout and splice.bytes_to_service and not session.heard_from(stream.stream_id)
+            )
+            half_closed = bool(half_close_timeout and splice.visitor.read_done)
+            if not unanswered and not half_closed:
+                watch.pop(splice, None)
+                continue
+            state = watch.get(splice)
+            if state is None:
+                state = watch[splice] = WatchState()
             expired = None
-            if open_timeout and splice.bytes_to_service and not session.heard_from(stream.stream_id):
+            if unanswered:
                 if state.unanswered_since is None:
                     state.unanswered_since = now
-                elif now - state.unanswered_since >= open_timeout:
+                elif now - state.unanswered_since >= open_timeout:  # type: ignore[operator]
                     expired = ("unanswered", f"the service did not answer within {open_timeout:g}s")
-            if expired is None and half_close_timeout and splice.visitor.read_done:
+            if expired is None and half_closed:
                 if state.mark != splice.bytes_to_visitor:
                     state.mark = splice.bytes_to_visitor
                     state.silent_since = now
-                elif state.silent_since is not None and now - state.silent_since >= half_close_timeout:
+                elif state.silent_since is not None and now - state.silent_since >= half_close_timeout:  # type: ignore[operator]
                     expired = (
                         "half_closed",
                         f"the visitor left and the service sent nothing for {half_close_timeout:g}s",
                     )
             if expired is None:
-                self._watch[splice] = state
                 continue
+            del watch[splice]
             reason, text = expired
             stats.visitor_timed_out(reason)
             self.control.log.debug(

@@ -3,7 +3,7 @@
 //
 //	goload echo       -listen 127.0.0.1:0
 //	goload throughput -addr H:P [-host NAME] [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
-//	goload latency    -addr H:P[,H:P...] [-host NAME[,NAME...]] [-n 1000] [-block 50] [-seconds 0] [-timeout 10s]
+//	goload latency    -addr H:P[,H:P...] [-host NAME[,NAME...]] [-n 1000] [-block 50] [-seconds 0] [-rate 0 [-inflight 256]] [-timeout 10s]
 //	goload cps        -addr H:P [-host NAME] [-conns 8] [-seconds 3] [-timeout 10s]
 //	goload churn      -addr H:P [-conns 32] [-rate 0] [-seconds 3] [-rst] [-timeout 2s]
 //	goload hold       -addr H:P [-host NAME] [-n 10000] [-parallel 32] [-ping] [-src CIDR] [-timeout 120s]
@@ -38,7 +38,10 @@
 // fails 10 times in a row is not tried again: the rest count as errors); prints
 // {"addrs":[..],"block":..,"results":[one object as above per address]}.
 // With -seconds > 0 it also stops once that long has passed (n counts the
-// connections made).
+// connections made). With -rate R > 0 (one address) the loop is open: the
+// connections start on a schedule of R per second (at most -inflight at
+// once), each timed from its scheduled start, so that a stall of the relay
+// counts for every connection due during it.
 //
 // cps: -conns goroutines each loop connect + 1-byte echo + close for
 // -seconds; prints {"cps","completed","errors","seconds"}.
@@ -565,8 +568,21 @@ func latencyMain(args []string) {
 	block := fs.Int("block", 50, "with several addresses: connections to one before the next takes its turn")
 	seconds := fs.Float64("seconds", 0, "also stop after this long (0: no limit)")
 	timeout := fs.Duration("timeout", 10*time.Second, "give up on one connection after this long")
+	rate := fs.Float64("rate", 0, "open loop: start connections on this schedule (per second), one address only")
+	inflight := fs.Int("inflight", 256, "with -rate: most connections in flight")
 	parse(fs, args)
 	addrs := strings.Split(*addrList, ",")
+	if *rate > 0 {
+		if len(addrs) != 1 || *inflight < 1 {
+			usage("latency: -rate takes one -addr and -inflight >= 1")
+		}
+		hosts, err := parseHosts(*hostList, 1)
+		if err != nil {
+			usage("latency: %v", err)
+		}
+		emitJSON(openLoop(addrs[0], hosts[0], *n, *rate, *inflight, *seconds, *timeout))
+		return
+	}
 	var stopAt time.Time
 	if *seconds > 0 {
 		stopAt = time.Now().Add(time.Duration(*seconds * float64(time.Second)))
@@ -628,6 +644,49 @@ func latencyMain(args []string) {
 		return
 	}
 	emitJSON(map[string]interface{}{"addrs": addrs, "hosts": hosts, "block": *block, "results": results})
+}
+
+// openLoop starts connection i at start + i/rate whatever became of the
+// ones before (up to inflight at once; one that cannot start then starts as
+// soon as a slot frees) and times each from its scheduled start, so that a
+// stall of the server delays every connection due during it, as it would
+// delay visitors arriving on their own (a closed loop, one connection after
+// another, sees a stall once however long it lasts).
+func openLoop(addr, host string, n int, rate float64, inflight int, seconds float64, timeout time.Duration) latencyResult {
+	var errs firstError
+	var mu sync.Mutex
+	samples := make([]float64, 0, n)
+	slots := make(chan struct{}, inflight)
+	var wg sync.WaitGroup
+	start := time.Now()
+	interval := time.Duration(float64(time.Second) / rate)
+	for i := 0; i < n; i++ {
+		due := start.Add(time.Duration(i) * interval)
+		if seconds > 0 && due.Sub(start).Seconds() > seconds {
+			break
+		}
+		if d := time.Until(due); d > 0 {
+			time.Sleep(d)
+		}
+		slots <- struct{}{}
+		wg.Add(1)
+		go func(due time.Time) {
+			defer wg.Done()
+			defer func() { <-slots }()
+			c, err := ping(addr, host, timeout)
+			us := float64(time.Since(due).Nanoseconds()) / 1e3
+			if err != nil {
+				errs.add(err)
+				return
+			}
+			c.Close()
+			mu.Lock()
+			samples = append(samples, us)
+			mu.Unlock()
+		}(due)
+	}
+	wg.Wait()
+	return summarize(samples, &errs)
 }
 
 func summarize(samples []float64, errs *firstError) latencyResult {
