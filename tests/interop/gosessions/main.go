@@ -23,7 +23,9 @@
 // and prints {"opened","errors","seconds","error"}; then holds them for
 // -hold (or until stdin reaches EOF or SIGTERM/SIGINT arrives) and prints
 // {"held","lost","hb_timeouts","heartbeats","rtt_p50_ms","rtt_p99_ms",
-// "rtt_max_ms","seconds","error"}: lost counts sessions that ended while
+// "rtt_max_ms","open_rtt_p50_ms","open_rtt_p99_ms","seconds"}: the rtt
+// figures are the heartbeats' round trips while held, the open_ ones those
+// while the sessions were being opened; lost counts sessions that ended while
 // held (for any reason, the relay's heartbeat timeout included),
 // hb_timeouts the relay's heartbeats left unanswered for 13 s by this
 // side's view, heartbeats the echoes received. Then closes them all and
@@ -485,6 +487,12 @@ feed:
 		"opened": len(held), "errors": errs.n,
 		"seconds": time.Since(start).Seconds(), "error": errs.text(),
 	})
+	// the round trips while the sessions were being opened, apart
+	st.mu.Lock()
+	opening := append([]float64(nil), st.rtts...)
+	st.rtts = st.rtts[:0]
+	st.mu.Unlock()
+	sort.Float64s(opening)
 	// a session lost while opening the others counts as lost too
 	heldAt := time.Now()
 	if !stopped {
@@ -515,6 +523,7 @@ feed:
 		"heartbeats":  atomic.LoadInt64(&st.heartbeats),
 		"rtt_p50_ms":  percentile(rtts, 50), "rtt_p99_ms": percentile(rtts, 99),
 		"rtt_max_ms": max, "seconds": time.Since(heldAt).Seconds(),
+		"open_rtt_p50_ms": percentile(opening, 50), "open_rtt_p99_ms": percentile(opening, 99),
 	})
 	for _, s := range held {
 		s.sess.Close()
