@@ -150,6 +150,15 @@ def port_block(count: int, host: str = HOST, attempts: int = 300) -> int:
     raise BenchError(f"no block of {count} free ports on {host}")
 
 
+def thin(samples: list[Any], most: int) -> list[Any]:
+    """At most ``most`` of ``samples``, evenly spaced, the last one kept
+    (the JSON of a 30-minute soak stays small)."""
+    if len(samples) <= most:
+        return samples
+    step = len(samples) / (most - 1)
+    return [samples[int(i * step)] for i in range(most - 1)] + [samples[-1]]
+
+
 def parse_json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
@@ -484,7 +493,7 @@ class Capacity:
                     "fds_back": fds <= base_fds[r.name],
                     "fds_max": max(f for _, _, f in samples[r.name]),
                     "plateau": flat, "visitors": visitors, "agents": agents,
-                    "samples": samples[r.name],
+                    "samples": thin(samples[r.name], 120),
                     "heartbeat_timeouts": status["heartbeat_timeouts"] if status else None,
                 }
                 self.log(
