@@ -11,13 +11,50 @@ cannot be applied.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tcprelay import _reactor
 
-__all__ = ["own_process", "raise_open_files_limit"]
+__all__ = ["OLD_GENERATION_INTERVAL", "collect_old_generation_on_a_clock", "own_process",
+           "raise_open_files_limit"]
+
+OLD_GENERATION_INTERVAL = 60.0
+"""Seconds between two collections of the old generation in a daemon."""
+
+_NEVER = 1 << 30
+"""A third ``gc`` threshold no count of young collections reaches."""
+
+
+def collect_old_generation_on_a_clock(
+    reactor: Any, interval: float = OLD_GENERATION_INTERVAL
+) -> LoopingCall:
+    """
+    Collect the cyclic garbage collector's old generation every ``interval``
+    seconds instead of when CPython's counts say so; the young generations
+    stay as they are.
+
+    CPython runs a full collection whenever the objects promoted into the
+    old generation since the last one reach a quarter of it.  A relay holding
+    10,000 agent sessions promotes objects all the time (those that outlive
+    two young collections, such as what lives a heartbeat interval), so it
+    ran a full pass every 2-4 s: each walked every object the relay holds
+    (250-360 ms of CPU on a 2-CPU VM), collected nothing, and held up every
+    session meanwhile (benchmarks/results/capacity-sessions-*.json, the
+    ``sessions`` test of ``python -m benchmarks.capacity``).  The relay frees
+    its objects by reference counting; cycles that die young are still
+    collected at once, and those that reached the old generation wait at most
+    ``interval`` seconds.  For the daemons only.
+    """
+    young, middle, _old = gc.get_threshold()
+    gc.set_threshold(young, middle, _NEVER)
+    loop = LoopingCall(gc.collect)
+    loop.clock = reactor
+    loop.start(interval, now=False)
+    return loop
 
 
 def raise_open_files_limit(log: Logger) -> None:
@@ -46,9 +83,11 @@ def own_process(reactor: Any, busy_poll: float, log: Logger) -> None:
     """
     Tune the process for a daemon that owns it: the open-files limit, the
     reactor's lean poll step with ``busy_poll`` seconds of busy polling
-    (:func:`tcprelay._reactor.tune_reactor`), the allocator, and the
+    (:func:`tcprelay._reactor.tune_reactor`), the allocator, the
     start-up heap frozen once the reactor runs
-    (:func:`tcprelay._reactor.own_process`).  Call it before registering
+    (:func:`tcprelay._reactor.own_process`), then the garbage collector's
+    old generation collected on a clock
+    (:func:`collect_old_generation_on_a_clock`).  Call it before registering
     anything else to run at reactor start-up, so that what that creates is
     not frozen.  A tuning that cannot be applied is one log line.
     """
@@ -61,3 +100,4 @@ def own_process(reactor: Any, busy_poll: float, log: Logger) -> None:
             reactor=type(reactor).__name__,
         )
     _reactor.own_process(reactor)
+    reactor.callWhenRunning(collect_old_generation_on_a_clock, reactor)
