@@ -228,8 +228,10 @@ class FrameDecoder:
     A GOAWAY ends the session, so the decoder stops after it
     (:attr:`finished`): ngrok-rust writes the message's length alone in the
     header but sends the 8-byte body before the message, so a GOAWAY's
-    length cannot be trusted to find the next frame.  Its message is what
-    followed the body in the same read, for logs.
+    length cannot be trusted to find the next frame.  A length of 8 or more
+    is read as 8 + message (ngrok-rust then sent more than that, never
+    less); with a shorter one the message is what followed the 8-byte body
+    in the same read.  Messages are for logs.
     """
 
     __slots__ = ("_buf", "finished", "max_data")
@@ -315,10 +317,15 @@ class FrameDecoder:
             if ftype == FrameType.GOAWAY:
                 if sid != 0:
                     raise FrameError(ErrorCode.PROTOCOL, f"GOAWAY on stream {sid}, not 0")
-                if end - body < 8:
+                size = min(max(length, 8), 8 + 4096)
+                if end - body < size:
                     break
                 last, code = struct.unpack_from(">II", src, body)
-                message = bytes(view[body + 8 : min(end, body + 8 + 4096)])
+                # honest (8 + message) or ngrok-rust's (message only): both
+                # have sent at least ``size`` bytes; after a short one, the
+                # message is what followed in this read
+                stop = body + size if length >= 8 else min(end, body + 8 + 4096)
+                message = bytes(view[body + 8 : stop])
                 append(GoAway(last & STREAM_ID_MASK, code, message))
                 self.finished = True
                 return end

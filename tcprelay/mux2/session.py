@@ -670,7 +670,7 @@ class Session:
             st.needs_syn = False
             self._fin_sent(st)
             return
-        if sent and not pending:
+        if sent and not pending and not st.heartbeat:
             self._events.append(SendWindowOpened(sid))
 
     def _fin_sent(self, st: _Stream) -> None:
