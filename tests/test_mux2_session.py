@@ -246,3 +246,13 @@ def test_congested_holds_data_until_released() -> None:
     server.congested = False
     server.release_held()
     assert frames_of(server.data_to_send()) == [Data(sid, b"held")]
+
+
+def test_idle_timer_moves_on_without_frames() -> None:
+    """Each check moves the next one a quarter of the limit on, frames or not (no timer storm)."""
+    server = Session(Role.SERVER, now=0.0)
+    server.idle_timeout = 40.0
+    server.on_timer(12.0)
+    assert server.next_timer() == 22.0
+    server.on_timer(22.0)
+    assert server.next_timer() == 32.0

@@ -157,6 +157,7 @@ class Session:
         (None: never).  The door sets it from what the SDK says of its
         heartbeat."""
         self._last_heard = now
+        self._last_check = now
         self._heard_mark = 0
         self.heartbeats = 0
         """Heartbeats the peer sent (and were echoed)."""
@@ -388,8 +389,8 @@ class Session:
         idle = self.idle_timeout
         if idle is None:
             return flood
-        # checked at a quarter of the limit: the end comes at most that late
-        when = self._last_heard + idle / 4
+        # checked every quarter of the limit: the end comes at most that late
+        when = self._last_check + idle / 4
         return when if flood is None else min(when, flood)
 
     def on_timer(self, now: float) -> None:
@@ -400,6 +401,7 @@ class Session:
             self._replies_until = now + self.config.reset_flood_window
         if self.ended:
             return
+        self._last_check = now
         if self.frames_received != self._heard_mark:
             self._heard_mark = self.frames_received
             self._last_heard = now
