@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -143,3 +144,30 @@ def test_relay_restarted_sdk_comes_back_on_the_same_port(
     again = start_ngrok_relay(procs, pki, ngrok_port, control=relay.control, name="relay2")
     again.proc.wait_line(rf"ngrok agent \S+ serves \S+:{port} ", 30)
     echo_hash(port, 10_000)
+
+
+NODE = shutil.which("node") or ("/usr/bin/node" if Path("/usr/bin/node").exists() else None)
+NPM_DIR = Path(__file__).resolve().parents[2] / ".cache" / "npm"
+"""Where scripts/test installs @ngrok/ngrok (git-ignored)."""
+
+
+def test_javascript_sdk_binds_and_echoes(procs: Procs, pki: Pki, echo_server: EchoServer) -> None:
+    """The npm @ngrok/ngrok SDK binds a TCP endpoint through the relay; echo intact."""
+    if NODE is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is required in CI for the @ngrok/ngrok test")
+        pytest.skip("node is not installed")
+    if not (NPM_DIR / "node_modules" / "@ngrok" / "ngrok").is_dir():
+        pytest.fail(f"@ngrok/ngrok is not installed in {NPM_DIR}: run scripts/test (it installs it)")
+    ngrok_port = free_port_block(1)
+    relay = start_ngrok_relay(procs, pki, ngrok_port)
+    sdk = procs.start(
+        [NODE, Path(__file__).with_name("ngrok_js_agent.js"), f"localhost:{ngrok_port}", pki.ca, SECRET,
+         f"{HOST}:{echo_server.port}"],
+        "js-sdk",
+        env={"NODE_PATH": str(NPM_DIR / "node_modules")},
+    )
+    port = sdk_port(sdk)
+    assert port in relay.ports
+    sdk.wait_line("^READY$", STARTUP, stream="out")
+    echo_hash(port, 1024 * 1024)
