@@ -303,3 +303,25 @@ def test_http_bind_claims_a_name() -> None:
     other = NgrokPeer(mr)
     other.auth()
     assert "is taken" in other.bind("http", **opts)["Error"]
+
+
+def test_ngrok_option(tmp_path: object) -> None:
+    """--ngrok takes an endpoint (a bare port becomes tcp:), refuses a bad one, and adds the door to the service."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python import usage
+
+    from tcprelay import tap
+    from tcprelay.relay.doors.ngrok import NgrokDoor
+
+    def parse(*argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--control", "tcp:18080", *argv])
+        return options
+
+    assert parse("--ngrok", "4443")["ngrok"] == "tcp:4443"
+    assert parse()["ngrok"] is None
+    with pytest.raises(usage.UsageError, match="--ngrok 'ssl:4443:privateKey=/nonexistent"):
+        parse("--ngrok", "ssl:4443:privateKey=/nonexistent/key.pem")
+    service = tap.makeService(parse("--ngrok", "tcp:4443"), MemoryReactorClock())
+    doors = [s for s in service if isinstance(s, NgrokDoor)]
+    assert len(doors) == 1 and doors[0].name == "ngrok"
