@@ -1,10 +1,11 @@
 """
 A program of the e2e tests: the real ngrok Python SDK as an agent.
 
-    python ngrok_sdk_agent.py SERVER_ADDR CA_FILE AUTHTOKEN FORWARD_TO [--count N]
+    python ngrok_sdk_agent.py SERVER_ADDR CA_FILE AUTHTOKEN FORWARD_TO [--count N] [--http NAME]
 
 Connects to SERVER_ADDR with the CA in CA_FILE and AUTHTOKEN, opens N TCP
-endpoints forwarding to FORWARD_TO (``host:port``) and prints ``URL <url>``
+endpoints (HTTP endpoints for the domain NAME with ``--http``) forwarding
+to FORWARD_TO (``host:port``) and prints ``URL <url>``
 for each, then ``READY``, and runs until killed.  A failure to connect or
 bind prints ``ERROR <text>`` and exits 3.
 """
@@ -37,8 +38,13 @@ async def main(argv: list[str]) -> int:
             .connect()
         )
         listeners = []
+        http = argv[argv.index("--http") + 1] if "--http" in argv else None
         for _ in range(count):
-            listener = await session.tcp_endpoint().listen_and_forward(f"tcp://{forward_to}")
+            if http is not None:
+                builder = session.http_endpoint().domain(http)
+                listener = await builder.listen_and_forward(f"http://{forward_to}")
+            else:
+                listener = await session.tcp_endpoint().listen_and_forward(f"tcp://{forward_to}")
             listeners.append(listener)
             print("URL", listener.url(), flush=True)
     except Exception as e:  # noqa: BLE001 - what the SDK raises is the point

@@ -39,6 +39,7 @@ pytest.importorskip("ngrok", reason="the ngrok SDK (PyPI ngrok, in the test extr
 AGENT = Path(__file__).with_name("ngrok_sdk_agent.py")
 SECRET = "ngrok-e2e-secret-0123456789"
 URL_LINE = r"^URL tcp://([^:\s]+):(\d+)$"
+DOMAIN = "example.test"
 
 
 @pytest.fixture
@@ -48,7 +49,8 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def start_ngrok_relay(
-    procs: Procs, pki: Pki, ngrok_port: int, control: int | None = None, name: str = "relay"
+    procs: Procs, pki: Pki, ngrok_port: int, control: int | None = None, name: str = "relay",
+    extra: tuple[object, ...] = (),
 ) -> RelayProc:
     """The relay with the ngrok door on ``ngrok_port`` (TLS) and one secret."""
     secrets = procs.cwd / "secrets"
@@ -57,6 +59,7 @@ def start_ngrok_relay(
         procs,
         "--ngrok", f"ssl:{ngrok_port}:interface={HOST}:privateKey={pki.key}:certKey={pki.cert}",
         "--secrets-file", secrets,
+        *extra,
         pool=4,
         control=control,
         name=name,
@@ -67,12 +70,12 @@ def start_ngrok_relay(
 
 def start_sdk(
     procs: Procs, pki: Pki, ngrok_port: int, forward: int, token: str = SECRET, name: str = "sdk",
-    count: int = 1,
+    count: int = 1, http: str | None = None,
 ) -> Proc:
-    """The ngrok SDK agent forwarding ``count`` TCP endpoints to local port ``forward``."""
+    """The ngrok SDK agent forwarding ``count`` TCP endpoints (or an HTTP one) to local port ``forward``."""
     return procs.start(
         [sys.executable, AGENT, f"localhost:{ngrok_port}", pki.ca, token, f"{HOST}:{forward}",
-         "--count", count],
+         "--count", count, *(("--http", http) if http else ())],
         name,
         env={"NGROK_SDK_LOG": os.environ.get("NGROK_SDK_LOG", "")},
     )
@@ -140,10 +143,29 @@ def test_relay_restarted_sdk_comes_back_on_the_same_port(
     sdk = start_sdk(procs, pki, ngrok_port, echo_server.port)
     port = sdk_port(sdk)
     echo_hash(port, 10_000)
+    # The SDK retries about 0, 0.05 and 2.5 s after the loss, then after two
+    # minutes: the new relay is started at once.
     assert stop_relay(relay) == 0
     again = start_ngrok_relay(procs, pki, ngrok_port, control=relay.control, name="relay2")
     again.proc.wait_line(rf"ngrok agent \S+ serves \S+:{port} ", 30)
     echo_hash(port, 10_000)
+
+
+def test_sdk_http_endpoint_gets_a_name(procs: Procs, pki: Pki, echo_server: EchoServer) -> None:
+    """An HTTP endpoint with a domain claims that name on the shared HTTP entrance; a request reaches the service."""
+    ngrok_port, http_port = free_port_block(2), 0
+    http_port = ngrok_port + 1
+    start_ngrok_relay(
+        procs, pki, ngrok_port,
+        extra=("--http", f"tcp:{http_port}:interface={HOST}", "--domain", DOMAIN),
+    )
+    sdk = start_sdk(procs, pki, ngrok_port, echo_server.port, http="app")
+    url = sdk.wait_line(r"^URL (\S+)$", STARTUP, stream="out").group(1)
+    assert url == f"http://app.{DOMAIN}:{http_port}"
+    request = f"GET / HTTP/1.1\r\nHost: app.{DOMAIN}\r\nConnection: close\r\n\r\n".encode()
+    with visit(http_port) as sock:
+        sock.sendall(request)
+        assert recv_exactly(sock, len(request)) == request  # the echo service answers with the request
 
 
 NODE = shutil.which("node") or ("/usr/bin/node" if Path("/usr/bin/node").exists() else None)
