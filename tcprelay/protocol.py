@@ -375,7 +375,7 @@ class MuxProtocol(Protocol):
         self.clock = clock
         self.config = config
         self.acceptor = acceptor
-        self.session = Session(role, config, clock.seconds())
+        self.session = self.make_session(role, config, clock.seconds())
         self.streams: dict[int, MuxStream] = {}
         self.paused = False
         self.ended: Deferred[ev.SessionEnded] = Deferred()
@@ -413,6 +413,14 @@ class MuxProtocol(Protocol):
         self._frame_timer: Optional[IDelayedCall] = None
         self._frame_mark = 0
         self._owed_timer: Optional[IDelayedCall] = None
+
+    def make_session(self, role: Role, config: SessionConfig, now: float) -> Session:
+        """
+        The sans-IO session this adapter runs: muxado v1.  A subclass may
+        return another session with the same interface (the ngrok door's
+        :class:`tcprelay.mux2.session.Session`, muxado v2).
+        """
+        return Session(role, config, now)
 
     # -- Protocol ----------------------------------------------------------
 

@@ -284,6 +284,16 @@ class Options(ConfigFileOptions):
             "SSH door (public keys only); re-read when it changes.",
         ],
         [
+            "ngrok",
+            None,
+            None,
+            "Endpoint of the ngrok door: ngrok's agent SDKs (Python ngrok, "
+            "JavaScript @ngrok/ngrok) are agents, given server_addr and the "
+            "relay's CA; their authtoken is one of the relay's secrets (a TLS "
+            "endpoint, e.g. ssl:4443:privateKey=key.pem:certKey=cert.pem; "
+            "off by default).",
+        ],
+        [
             "head-timeout",
             None,
             "10",
@@ -525,6 +535,14 @@ class Options(ConfigFileOptions):
                 if not self["domain"]:
                     raise usage.UsageError(f"--{kind} needs --domain (the names it serves)")
         self._check_ssh()
+        if self["ngrok"] is not None:
+            spec = normalise_endpoint(self["ngrok"])
+            try:
+                if not self.reloading:
+                    serverFromString(MemoryReactor(), spec)
+            except Exception as e:
+                raise usage.UsageError(f"--ngrok {spec!r}: {e}") from None
+            self["ngrok"] = spec
         self["head-timeout"] = _positive("head-timeout", self["head-timeout"])
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
@@ -788,6 +806,10 @@ def makeService(
                 options["ssh-authorized-keys"],
             )
         )
+    if options["ngrok"] is not None:
+        from tcprelay.relay.doors.ngrok import NgrokDoor
+
+        entrances.append(NgrokDoor(relay, serverFromString(reactor, options["ngrok"])))
     return service_class(
         relay,
         control,
