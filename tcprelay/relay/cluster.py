@@ -148,20 +148,27 @@ class ClusterConfig:
 # -- the Redis connection -------------------------------------------------------
 
 
-def _redis_protocol_class() -> Any:
+def _redis_protocol_class(subscriber: bool = False) -> Any:
     try:
         import txredisapi
     except ImportError:  # pragma: no cover - setup.cfg's dependency
         raise RuntimeError(
-            "--cluster needs the txredisapi package (pip install txredisapi)"
+            "--cluster needs the txredisapi package (pip install 'tcprelay[cluster]')"
         ) from None
 
-    class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+    base = txredisapi.SubscriberProtocol if subscriber else txredisapi.RedisProtocol
+
+    class _Protocol(base):  # type: ignore[misc, valid-type]
         def connectionLost(self, why: Failure) -> None:
             super().connectionLost(why)
             link = getattr(self.factory, "link", None)
             if link is not None:
                 link._lost(self)
+
+        def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+            link = getattr(self.factory, "link", None)
+            if link is not None and link.on_message is not None:
+                link.on_message(message if isinstance(message, str) else str(message))
 
     return _Protocol
 
@@ -171,7 +178,7 @@ class _RedisFactory(Factory):
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
-        self.protocol_class = _redis_protocol_class()
+        self.protocol_class = _redis_protocol_class(link.channel is not None)
         self.isLazy = True
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Protocol:  # type: ignore[override]
@@ -210,13 +217,19 @@ class RedisLink(MultiService):
         on_up: Callable[[], None] = lambda: None,
         on_down: Callable[[], None] = lambda: None,
         reply_timeout: float = 2.0,
+        channel: Optional[str] = None,
+        on_message: Optional[Callable[[str], None]] = None,
     ) -> None:
+        """With ``channel``, the connection only subscribes to it and
+        passes each message to ``on_message``."""
         super().__init__()
         self.reactor = reactor
         self.address = address
         self.on_up = on_up
         self.on_down = on_down
         self.reply_timeout = reply_timeout
+        self.channel = channel
+        self.on_message = on_message
         self.protocol: Optional[Any] = None
         endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=reply_timeout)
         self._client = ClientService(
@@ -235,6 +248,8 @@ class RedisLink(MultiService):
         if self.protocol is protocol:
             return
         self.protocol = protocol
+        if self.channel is not None:
+            protocol.subscribe(self.channel).addErrback(lambda f: None)
         self.on_up()
 
     def _lost(self, protocol: Any) -> None:
@@ -341,6 +356,14 @@ class Cluster(MultiService):
         self.stats = ClusterStats()
         self.redis = RedisLink(reactor, config.redis, self._redis_up, self._redis_down)
         self.redis.setServiceParent(self)
+        self.channel = f"{config.prefix}events"
+        self.events = RedisLink(
+            reactor, config.redis, channel=self.channel, on_message=self._event
+        )
+        self.events.setServiceParent(self)
+        self._announced: dict[int, tuple[str, float]] = {}
+        """Ports other nodes announced they claimed: (node, until when
+        this holds without their node key listing it)."""
         self.nodes: dict[str, NodeInfo] = {}
         """The live nodes (this one included) as of the last refresh."""
         self.remote_ports: dict[int, str] = {}
@@ -394,7 +417,9 @@ class Cluster(MultiService):
         self._soon = None
         keys = [route_key(self.config.prefix, kind, name) for kind, name in self._local_routes()]
         node_key = f"{self.config.prefix}node:{self.node}"
-        leave = self.redis.eval(scripts.LEAVE, [node_key, *sorted(set(keys))], [self.node])
+        leave = self.redis.eval(
+            scripts.LEAVE, [node_key, *sorted(set(keys))], [self.node, self.channel]
+        )
 
         def left(result: object) -> None:
             if isinstance(result, Failure):
@@ -592,7 +617,14 @@ class Cluster(MultiService):
         d = self.redis.eval(
             scripts.CLAIM,
             [key],
-            [self.node, credential or "", lease or "", "1" if pool else "0", int(self.config.ttl * 1000)],
+            [
+                self.node,
+                credential or "",
+                lease or "",
+                "1" if pool else "0",
+                int(self.config.ttl * 1000),
+                self.channel,
+            ],
         )
 
         def decided(result: Any) -> str:
@@ -631,7 +663,7 @@ class Cluster(MultiService):
         if self._left:
             return
         key = route_key(self.config.prefix, route.kind, route.name)
-        d = self.redis.eval(scripts.RELEASE, [key], [self.node])
+        d = self.redis.eval(scripts.RELEASE, [key], [self.node, self.channel])
 
         def failed(failure: Failure) -> None:
             if not failure.check(RedisUnavailable):
@@ -641,11 +673,30 @@ class Cluster(MultiService):
 
     # -- ports of other nodes ------------------------------------------------------
 
+    def _event(self, message: str) -> None:
+        """A message on the events channel: a port claimed or released."""
+        what, _, rest = message.partition(" ")
+        node, _, key = rest.partition(" ")
+        prefix = f"{self.config.prefix}route:port:"
+        if node == self.node or not key.startswith(prefix) or self._left:
+            return
+        name = key[len(prefix):]
+        if not name.isdigit():
+            return
+        port = int(name)
+        if what == "claim":
+            self._announced[port] = (node, self.reactor.seconds() + 2 * self.config.ttl)
+            self._sync_ports()
+        elif what == "release":
+            self._announced.pop(port, None)
+            self.soon()
+
     def _sync_ports(self) -> None:
         """Keep the ports other nodes claimed out of the pool, and listen on them."""
         relay = self.relay
         in_range = set(relay.pool.ports)
         claimed: dict[int, str] = {}
+        listed: set[tuple[int, str]] = set()
         for info in self.nodes.values():
             if info.name == self.node:
                 continue
@@ -653,6 +704,15 @@ class Cluster(MultiService):
                 kind, _, name = entry.partition(":")
                 if kind == "port" and name.isdigit() and int(name) in in_range:
                     claimed[int(name)] = info.name
+                    listed.add((int(name), info.name))
+        # an announcement is newer than a node key (a port that moved from a
+        # dead node is still listed by its key until that expires)
+        now = self.reactor.seconds()
+        for port, (node, until) in list(self._announced.items()):
+            if until < now or (port, node) in listed:
+                del self._announced[port]
+            if until >= now and port in in_range:
+                claimed[port] = node
         local = {route.port for route, _ in relay.registry.routes() if isinstance(route, PortRoute)}
         local |= {lease.route.port for lease in self._leases() if isinstance(lease.route, PortRoute)}
         for port, owner in claimed.items():

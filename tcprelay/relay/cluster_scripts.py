@@ -17,6 +17,10 @@ cluster's prefix (``tcprelay:`` by default):
     JSON ``{"name", "address", "routes": ["KIND:NAME", ...], "since"}``,
     expiring (``PX``) unless the node refreshes it.
 
+``PREFIX events`` (a pub/sub channel, not a key)
+    ``claim NODE KEY`` and ``release NODE KEY`` for port routes, so that
+    the other nodes listen on (or stop listening on) a port at once.
+
 An entry whose expiry has passed counts as absent (a dead node's routes are
 free after the TTL even in a record another node keeps alive).  Times are
 Redis's own (``TIME``), so the nodes' clocks do not matter.
@@ -60,15 +64,21 @@ end
 CLAIM = (
     _COMMON
     + """
--- KEYS[1] route key; ARGV node, credential, lease token, pooled (1/0), ttl ms
+-- KEYS[1] route key; ARGV node, credential, lease token, pooled (1/0), ttl ms,
+-- channel: where a route taken is announced ('' for none)
 local key = KEYS[1]
 local node, cred, lease, pool, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
+local channel = ARGV[6] or ''
+local function announce()
+  if channel ~= '' then redis.call('PUBLISH', channel, 'claim ' .. node .. ' ' .. key) end
+end
 local now = now_ms()
 local rec = load(key, now)
 if not rec then
   rec = {c = cred, p = pool, n = {}, g = {}}
   rec.n[node] = {e = now + ttl, l = {}}
   store(key, rec, ttl)
+  announce()
   return {'ok', node}
 end
 if rec.n[node] then return {'local', node} end
@@ -81,6 +91,7 @@ if lease ~= '' and rec.c == cred and not rec.g[lease] then
         if #entry.l == 0 then rec.n[other] = nil end
         rec.n[node] = {e = now + ttl, l = {}}
         store(key, rec, ttl)
+        announce()
         return {'moved', other}
       end
     end
@@ -91,6 +102,7 @@ if rec.c ~= cred then return {'other', owner} end
 if pool and rec.p then
   rec.n[node] = {e = now + ttl, l = {}}
   store(key, rec, ttl)
+  announce()
   return {'joined', owner}
 end
 if rec.p then return {'pooled', owner} end
@@ -143,8 +155,10 @@ return out
 RELEASE = (
     _COMMON
     + """
--- KEYS route keys; ARGV node: this node no longer serves them
+-- KEYS route keys; ARGV node: this node no longer serves them; channel
+-- ('' for none): where that is announced
 local node = ARGV[1]
+local channel = ARGV[2] or ''
 local now = now_ms()
 for _, key in ipairs(KEYS) do
   local rec = load(key, now)
@@ -152,6 +166,7 @@ for _, key in ipairs(KEYS) do
     redis.call('DEL', key)
   elseif rec.n[node] ~= nil then
     rec.n[node] = nil
+    if channel ~= '' then redis.call('PUBLISH', channel, 'release ' .. node .. ' ' .. key) end
     if next(rec.n) == nil then
       redis.call('DEL', key)
     else

@@ -223,11 +223,17 @@ def test_visitors_at_any_node_reach_an_agent_of_node_1(
     for node in (n2, n3):
         data = f"through {node.name}".encode()
         assert _until(f"TCP visitor at {node.name}", lambda node=node, data=data: _echo(node.public, port, data) == data)
-    status2 = n2.status()["cluster"]
+    expected = sorted([f"http:{host_name}", f"port:{port}"])
+
+    def cluster_view() -> Any:
+        view = n2.status()["cluster"]
+        nodes = {entry["name"]: entry for entry in view["nodes"]}
+        node1 = nodes.get("node1")
+        return (view, nodes) if node1 is not None and sorted(node1["routes"]) == expected else None
+
+    status2, by_name = _until("node 2's /status listing node 1's routes", cluster_view, TTL)
     assert status2["node"] == "node2" and status2["redis"]["connected"] is True
-    by_name = {entry["name"]: entry for entry in status2["nodes"]}
     assert set(by_name) == {"node1", "node2", "node3"}
-    assert sorted(by_name["node1"]["routes"]) == sorted([f"http:{host_name}", f"port:{port}"])
     assert by_name["node2"]["routes"] == [] and status2["forwarded_out"] >= 2
     assert n1.status()["cluster"]["forwarded_in"] >= 4
     assert redis_server.keys() != []
