@@ -583,8 +583,6 @@ class Cluster(MultiService):
             if lease.route == route and (tokens is None or lease.token in tokens):
                 if registry.resume_lease(lease.token, lease.credential) is not None:
                     relay._lease_expired(route)
-                    if isinstance(route, NameRoute):
-                        self.release(route)
         tunnel = registry.lookup(route)
         if tunnel is None:
             return
@@ -815,16 +813,50 @@ class Cluster(MultiService):
         )
         splice.greeting = header + proxy + first
         splice.bytes_to_service = len(first)
+        self.stats.forwarded_out += 1
+        self._link_to(splice, kind, name, node, {node.name}, on_failed)
+        return splice
+
+    def _link_to(
+        self,
+        splice: Splice,
+        kind: str,
+        name: str,
+        node: NodeInfo,
+        tried: set[str],
+        on_failed: Optional[Callable[[], None]],
+    ) -> None:
+        """Connect ``splice``'s service side to ``node``; when it cannot be
+        reached (a node that just died), ask again who serves the route and
+        try another node once."""
         host, _, port = node.address.rpartition(":")
         endpoint = HostnameEndpoint(
             self.reactor, host.strip("[]"), int(port), timeout=LINK_CONNECT_TIMEOUT
         )
         factory = Factory.forProtocol(lambda: splice.service)
         factory.noisy = False
-        self.stats.forwarded_out += 1
+
+        def give_up() -> None:
+            self.stats.forward_failures += 1
+            if on_failed is not None:
+                on_failed()
+            transport = splice.visitor.transport
+            if transport is not None:
+                transport.abortConnection()
+
+        def again(nodes: list[NodeInfo]) -> None:
+            if splice.visitor.lost:
+                return
+            others = [n for n in nodes if n.name not in tried]
+            if not others or len(tried) > 1:
+                give_up()
+                return
+            chosen = choose_node(others)
+            assert chosen is not None
+            tried.add(chosen.name)
+            self._link_to(splice, kind, name, chosen, tried, on_failed)
 
         def failed(failure: Failure) -> None:
-            self.stats.forward_failures += 1
             self.forget(kind, name)
             self.log.info(
                 "cluster: cannot reach node {node} at {address} for a visitor of {kind} {name}: {error}",
@@ -834,14 +866,15 @@ class Cluster(MultiService):
                 name=name,
                 error=failure.getErrorMessage(),
             )
-            if on_failed is not None:
-                on_failed()
-            transport = splice.visitor.transport
-            if transport is not None:
-                transport.abortConnection()
+            if splice.visitor.lost or len(tried) > 1:
+                give_up()
+            elif kind == "port":
+                owner = self.port_owner(int(name))
+                again([owner] if owner is not None else [])
+            else:
+                self.lookup(kind, name).addCallbacks(again, lambda _: give_up())
 
         endpoint.connect(factory).addErrback(failed)
-        return splice
 
     # -- operators ------------------------------------------------------------------
 

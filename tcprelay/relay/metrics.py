@@ -171,7 +171,7 @@ def _cluster_metrics(cluster: Any) -> Iterator[Any]:
         nodes.add_metric([info.name], len(info.routes))
     yield nodes
     forwarded = CounterMetricFamily(
-        "tcprelay_cluster_visitors_forwarded",
+        "tcprelay_cluster_forwarded",
         "Visitors handed to another node (out) or from another node (in).",
         labels=["node", "direction"],
     )
@@ -179,14 +179,14 @@ def _cluster_metrics(cluster: Any) -> Iterator[Any]:
     forwarded.add_metric([node, "in"], cluster.stats.forwarded_in)
     yield forwarded
     failures = CounterMetricFamily(
-        "tcprelay_cluster_forward_failures",
+        "tcprelay_cluster_link_failures",
         "Visitors that could not be handed to their route's node.",
         labels=["node"],
     )
     failures.add_metric([node], cluster.stats.forward_failures)
     yield failures
     refused = CounterMetricFamily(
-        "tcprelay_cluster_claims_unavailable",
+        "tcprelay_cluster_unavailable",
         "Claims refused because the cluster's Redis was unreachable.",
         labels=["node"],
     )
