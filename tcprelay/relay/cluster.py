@@ -49,12 +49,13 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay import handshake as hs
+from tcprelay._fastio import connect_eager
 from tcprelay.forward import Splice
 from tcprelay.relay import cluster_scripts as scripts
 from tcprelay.relay.nodelink import LinkError, LinkHeader, LinkHeaderReader, encode_link_header
@@ -830,11 +831,6 @@ class Cluster(MultiService):
         reached (a node that just died), ask again who serves the route and
         try another node once."""
         host, _, port = node.address.rpartition(":")
-        endpoint = HostnameEndpoint(
-            self.reactor, host.strip("[]"), int(port), timeout=LINK_CONNECT_TIMEOUT
-        )
-        factory = Factory.forProtocol(lambda: splice.service)
-        factory.noisy = False
 
         def give_up() -> None:
             self.stats.forward_failures += 1
@@ -874,7 +870,15 @@ class Cluster(MultiService):
             else:
                 self.lookup(kind, name).addCallbacks(again, lambda _: give_up())
 
-        endpoint.connect(factory).addErrback(failed)
+        # connectTCP straight away (eager on loopback): no resolver thread
+        # for an IP address, one connect per visitor
+        connect_eager(
+            self.reactor,
+            host.strip("[]"),
+            int(port),
+            _LinkFactory(splice, failed),
+            timeout=LINK_CONNECT_TIMEOUT,
+        )
 
     # -- operators ------------------------------------------------------------------
 
@@ -901,6 +905,22 @@ class Cluster(MultiService):
             "claims_refused_unavailable": self.stats.claims_refused_unavailable,
             "links_refused": self.stats.links_refused,
         }
+
+
+class _LinkFactory(ClientFactory):
+    """Connects a forwarded visitor's splice to its route's node."""
+
+    noisy = False
+
+    def __init__(self, splice: Splice, failed: Callable[[Failure], None]) -> None:
+        self.splice = splice
+        self.failed = failed
+
+    def buildProtocol(self, addr: interfaces.IAddress) -> Protocol:  # type: ignore[override]
+        return self.splice.service
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failed(reason)
 
 
 def node_listen_endpoint(reactor: Any, host: str, port: int) -> interfaces.IStreamServerEndpoint:

@@ -290,6 +290,7 @@ def test_an_agent_of_a_killed_node_is_back_on_the_next_node(
     url2 = named.proc.wait_line(r"^(http://\S+)$", TAKEOVER, stream="out", count=2).group(1)
     host2, port2 = tcp.address(TAKEOVER, count=2)
     back = time.monotonic() - killed
+    print(f"takeover: both agents back on node 2 {back:.2f}s after kill -9 of node 1")
     assert _url_port(url2) == n2.http, url2
     assert host2 == n2.public and port2 == port
     assert back < TAKEOVER
