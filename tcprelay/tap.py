@@ -427,8 +427,7 @@ class Options(ConfigFileOptions):
             None,
             None,
             "Join a cluster of relay nodes sharing one registry in Redis: "
-            "redis://[:PASSWORD@]HOST[:PORT][/DB] (needs --node-address and "
-            "--cluster-secret).",
+            "redis://[:PASSWORD@]HOST[:PORT][/DB] (needs --node-address).",
         ],
         [
             "node-address",
@@ -448,7 +447,8 @@ class Options(ConfigFileOptions):
             None,
             None,
             "File holding the cluster secret (first line), the same on every "
-            "node: it authenticates node-to-node connections.",
+            "node: it authenticates node-to-node connections (default: one "
+            "the first node keeps in Redis).",
         ],
         [
             "cluster-ttl",
@@ -649,12 +649,12 @@ class Options(ConfigFileOptions):
         host = host.strip("[]")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise usage.UsageError(f"--node-address {address!r} is not HOST:PORT")
-        if not self["cluster-secret"]:
-            raise usage.UsageError("--cluster needs --cluster-secret FILE (the same on every node)")
-        try:
-            secret = read_secrets(self["cluster-secret"])[0]
-        except (OSError, ValueError, IndexError) as e:
-            raise usage.UsageError(f"--cluster-secret: {e}") from None
+        secret = None
+        if self["cluster-secret"]:
+            try:
+                secret = read_secrets(self["cluster-secret"])[0]
+            except (OSError, ValueError, IndexError) as e:
+                raise usage.UsageError(f"--cluster-secret: {e}") from None
         ttl = _positive("cluster-ttl", self["cluster-ttl"])
         if ttl < 1:
             raise usage.UsageError("--cluster-ttl must be at least 1 (second)")

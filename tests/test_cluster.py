@@ -103,7 +103,7 @@ def _options(tmp_path: Any, *extra: str) -> tap.Options:
 
 
 def test_cluster_options(tmp_path: Any) -> None:
-    """--cluster needs --node-address and --cluster-secret; the node name defaults to the address."""
+    """--cluster needs --node-address; the node name defaults to the address; the secret to None (kept in Redis)."""
     options = _options(
         tmp_path, "--cluster", "redis://127.0.0.1:6400/3", "--node-address", "10.0.0.1:7000",
         "--cluster-secret", "SECRET",
@@ -113,8 +113,9 @@ def test_cluster_options(tmp_path: Any) -> None:
     assert config.ttl == 5.0 and config.refresh == 1.0 and config.redis.db == 3
     with pytest.raises(usage.UsageError, match="--node-address"):
         _options(tmp_path, "--cluster", "redis://127.0.0.1", "--cluster-secret", "SECRET")
+    assert _options(tmp_path, "--cluster", "redis://127.0.0.1", "--node-address", "h:1")["cluster-config"].secret is None
     with pytest.raises(usage.UsageError, match="--cluster-secret"):
-        _options(tmp_path, "--cluster", "redis://127.0.0.1", "--node-address", "h:1")
+        _options(tmp_path, "--cluster", "redis://127.0.0.1", "--node-address", "h:1", "--cluster-secret", "/nonexistent")
     with pytest.raises(usage.UsageError, match="needs --cluster"):
         _options(tmp_path, "--node-name", "n1")
     with pytest.raises(usage.UsageError, match="--cluster"):
@@ -235,7 +236,7 @@ async def test_a_lease_token_moves_a_route_and_its_old_node_learns_it(reactor: A
 
 @pytest_twisted.ensureDeferred
 async def test_a_dead_nodes_entries_expire_and_leave_deletes_a_nodes_keys(reactor: Any, redis_server: RedisServer) -> None:
-    """An entry not refreshed within its TTL is free for anyone; a node that leaves deletes its node key and its entries."""
+    """An entry not refreshed within its TTL is free for anyone; a node that leaves deletes its node key and its entries, the last one the secret too."""
     link = await _link(reactor, redis_server)
     try:
         assert await _claim(link, KEY, "n1", ttl=300) == ["ok", "n1"]
@@ -245,8 +246,13 @@ async def test_a_dead_nodes_entries_expire_and_leave_deletes_a_nodes_keys(reacto
             await task.deferLater(reactor, 0.05, lambda: None)
         assert time.monotonic() - started >= 0.25
         await _refresh(link, "n2", [(KEY, "c2", False, [])])
-        assert redis_server.keys() == sorted([KEY, "tcprelay:node:n2"])
-        await link.eval(scripts.LEAVE, ["tcprelay:node:n2", KEY], ["n2"])
+        await _refresh(link, "n3", [])
+        assert await link.eval(scripts.SECRET, ["tcprelay:secret"], ["first"]) == "first"
+        assert await link.eval(scripts.SECRET, ["tcprelay:secret"], ["second"]) == "first"
+        assert redis_server.keys() == sorted([KEY, "tcprelay:node:n2", "tcprelay:node:n3", "tcprelay:secret"])
+        await link.eval(scripts.LEAVE, ["tcprelay:node:n2", KEY], ["n2", "", "tcprelay:"])
+        assert redis_server.keys() == ["tcprelay:node:n3", "tcprelay:secret"]
+        await link.eval(scripts.LEAVE, ["tcprelay:node:n3"], ["n3", "", "tcprelay:"])
         assert redis_server.keys() == []
     finally:
         await link.stopService()

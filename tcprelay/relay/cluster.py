@@ -35,6 +35,7 @@ while Redis is unreachable fails at once instead of waiting for it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
@@ -80,6 +81,9 @@ LOOKUP_CACHE = 1.0
 """Seconds a node remembers which node serves a name it does not hold."""
 LINK_CONNECT_TIMEOUT = 5.0
 """Seconds a node-to-node connection may take to connect."""
+MIRROR_RETRY = 10.0
+"""Seconds before a node tries again to listen on a port of another node
+that it could not bind (another process, or that node on the same address)."""
 
 
 class RedisUnavailable(Exception):
@@ -130,8 +134,9 @@ class ClusterConfig:
     node_host: str
     """The host other nodes reach this node at (``--node-address``)."""
     node_port: int
-    secret: bytes
-    """The cluster secret: authenticates node-to-node connections."""
+    secret: Optional[bytes]
+    """The cluster secret: authenticates node-to-node connections (None:
+    the one kept in Redis, created by the first node)."""
     ttl: float = DEFAULT_TTL
     prefix: str = "tcprelay:"
 
@@ -362,6 +367,8 @@ class Cluster(MultiService):
             reactor, config.redis, channel=self.channel, on_message=self._event
         )
         self.events.setServiceParent(self)
+        self._mirror_failed: dict[int, float] = {}
+        """Ports of other nodes this node could not listen on, and when."""
         self._announced: dict[int, tuple[str, float]] = {}
         """Ports other nodes announced they claimed: (node, until when
         this holds without their node key listing it)."""
@@ -379,6 +386,8 @@ class Cluster(MultiService):
         self._left = False
         self._started_at = time.time()
         self._was_up = False
+        self.secret: Optional[bytes] = config.secret
+        """The cluster secret (None until read from Redis when not given)."""
         if listen_endpoint is None:
             listen_endpoint = node_listen_endpoint(reactor, config.node_host, config.node_port)
         from twisted.application.internet import StreamServerEndpointService
@@ -419,7 +428,9 @@ class Cluster(MultiService):
         keys = [route_key(self.config.prefix, kind, name) for kind, name in self._local_routes()]
         node_key = f"{self.config.prefix}node:{self.node}"
         leave = self.redis.eval(
-            scripts.LEAVE, [node_key, *sorted(set(keys))], [self.node, self.channel]
+            scripts.LEAVE,
+            [node_key, *sorted(set(keys))],
+            [self.node, self.channel, self.config.prefix],
         )
 
         def left(result: object) -> None:
@@ -443,7 +454,27 @@ class Cluster(MultiService):
             again="; re-asserting its routes" if self._was_up else "",
         )
         self._was_up = True
+        if self.config.secret is None:
+            self._fetch_secret()
         self.soon()
+
+    def _fetch_secret(self) -> None:
+        """The cluster secret kept in Redis (this node's, if Redis has none:
+        the first node, or Redis restarted empty)."""
+        mine = self.secret.decode() if self.secret is not None else os.urandom(32).hex()
+        key = f"{self.config.prefix}secret"
+
+        def got(value: Any) -> None:
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and value:
+                self.secret = value.encode()
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(RedisUnavailable):
+                self.log.failure("reading the cluster secret", failure)
+
+        self.redis.eval(scripts.SECRET, [key], [mine]).addCallbacks(got, failed)
 
     def _redis_down(self) -> None:
         if self._left:
@@ -701,7 +732,7 @@ class Cluster(MultiService):
                 continue
             for entry in info.routes:
                 kind, _, name = entry.partition(":")
-                if kind == "port" and name.isdigit() and int(name) in in_range:
+                if kind == "port" and name.isdigit():
                     claimed[int(name)] = info.name
                     listed.add((int(name), info.name))
         # an announcement is newer than a node key (a port that moved from a
@@ -710,7 +741,7 @@ class Cluster(MultiService):
         for port, (node, until) in list(self._announced.items()):
             if until < now or (port, node) in listed:
                 del self._announced[port]
-            if until >= now and port in in_range:
+            if until >= now:
                 claimed[port] = node
         local = {route.port for route, _ in relay.registry.routes() if isinstance(route, PortRoute)}
         local |= {lease.route.port for lease in self._leases() if isinstance(lease.route, PortRoute)}
@@ -718,19 +749,31 @@ class Cluster(MultiService):
             if port in local:
                 continue
             if port not in self.remote_ports:
-                if not relay.pool.take(port):
+                if port in in_range and not relay.pool.take(port):
                     continue  # being claimed here right now
-                self.remote_ports[port] = owner
-            else:
-                self.remote_ports[port] = owner
-            relay.ports.mirror(port)
+            self.remote_ports[port] = owner
+            self._mirror(port, now)
         for port in [p for p in self.remote_ports if p not in claimed]:
             del self.remote_ports[port]
+            self._mirror_failed.pop(port, None)
             closing = relay.ports.unmirror(port)
             if closing is None:
                 relay.pool.release(port)
             else:
                 closing.addBoth(lambda _, port=port: relay.pool.release(port))
+
+    def _mirror(self, port: int, now: float) -> None:
+        """Listen on another node's ``port`` (a port outside this node's
+        range too: nodes with ranges of their own on addresses of their
+        own); a port that cannot be bound is tried again after
+        :data:`MIRROR_RETRY` seconds."""
+        failed = self._mirror_failed.get(port)
+        if failed is not None and now - failed < MIRROR_RETRY:
+            return
+        if self.relay.ports.mirror(port):
+            self._mirror_failed.pop(port, None)
+        else:
+            self._mirror_failed[port] = now
 
     def take_remote(self, port: int) -> bool:
         """Take a port another node holds out of :attr:`remote_ports` (an
@@ -740,7 +783,7 @@ class Cluster(MultiService):
     def give_back_remote(self, port: int, owner: str) -> None:
         """A port whose claim lost to ``owner``: keep it out of the pool."""
         self.remote_ports[port] = owner
-        self.relay.ports.mirror(port)
+        self._mirror(port, self.reactor.seconds())
 
     # -- visitors of other nodes ------------------------------------------------------
 
@@ -801,9 +844,12 @@ class Cluster(MultiService):
         if ``node`` cannot be reached (the visitor is then closed).
         """
         splice = Splice()
-        header = encode_link_header(
-            LinkHeader(kind, name, self.node, time.time()), self.config.secret
-        )
+        secret = self.secret
+        if secret is None:  # not read from Redis yet: no link can be trusted
+            self.stats.forward_failures += 1
+            self.reactor.callLater(0, lambda: _abort(splice))
+            return splice
+        header = encode_link_header(LinkHeader(kind, name, self.node, time.time()), secret)
         proxy = hs.encode_proxy_v2(
             hs.ProxyHeader(
                 getattr(peer, "host", "0.0.0.0"),
@@ -907,6 +953,12 @@ class Cluster(MultiService):
         }
 
 
+def _abort(splice: Splice) -> None:
+    transport = splice.visitor.transport
+    if transport is not None:
+        transport.abortConnection()
+
+
 class _LinkFactory(ClientFactory):
     """Connects a forwarded visitor's splice to its route's node."""
 
@@ -951,7 +1003,10 @@ class NodeLinkProtocol(Protocol):
 
     def connectionMade(self) -> None:
         cluster = self.cluster
-        self._reader = LinkHeaderReader(cluster.config.secret, time.time())
+        if cluster.secret is None:
+            self._refuse("this node does not know the cluster secret yet")
+            return
+        self._reader = LinkHeaderReader(cluster.secret, time.time())
         self._timer = cluster.reactor.callLater(10, self._refuse, "no link header in time")
 
     def _refuse(self, why: str) -> None:

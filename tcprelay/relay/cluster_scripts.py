@@ -17,6 +17,11 @@ cluster's prefix (``tcprelay:`` by default):
     JSON ``{"name", "address", "routes": ["KIND:NAME", ...], "since"}``,
     expiring (``PX``) unless the node refreshes it.
 
+``PREFIX secret``
+    The cluster secret, when the nodes are not given one
+    (``--cluster-secret``): created by the first node, deleted by the last
+    one to stop.
+
 ``PREFIX events`` (a pub/sub channel, not a key)
     ``claim NODE KEY`` and ``release NODE KEY`` for port routes, so that
     the other nodes listen on (or stop listening on) a port at once.
@@ -28,7 +33,7 @@ Redis's own (``TIME``), so the nodes' clocks do not matter.
 
 from __future__ import annotations
 
-__all__ = ["CLAIM", "LEAVE", "LOOKUP", "REFRESH", "RELEASE"]
+__all__ = ["CLAIM", "LEAVE", "LOOKUP", "REFRESH", "RELEASE", "SECRET"]
 
 _COMMON = """
 local function now_ms()
@@ -178,11 +183,35 @@ return 1
 """
 )
 
-LEAVE = (
-    RELEASE.replace("for _, key in ipairs(KEYS) do", "for i = 2, #KEYS do\n  local key = KEYS[i]", 1)
-    .replace("return 1\n", "redis.call('DEL', KEYS[1])\nreturn 1\n")
+LEAVE = RELEASE.replace(
+    "for _, key in ipairs(KEYS) do", "for i = 2, #KEYS do\n  local key = KEYS[i]", 1
+).replace(
+    "return 1\n",
+    """redis.call('DEL', KEYS[1])
+-- the last node to leave takes the cluster secret kept in Redis with it
+local r = redis.call('SCAN', '0', 'MATCH', ARGV[3] .. 'node:*', 'COUNT', 1000)
+local others = #r[2] > 0
+while not others and r[1] ~= '0' do
+  r = redis.call('SCAN', r[1], 'MATCH', ARGV[3] .. 'node:*', 'COUNT', 1000)
+  others = #r[2] > 0
+end
+if not others then redis.call('DEL', ARGV[3] .. 'secret') end
+return 1
+""",
 )
-"""Like RELEASE for KEYS[2..], and the node's own key (KEYS[1]) deleted."""
+"""Like RELEASE for KEYS[2..] (ARGV node, channel, prefix), and the node's
+own key (KEYS[1]) deleted; the last node also deletes ``PREFIX secret``."""
+
+SECRET = """
+-- KEYS[1] the secret's key; ARGV[1] the secret to keep if there is none
+local v = redis.call('GET', KEYS[1])
+if not v then
+  v = ARGV[1]
+  redis.call('SET', KEYS[1], v)
+end
+return v
+"""
+"""The cluster secret kept in Redis when the nodes are given none."""
 
 LOOKUP = (
     _COMMON

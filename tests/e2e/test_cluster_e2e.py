@@ -65,18 +65,32 @@ class Node:
 class Cluster:
     """Three nodes (or more) sharing one Redis and one public port range."""
 
-    def __init__(self, procs: Procs, redis: RedisServer, tmp: Path, count: int = 3) -> None:
+    def __init__(
+        self, procs: Procs, redis: RedisServer, tmp: Path, count: int = 3, secret: bool = True
+    ) -> None:
+        """Start ``count`` nodes; with ``secret`` they are given a cluster
+        secret file, else they share the one the first node keeps in Redis."""
         self.procs = procs
         self.redis = redis
-        self.secret = tmp / "cluster-secret"
-        self.secret.write_text("a cluster secret for the tests\n")
+        self.secret: Optional[Path] = None
+        if secret:
+            self.secret = tmp / "cluster-secret"
+            self.secret.write_text("a cluster secret for the tests\n")
         self.ports_first = free_port_block(4)
         self.ports = range(self.ports_first, self.ports_first + 4)
         self.nodes: list[Node] = []
         for index in range(1, count + 1):
             self.nodes.append(self._start(index))
-        for node in self.nodes:
-            node.relay.proc.wait_line(r"ControlFactory starting on", 20)
+        for index, node in enumerate(self.nodes):
+            for attempt in range(3):
+                try:
+                    node.relay.proc.wait_line(r"ControlFactory starting on", 20)
+                    break
+                except pytest.fail.Exception:
+                    # another program took one of its ports meanwhile: new ones
+                    if attempt == 2 or not node.relay.proc.matching("Address already in use"):
+                        raise
+                    node = self.nodes[index] = self._start(index + 1)
             node.relay.proc.wait_line(r"cluster: node \S+ connected to Redis", 20)
 
     def _start(self, index: int) -> Node:
@@ -95,7 +109,7 @@ class Cluster:
             "--cluster", self.redis.url,
             "--node-name", name,
             "--node-address", f"{HOST}:{link}",
-            "--cluster-secret", self.secret,
+            *(["--cluster-secret", self.secret] if self.secret is not None else []),
             "--cluster-ttl", str(TTL),
             "--lease", "30",
             control=control,
@@ -203,8 +217,8 @@ def _url_port(url: str) -> int:
 def test_visitors_at_any_node_reach_an_agent_of_node_1(
     procs: Procs, redis_server: RedisServer, tmp_path: Path, http_services: Any, echo_server: EchoServer
 ) -> None:
-    """An agent on node 1 (HTTP name and TCP port) serves visitors arriving at nodes 2 and 3, who keep their address; /status shows the cluster; a clean stop leaves no key."""
-    cluster = Cluster(procs, redis_server, tmp_path)
+    """An agent on node 1 (HTTP name and TCP port) serves visitors arriving at nodes 2 and 3, who keep their address; /status shows the cluster; a clean stop leaves no key (the cluster secret kept in Redis included)."""
+    cluster = Cluster(procs, redis_server, tmp_path, secret=False)
     n1, n2, n3 = cluster.nodes
     web = http_services("web")
     named = start_agent(procs, web.port, n1.relay.address, "--http", "app", "--proxy-protocol", "v1", name="agent-http")
@@ -302,8 +316,8 @@ def test_an_agent_of_a_killed_node_is_back_on_the_next_node(
 def test_a_node_that_loses_redis_serves_its_routes_and_refuses_new_ones(
     procs: Procs, redis_server: RedisServer, tmp_path: Path, http_services: Any
 ) -> None:
-    """Redis stopped: local routes keep serving and new claims are refused clearly (retryable); Redis back: the nodes re-assert their routes and claims and forwarding work again."""
-    cluster = Cluster(procs, redis_server, tmp_path)
+    """Redis stopped: local routes keep serving and new claims are refused clearly (retryable); Redis back: the nodes re-assert their routes (and the cluster secret kept in Redis), claims and forwarding work again."""
+    cluster = Cluster(procs, redis_server, tmp_path, secret=False)
     n1, n2, n3 = cluster.nodes
     web, other = http_services("web"), http_services("other")
     named = start_agent(procs, web.port, n1.relay.address, "--http", "app", name="agent-http")
