@@ -283,3 +283,65 @@ async def test_commands_fail_at_once_without_redis(reactor: Any) -> None:
             await _claim(link, KEY, "n1")
     finally:
         await link.stopService()
+
+
+# -- the relay's claims while Redis is unreachable -----------------------------------------
+
+
+def _cluster_relay(tmp_path: Any) -> Any:
+    """A relay on a memory reactor whose cluster has no connection to Redis (never started)."""
+    from tcprelay.relay.cluster import Cluster, ClusterConfig
+    from tcprelay.relay.config import RelayConfig
+    from tcprelay.relay.core import Relay
+    from tcprelay.relay.pool import PortPool
+
+    reactor = MemoryReactorClock()
+    config = RelayConfig(ports=range(20000, 20002), domains=("example.test",), http_port=8000)
+    relay = Relay(config, PortPool(config.ports, reactor), reactor)
+    relay.cluster = Cluster(
+        relay,
+        ClusterConfig(parse_redis_url("redis://127.0.0.1:1/0"), "n1", "127.0.0.1", 7000, b"s"),
+        reactor,
+    )
+    return relay
+
+
+def test_claims_are_refused_retryably_while_redis_is_unreachable(tmp_path: Any) -> None:
+    """Without Redis, a name or port claim fails at once with a retryable refusal that says why, and the port goes back to the pool."""
+    from tcprelay.relay.core import RouteRefused
+
+    relay = _cluster_relay(tmp_path)
+    failures: list[Any] = []
+    relay.claim_name("http", "app", None, None).addErrback(failures.append)
+    relay.claim_port(None, None, None, lambda position: None).addErrback(failures.append)
+    assert len(failures) == 2
+    for failure in failures:
+        assert failure.check(RouteRefused) and failure.value.retry
+        assert "registry is unreachable" in str(failure.value)
+    assert relay.pool.free == 2 and len(relay.ports) == 0
+    assert relay.cluster.stats.claims_refused_unavailable == 2
+    # nothing is left marked as being claimed
+    assert relay._claiming == set()
+
+
+def test_a_port_another_node_holds_is_skipped() -> None:
+    """A port claim the cluster refuses because another node holds the port keeps it out of the pool and takes the next one."""
+    from tcprelay.relay.core import RouteRefused
+
+    relay = _cluster_relay(None)
+    cluster = relay.cluster
+    ports_listened: list[int] = []
+    relay.ports.listen = lambda route: ports_listened.append(route.port)  # type: ignore[method-assign]
+    relay.ports.mirror = lambda port: True  # type: ignore[method-assign]
+
+    def claim(route: Any, credential: Any, lease: Any, pool: Any) -> Deferred[str]:
+        if route.port == 20000:
+            refusal = RouteRefused("port 20000 is taken (on node n2)", retry=True, owner="n2")
+            return fail(refusal)
+        return succeed("ok")
+
+    cluster.claim = claim  # type: ignore[method-assign]
+    routes: list[Any] = []
+    relay.claim_port(None, None, None, lambda position: None).addCallback(routes.append)
+    assert [r.port for r in routes] == [20001] and ports_listened == [20001]
+    assert cluster.remote_ports == {20000: "n2"} and relay.pool.free == 0
