@@ -367,6 +367,8 @@ class Cluster(MultiService):
             reactor, config.redis, channel=self.channel, on_message=self._event
         )
         self.events.setServiceParent(self)
+        self._claims: dict[str, int] = {}
+        """Route keys of the claims under way (a stop deletes them too)."""
         self._mirror_failed: dict[int, float] = {}
         """Ports of other nodes this node could not listen on, and when."""
         self._announced: dict[int, tuple[str, float]] = {}
@@ -426,6 +428,7 @@ class Cluster(MultiService):
             self._soon.cancel()
         self._soon = None
         keys = [route_key(self.config.prefix, kind, name) for kind, name in self._local_routes()]
+        keys += list(self._claims)
         node_key = f"{self.config.prefix}node:{self.node}"
         leave = self.redis.eval(
             scripts.LEAVE,
@@ -644,6 +647,14 @@ class Cluster(MultiService):
         if self._left:
             return fail(RouteRefused("the relay is shutting down", retry=True))
         key = route_key(self.config.prefix, route.kind, route.name)
+        self._claims[key] = self._claims.get(key, 0) + 1
+
+        def settled(result: object) -> object:
+            count = self._claims.pop(key, 1) - 1
+            if count > 0:
+                self._claims[key] = count
+            return result
+
         d = self.redis.eval(
             scripts.CLAIM,
             [key],
@@ -686,7 +697,7 @@ class Cluster(MultiService):
                 )
             return failure
 
-        return d.addCallbacks(decided, unavailable)
+        return d.addBoth(settled).addCallbacks(decided, unavailable)
 
     def release(self, route: Any) -> None:
         """This node no longer serves or holds ``route`` (fire and forget)."""
