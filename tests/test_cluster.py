@@ -345,3 +345,59 @@ def test_a_port_another_node_holds_is_skipped() -> None:
     relay.claim_port(None, None, None, lambda position: None).addCallback(routes.append)
     assert [r.port for r in routes] == [20001] and ports_listened == [20001]
     assert cluster.remote_ports == {20000: "n2"} and relay.pool.free == 0
+
+
+# -- two relays of one cluster, in this process --------------------------------------------
+
+
+async def _node(reactor: Any, server: RedisServer, name: str, first_port: int) -> Any:
+    """A relay of the cluster (only its Redis connection started; its ports on 127.0.0.1)."""
+    from tcprelay.relay.cluster import Cluster, ClusterConfig
+    from tcprelay.relay.config import RelayConfig
+    from tcprelay.relay.core import Relay
+    from tcprelay.relay.pool import PortPool
+
+    config = RelayConfig(
+        ports=range(first_port, first_port + 2),
+        public_interface="127.0.0.1",
+        domains=("example.test",),
+        http_port=8000,
+    )
+    relay = Relay(config, PortPool(config.ports, reactor), reactor)
+    relay.cluster = Cluster(
+        relay, ClusterConfig(parse_redis_url(server.url), name, "127.0.0.1", 1, b"s"), reactor
+    )
+    relay.cluster.redis.startService()
+    deadline = time.monotonic() + 10
+    while not relay.cluster.up:
+        assert time.monotonic() < deadline, "no connection to redis-server"
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return relay
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_relays_never_give_out_one_name_or_port(reactor: Any, redis_server: RedisServer) -> None:
+    """Two relays of a cluster: the second is refused a name the first holds, saying where, and takes the next port when the first holds its pool's first one."""
+    from tcprelay.relay.core import RouteRefused
+
+    first = free_port_block(2)
+    one = await _node(reactor, redis_server, "n1", first)
+    two = await _node(reactor, redis_server, "n2", first)
+    routes: list[Any] = []
+    try:
+        name = await one.claim_name("http", "app", None, "c1")
+        assert name.name == "app.example.test"
+        with pytest.raises(RouteRefused, match=r"http name app.example.test is taken \(not pooled, on node n1\)") as refused:
+            await two.claim_name("http", "app", None, "c1")
+        assert refused.value.retry and refused.value.owner == "n1"
+        port1 = await one.claim_port(None, None, "c1", lambda position: None)
+        routes.append((one, port1))
+        port2 = await two.claim_port(None, None, "c1", lambda position: None)
+        routes.append((two, port2))
+        assert (port1.port, port2.port) == (first, first + 1)
+        assert two.cluster.remote_ports == {first: "n1"}
+    finally:
+        for relay, route in routes:
+            await relay.release_route(route)
+        for relay in (one, two):
+            await relay.cluster.redis.stopService()

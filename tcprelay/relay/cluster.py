@@ -680,12 +680,16 @@ class Cluster(MultiService):
                 self.soon()
                 return status
             if status == "other":
-                raise RouteRefused(f"{what} is taken (on node {owner})", retry=True)
+                raise RouteRefused(f"{what} is taken (on node {owner})", retry=True, owner=owner)
             if status == "pooled":
                 raise RouteRefused(
-                    f"{what} is pooled on node {owner}: ask to pool to join it", retry=True
+                    f"{what} is pooled on node {owner}: ask to pool to join it",
+                    retry=True,
+                    owner=owner,
                 )
-            raise RouteRefused(f"{what} is taken (not pooled, on node {owner})", retry=True)
+            raise RouteRefused(
+                f"{what} is taken (not pooled, on node {owner})", retry=True, owner=owner
+            )
 
         def unavailable(failure: Failure) -> Failure:
             if failure.check(RedisUnavailable):
