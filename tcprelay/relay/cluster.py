@@ -968,6 +968,12 @@ class Cluster(MultiService):
         }
 
 
+def _address(host: str, port: int) -> interfaces.IAddress:
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
+
+
 def _abort(splice: Splice) -> None:
     transport = splice.visitor.transport
     if transport is not None:
@@ -1072,12 +1078,10 @@ class NodeLinkProtocol(Protocol):
         if tunnel is None or relay.draining:
             self._refuse(f"{header.kind} {header.name} is not served by this node")
             return
+        dialled: Optional[interfaces.IAddress] = None
         if proxy is not None:
-            peer: interfaces.IAddress = (
-                IPv6Address("TCP", proxy.source_host, proxy.source_port)
-                if ":" in proxy.source_host
-                else IPv4Address("TCP", proxy.source_host, proxy.source_port)
-            )
+            peer: interfaces.IAddress = _address(proxy.source_host, proxy.source_port)
+            dialled = _address(proxy.dest_host, proxy.dest_port)
         else:
             peer = self.transport.getPeer()
         guard = relay.guard
@@ -1085,7 +1089,7 @@ class NodeLinkProtocol(Protocol):
         if not guard.admit_visitor(route, tunnel, peer):
             self.transport.abortConnection()
             return
-        protocol = relay.splice_visitor(tunnel, peer, first)
+        protocol = relay.splice_visitor(tunnel, peer, first, dialled)
         if protocol is None:
             guard.not_spliced(route, peer)
             self.transport.abortConnection()

@@ -80,11 +80,19 @@ class RouteRefused(Exception):
 class Visitor:
     """A visitor a tunnel opens a stream for (see :class:`IVisitor`)."""
 
-    __slots__ = ("peer", "first", "_waiting")
+    __slots__ = ("peer", "first", "dialled", "_waiting")
 
-    def __init__(self, peer: interfaces.IAddress, first: bytes) -> None:
+    def __init__(
+        self,
+        peer: interfaces.IAddress,
+        first: bytes,
+        dialled: Optional[interfaces.IAddress] = None,
+    ) -> None:
         self.peer = peer
         self.first = first
+        self.dialled = dialled
+        """The address the visitor dialled when it is not its transport's own
+        (a visitor another node of the cluster forwarded), else None."""
         self._waiting: Optional[list[Callable[[Any], None]]] = None
 
     def when_connected(self, callback: Callable[[Any], None]) -> None:
@@ -623,18 +631,24 @@ class Relay(Service):
     # -- visitors: brought by entrances -----------------------------------
 
     def splice_visitor(
-        self, tunnel: ITunnel, peer: interfaces.IAddress, first: bytes
+        self,
+        tunnel: ITunnel,
+        peer: interfaces.IAddress,
+        first: bytes,
+        dialled: Optional[interfaces.IAddress] = None,
     ) -> Optional[Any]:
         """
         Splice a new visitor from ``peer``, who has already sent ``first``,
         to a new stream of ``tunnel``: the protocol to run on the visitor's
         transport, or None (counted as refused) when the tunnel cannot.
+        ``dialled`` is the address the visitor connected to when it is not
+        that transport's own (a visitor forwarded by another node).
         """
         stats = self.stats
         if self.draining:
             stats.visitors_refused += 1
             return None
-        visitor = Visitor(peer, first)
+        visitor = Visitor(peer, first, dialled)
         try:
             if isinstance(tunnel, PooledTunnel):
                 # the member's own visitor: it leaves (or drains) with it

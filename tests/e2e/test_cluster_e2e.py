@@ -232,8 +232,11 @@ def test_visitors_at_any_node_reach_an_agent_of_node_1(
             f"HTTP visitor at {node.name}", lambda node=node: _get(node.http, host_name, "127.0.0.9")
         )
         assert (status, body) == (200, b"service web\n")
-        # the visitor's own address reached the service (PROXY v1 from the agent)
-        assert web.heads[-1].startswith(b"PROXY TCP4 127.0.0.9 "), web.heads[-1][:60]
+        # the visitor's own address, and the one it dialled (the entrance of
+        # the node it reached), reached the service (PROXY v1 from the agent)
+        proxy = web.heads[-1].split(b"\r\n", 1)[0].split()
+        assert proxy[:3] == [b"PROXY", b"TCP4", b"127.0.0.9"], web.heads[-1][:60]
+        assert int(proxy[5]) == node.http, (proxy, node.name)
     for node in (n2, n3):
         data = f"through {node.name}".encode()
         assert _until(f"TCP visitor at {node.name}", lambda node=node, data=data: _echo(node.public, port, data) == data)
