@@ -338,3 +338,30 @@ def test_a_node_that_loses_redis_serves_its_routes_and_refuses_new_ones(
     assert _until("HTTP visitor at node 3 after Redis is back", lambda: _get(n3.http, f"app.{DOMAIN}") == (200, b"service web\n"))
     assert _until("the late agent from node 1", lambda: _get(n1.http, f"late.{DOMAIN}") == (200, b"service other\n"))
     assert f"tcprelay:route:http:app.{DOMAIN}" in redis_server.keys()
+
+
+def test_a_lease_presented_at_another_node_moves_the_route_from_a_live_one(
+    procs: Procs, redis_server: RedisServer, tmp_path: Path, http_services: Any
+) -> None:
+    """An agent presenting another agent's lease token (a copied lease file) at node 2 gets the name; node 1, still alive, closes its own agent's tunnel of it, and visitors at node 1 reach the new agent."""
+    cluster = Cluster(procs, redis_server, tmp_path, count=2)
+    n1, n2 = cluster.nodes
+    a, b = http_services("a"), http_services("b")
+    lease_a = tmp_path / "lease-a.json"
+    first = start_agent(procs, a.port, n1.relay.address, "--http", "app", name="agent-a", lease_file=lease_a)
+    first.proc.wait_line(r"^(http://\S+)$", 20, stream="out")
+    token = _until("agent a's lease file", lambda: json.loads(lease_a.read_text()).get("lease"))
+
+    def token_in_redis() -> bool:
+        record = json.loads(redis_server.command("GET", f"tcprelay:route:http:app.{DOMAIN}"))
+        return token in (record["n"].get("node1") or {}).get("l", [])
+
+    _until("agent a's lease token in node 1's entry", token_in_redis, TTL)
+    lease_b = tmp_path / "lease-b.json"
+    lease_b.write_text(lease_a.read_text())
+    second = start_agent(procs, b.port, n2.relay.address, "--http", "app", name="agent-b", lease_file=lease_b)
+    second.proc.wait_line(r"^(http://\S+)$", 20, stream="out")
+    n2.relay.proc.wait_line(r"moved here from node node1", 10)
+    n1.relay.proc.wait_line(r"was taken over by another node; closing it here", 2 * TTL)
+    first.proc.wait_line(r"refused: http name app\.example\.test is taken .*on node node2", 20)
+    assert _until("a visitor at node 1", lambda: _get(n1.http, f"app.{DOMAIN}") == (200, b"service b\n"))
