@@ -624,14 +624,15 @@ class Options(ConfigFileOptions):
 
     def _check_cluster(self) -> None:
         """--cluster and the options that go with it."""
-        from tcprelay.relay.cluster import ClusterConfig, parse_redis_url
-
         self["cluster-config"] = None
         if self["cluster"] is None:
             for name in ("node-address", "node-name", "cluster-secret"):
                 if self[name] is not None:
                     raise usage.UsageError(f"--{name} needs --cluster (the Redis URL)")
             return
+        # only a cluster node loads the cluster layer
+        from tcprelay.relay.cluster import ClusterConfig, parse_redis_url
+
         try:
             import txredisapi  # noqa: F401
         except ImportError:
