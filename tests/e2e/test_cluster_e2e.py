@@ -56,6 +56,7 @@ class Node:
     http: int
     metrics: int
     link: int
+    tls: int
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://{HOST}:{self.metrics}/status", timeout=10) as r:
@@ -94,8 +95,8 @@ class Cluster:
             node.relay.proc.wait_line(r"cluster: node \S+ connected to Redis", 20)
 
     def _start(self, index: int) -> Node:
-        base = free_port_block(4)
-        control, http, metrics, link = base, base + 1, base + 2, base + 3
+        base = free_port_block(5)
+        control, http, metrics, link, tls = base, base + 1, base + 2, base + 3, base + 4
         name = f"node{index}"
         public = f"127.0.0.{index}"
         relay = start_relay(
@@ -104,6 +105,7 @@ class Cluster:
             "--public-interface", public,
             "--public-host", public,
             "--http", f"tcp:{http}:interface={HOST}",
+            "--tls", f"tcp:{tls}:interface={HOST}",
             "--domain", DOMAIN,
             "--metrics", f"tcp:{metrics}:interface={HOST}",
             "--cluster", self.redis.url,
@@ -116,7 +118,7 @@ class Cluster:
             wait=False,
             name=name,
         )
-        return Node(relay, name, public, http, metrics, link)
+        return Node(relay, name, public, http, metrics, link, tls)
 
     def relays(self, *indexes: int) -> str:
         return ",".join(self.nodes[i].relay.address for i in indexes)
@@ -208,6 +210,23 @@ def _echo(host: str, port: int, data: bytes, source: str = HOST) -> bytes:
         return recv_exactly(sock, len(data))
 
 
+def _tls_hello(port: int, name: str) -> bool:
+    """Start a TLS handshake for ``name`` at ``port``: True once bytes come back
+    (the echo service returns the ClientHello, which no TLS client accepts)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        try:
+            with context.wrap_socket(sock, server_hostname=name):
+                pass
+        except ssl.SSLError:
+            return True  # an answer that is no ServerHello: the echo
+        except OSError:
+            return False
+    return False
+
+
 def _url_port(url: str) -> int:
     match = re.search(r":(\d+)/$", url)
     assert match, url
@@ -240,7 +259,14 @@ def test_visitors_at_any_node_reach_an_agent_of_node_1(
     for node in (n2, n3):
         data = f"through {node.name}".encode()
         assert _until(f"TCP visitor at {node.name}", lambda node=node, data=data: _echo(node.public, port, data) == data)
-    expected = sorted([f"http:{host_name}", f"port:{port}"])
+    # a TLS visitor (by SNI, not terminated) at node 3 reaches a --tls agent of node 1
+    secure = start_agent(procs, echo_server.port, n1.relay.address, "--tls", "secure", name="agent-tls")
+    secure.proc.wait_line(r"^(https://\S+)$", 20, stream="out")
+    seen = len(echo_server.received)
+    _until("TLS visitor at node 3", lambda: _tls_hello(n3.tls, f"secure.{DOMAIN}"))
+    hello = echo_server.wait_received(seen, lambda data: f"secure.{DOMAIN}".encode() in data)
+    assert hello[:1] == b"\x16"  # the ClientHello, as the visitor sent it
+    expected = sorted([f"http:{host_name}", f"port:{port}", f"tls:secure.{DOMAIN}"])
 
     def cluster_view() -> Any:
         view = n2.status()["cluster"]
