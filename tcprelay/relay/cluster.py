@@ -809,7 +809,9 @@ class Cluster(MultiService):
 
     def lookup(self, kind: str, name: str) -> Deferred[list[NodeInfo]]:
         """The other nodes serving a visitor of ``kind`` asking for ``name``
-        (the exact name, else the most specific wildcard); [] if none."""
+        (the exact name, else the most specific wildcard); [] if none.
+        Fails with :class:`RedisUnavailable` when Redis cannot be asked and
+        nothing is remembered for the name."""
         now = self.reactor.seconds()
         cached = self._cache.get((kind, name))
         if cached is not None and cached[0] > now:
@@ -830,11 +832,11 @@ class Cluster(MultiService):
             self._cache[(kind, name)] = (self.reactor.seconds() + LOOKUP_CACHE, nodes)
             return nodes
 
-        def unavailable(failure: Failure) -> list[NodeInfo]:
+        def unavailable(failure: Failure) -> Any:
             failure.trap(RedisUnavailable)
             if cached is not None:
                 return cached[1]  # stale, but the best this node knows
-            return []
+            return failure
 
         return d.addCallbacks(found, unavailable)
 

@@ -355,6 +355,13 @@ def test_a_node_that_loses_redis_serves_its_routes_and_refuses_new_ones(
     redis_server.stop()
     n1.relay.proc.wait_line(r"cluster: lost Redis", 10)
     assert _get(n1.http, f"app.{DOMAIN}") == (200, b"service web\n")
+    # node 2 still forwards to the node it last learnt of; node 3, who never
+    # asked, cannot know where the name lives and says so
+    n2.relay.proc.wait_line(r"cluster: lost Redis", 10)
+    n3.relay.proc.wait_line(r"cluster: lost Redis", 10)
+    assert _get(n2.http, f"app.{DOMAIN}") == (200, b"service web\n")
+    status, body = _get(n3.http, f"app.{DOMAIN}")
+    assert status == 503 and b"registry is unreachable" in body, (status, body)
     late = start_agent(procs, other.port, n2.relay.address, "--http", "late", name="agent-late")
     late.proc.wait_line(r"refused: the cluster's registry is unreachable", 20)
     assert late.proc.matching(r"^http://", "out") == []

@@ -149,10 +149,15 @@ class SniffingVisitor(Protocol):
             transport.resumeProducing()
 
         def failed(failure: Failure) -> None:
+            from tcprelay.relay.cluster import RedisUnavailable
+
             self._waiting = None
-            self.factory.log.failure("cluster lookup", failure)
-            if not self._gone:
-                self._answer(503, f"cannot find {name} now", UNRECOGNIZED_NAME)
+            if not failure.check(RedisUnavailable):
+                self.factory.log.failure("cluster lookup", failure)
+            relay.stats.visitors_refused += 1
+            if not self._gone and self.transport is not None:
+                self._answer(503, f"{name} cannot be found now (the cluster's registry is unreachable)", UNRECOGNIZED_NAME)
+                self.transport.resumeProducing()
 
         cluster.lookup(kind, name).addCallbacks(found, failed)
 
