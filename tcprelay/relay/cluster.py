@@ -377,8 +377,8 @@ class Cluster(MultiService):
         self.nodes: dict[str, NodeInfo] = {}
         """The live nodes (this one included) as of the last refresh."""
         self.remote_ports: dict[int, str] = {}
-        """Ports of this node's range claimed by other nodes: the node's
-        name.  They are out of the local pool, and listened on (mirrored)
+        """Ports claimed by other nodes: the node's name.  Those of this
+        node's range are out of its pool; all are listened on (mirrored)
         when they can be bound."""
         self._cache: dict[tuple[str, str], tuple[float, list[NodeInfo]]] = {}
         self._refresher: Optional[LoopingCall] = None
@@ -521,7 +521,7 @@ class Cluster(MultiService):
         return list(entries.values())
 
     def _info(self) -> str:
-        routes = sorted(f"{kind}:{name}" for kind, name in self._local_routes())
+        routes = sorted({f"{kind}:{name}" for kind, name in self._local_routes()})
         return json.dumps(
             {
                 "name": self.node,
