@@ -807,6 +807,10 @@ class Cluster(MultiService):
         owner = self.remote_ports.get(port)
         return None if owner is None else self.nodes.get(owner)
 
+    def forwards_port(self, port: int) -> bool:
+        """Whether ``port`` is another node's (its visitors are forwarded)."""
+        return port in self.remote_ports
+
     def lookup(self, kind: str, name: str) -> Deferred[list[NodeInfo]]:
         """The other nodes serving a visitor of ``kind`` asking for ``name``
         (the exact name, else the most specific wildcard); [] if none.
@@ -847,14 +851,15 @@ class Cluster(MultiService):
         self,
         kind: str,
         name: str,
-        node: NodeInfo,
+        node: Optional[NodeInfo],
         peer: interfaces.IAddress,
         dialled: interfaces.IAddress,
         first: bytes,
         on_failed: Optional[Callable[[], None]] = None,
     ) -> Splice:
         """
-        Hand a visitor over to ``node``: a splice whose visitor side the
+        Hand a visitor over to ``node`` (None: the node Redis names, a port
+        announced by a node this one has not heard of yet): a splice whose visitor side the
         caller runs on the visitor's transport; its service side is the
         connection to ``node``, which gets the link header, a PROXY v2
         header and ``first`` before anything else.  ``on_failed`` is called
@@ -878,7 +883,23 @@ class Cluster(MultiService):
         splice.greeting = header + proxy + first
         splice.bytes_to_service = len(first)
         self.stats.forwarded_out += 1
-        self._link_to(splice, kind, name, node, {node.name}, on_failed)
+        if node is not None:
+            self._link_to(splice, kind, name, node, {node.name}, on_failed)
+            return splice
+
+        def found(nodes: list[NodeInfo]) -> None:
+            chosen = choose_node(nodes)
+            if chosen is None or splice.visitor.lost:
+                self.stats.forward_failures += 1
+                self.reactor.callLater(0, _abort, splice)
+                return
+            self._link_to(splice, kind, name, chosen, {chosen.name}, on_failed)
+
+        def failed(_: Failure) -> None:
+            self.stats.forward_failures += 1
+            self.reactor.callLater(0, _abort, splice)
+
+        self.lookup(kind, name).addCallbacks(found, failed)
         return splice
 
     def _link_to(

@@ -52,10 +52,12 @@ class PortVisitorFactory(Factory):
         tunnel = None if self.closed else relay.registry.lookup(self.route)
         if tunnel is None:
             cluster = relay.cluster
-            owner = None if cluster is None or self.closed else cluster.port_owner(self.route.port)
-            if owner is None:
+            if cluster is None or self.closed or not cluster.forwards_port(self.route.port):
                 relay.stats.visitors_refused += 1
                 return None
+            # None when the owner was announced before this node heard of it:
+            # the forward asks Redis where it is
+            owner = cluster.port_owner(self.route.port)
             dialled = IPv4Address("TCP", relay.config.public_interface or "0.0.0.0", self.route.port)
             splice = cluster.forward("port", self.route.name, owner, addr, dialled, first)
             return splice.visitor  # type: ignore[no-any-return]
