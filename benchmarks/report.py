@@ -29,6 +29,8 @@ COLUMNS = (
     ("tcprelay", "tcprelay"),
     ("expose", "+expose"),
     ("expose-http", "+exp http"),
+    ("cluster-local", "clu local"),
+    ("cluster-fwd", "clu fwd"),
     ("tcprelay-baseline", "baseline"),
     ("expose-baseline", "+exp base"),
 )
@@ -42,6 +44,7 @@ RATIOS = (
     ("expose-baseline", "go-relay", "bexp/Go"),
     ("expose", "tcprelay", "exp/tcp"),
     ("expose-http", "expose", "http/exp"),
+    ("cluster-fwd", "cluster-local", "fwd/loc"),
 )
 """(numerator, denominator, heading) of each ratio column; a baseline
 install's ratio against the Go relay stands next to the current one's."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -61,10 +63,14 @@ DEFAULT_SCENARIOS = ("direct", "go-relay", "tcprelay", "expose")
 """The stacks of a run without ``--baseline-venv``."""
 BASELINE_OF = {"tcprelay": "tcprelay-baseline", "expose": "expose-baseline"}
 """The baseline install's counterpart of each tcprelay stack."""
-EXTRA_SCENARIOS = ("expose-http",)
+EXTRA_SCENARIOS = ("expose-http", "cluster-local", "cluster-fwd")
 """Stacks run only when named: ``expose-http`` is the ``expose`` stack's
 agent on a named HTTP route (the relay's ``--http`` entrance), its visitors
-sending a request head with ``Host: echo.bench.test`` first."""
+sending a request head with ``Host: echo.bench.test`` first.
+``cluster-local`` and ``cluster-fwd`` share a two-node relay cluster (one
+``redis-server``) with ``tcprelay expose`` registered at node 1: visitors
+of ``cluster-local`` connect to node 1's port, those of ``cluster-fwd`` to
+the same port on node 2 (on 127.0.0.2), which forwards them to node 1."""
 SCENARIOS = DEFAULT_SCENARIOS + EXTRA_SCENARIOS + tuple(BASELINE_OF.values())
 """Every stack, in the order the stacks start and take turns."""
 PYTHON_STACKS = (
@@ -195,6 +201,7 @@ class Runner:
         self.log = log
         self.echo: Optional[Process] = None
         self.echo_address = ""
+        self.cluster: Optional[dict[str, Any]] = None
 
     # ---------------------------------------------------------- processes
 
@@ -293,7 +300,88 @@ class Runner:
                 service=self.echo, procs=[agent, relay],
                 host=f"{HTTP_NAME}.{HTTP_DOMAIN}",
             )
+        if name in ("cluster-local", "cluster-fwd"):
+            cluster = self.start_cluster(self.install_of(name))
+            port = cluster["port"]
+            if name == "cluster-local":
+                return Stack(
+                    name, f"{HOST}:{port}", relay=cluster["node1"], agent=cluster["agent"],
+                    service=self.echo, procs=cluster["procs"],
+                )
+            return Stack(name, f"127.0.0.2:{port}", relay=cluster["node2"], service=self.echo)
         raise ValueError(f"unknown scenario {name!r}")
+
+    def start_cluster(self, install: Install) -> dict[str, Any]:
+        """
+        Once per run: ``redis-server`` on a free port, two ``twistd tcprelay
+        --cluster`` nodes sharing one public port range (node 1 on
+        127.0.0.1, node 2 on 127.0.0.2) and ``tcprelay expose`` of the echo
+        server at node 1.  Node 2 forwards that port's visitors to node 1.
+        """
+        if self.cluster is not None:
+            return self.cluster
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise BenchError("the cluster stacks need redis-server (apt-get install redis-server)")
+        echo = self.start_echo()
+        base = free_port_block(11)
+        redis_port, ports = base, f"{base + 1}-{base + 4}"
+        logdir = self.processes.logdir
+        secret = logdir / "cluster-secret"
+        secret.write_text("benchmark cluster secret\n")
+        redis_proc = self.processes.start(
+            "cluster-redis",
+            [redis, "--port", str(redis_port), "--bind", HOST, "--save", "",
+             "--appendonly", "no", "--dir", str(logdir)],
+        )
+        redis_proc.wait_line(r"Ready to accept connections", STARTUP_TIMEOUT)
+        nodes = []
+        for index in (1, 2):
+            control = base + 3 + 2 * index
+            link = control + 1
+            argv = [
+                *install.twistd, "-n", "--pidfile=", "tcprelay",
+                "--control", f"tcp:{control}:interface={HOST}",
+                "--ports", ports,
+                "--public-interface", f"127.0.0.{index}",
+                "--drain-timeout", "1",
+                "--cluster", f"redis://{HOST}:{redis_port}/0",
+                "--node-name", f"node{index}",
+                "--node-address", f"{HOST}:{link}",
+                "--cluster-secret", str(secret),
+            ]
+            node = self.processes.start(
+                f"cluster-node{index}", argv, env=install.env, nofile=self.settings.relay_nofile
+            )
+            nodes.append((node, control))
+        for node, control in nodes:
+            node.wait_line(rf"starting on {control}\b", STARTUP_TIMEOUT)
+            node.wait_line(r"cluster: node \S+ connected to Redis", STARTUP_TIMEOUT)
+        (node1, control1), (node2, _) = nodes
+        agent = self.processes.start(
+            "cluster-agent",
+            [*install.tcprelay, "expose", echo,
+             "--relay", f"{HOST}:{control1}",
+             "--lease-file", str(logdir / "cluster-lease.json")],
+            env=install.env,
+        )
+        address = agent.wait_line(r"^(\S+:\d+)$", STARTUP_TIMEOUT).group(1)
+        port = _port_of(address)
+        # node 2 listens on the port once node 1's claim is announced
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.2", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"node 2 does not forward port {port}") from None
+                time.sleep(0.05)
+        self.cluster = {
+            "node1": node1, "node2": node2, "agent": agent, "port": port,
+            "procs": [agent, node2, node1, redis_proc],
+        }
+        return self.cluster
 
     def http_agent(self, install: Install) -> list[str]:
         """

@@ -56,7 +56,6 @@ class ExposeOptions(_Common):
         "port across short losses."
     )
     optParameters = [
-        ["relay", "r", None, "The relay's control address: HOST:PORT or an endpoint string."],
         ["secret-file", "s", None, "File holding the shared secret (first line)."],
         ["port", "p", None, "Public port to ask for (default: any)."],
         [
@@ -110,6 +109,18 @@ class ExposeOptions(_Common):
     def __init__(self) -> None:
         super().__init__()
         self["secret"] = None
+        self["relays"] = []
+        self["relay"] = None
+
+    def opt_relay(self, value: str) -> None:
+        """The relay's control address: HOST:PORT or an endpoint string.  Several
+        (repeated, or comma-separated: the nodes of a relay cluster) are tried in
+        turn, moving to the next one whenever the connection is lost."""
+        for part in value.split(","):
+            if part.strip():
+                self["relays"].append(part.strip())
+
+    opt_r = opt_relay
 
     def opt_secret(self, value: str) -> None:
         """The shared secret (prefer --secret-file: command lines are visible)."""
@@ -118,7 +129,7 @@ class ExposeOptions(_Common):
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Accept LOCAL before or after the options (GNU style)."""
         args = list(sys.argv[1:] if options is None else options)
-        takes_value = {f"--{p[0]}" for p in self.optParameters} | {"--secret"}
+        takes_value = {f"--{p[0]}" for p in self.optParameters} | {"--secret", "--relay", "-r"}
         takes_value |= {f"-{p[1]}" for p in self.optParameters if p[1]}
         flags: list[str] = []
         positional: list[str] = []
@@ -155,8 +166,9 @@ class ExposeOptions(_Common):
         self["local"] = args[0]
 
     def postOptions(self) -> None:
-        if not self["relay"]:
+        if not self["relays"]:
             raise usage.UsageError("--relay is required")
+        self["relay"] = ",".join(self["relays"])
         if self["proxy-protocol"] not in ("none", "v1", "v2"):
             raise usage.UsageError("--proxy-protocol must be none, v1 or v2")
         if self["secret-file"]:
@@ -246,7 +258,13 @@ def endpoints(reactor: Any, options: ExposeOptions) -> tuple[Any, Any]:
     """The relay and local client endpoints; ValueError/OSError on bad input."""
     from tcprelay.agent.expose import client_endpoint
 
-    relay = client_endpoint(reactor, options["relay"], options["ca-file"])
+    relays = [client_endpoint(reactor, r, options["ca-file"]) for r in options["relays"]]
+    if len(relays) == 1:
+        relay = relays[0]
+    else:
+        from tcprelay.agent.expose import FailoverEndpoint
+
+        relay = FailoverEndpoint(relays)
     local = client_endpoint(reactor, options["local"], resolve_once=True)
     return relay, local
 

@@ -34,7 +34,7 @@ from tcprelay.relay.sniff import normalise_name
 from tcprelay.relay.limits import AddressFilter, LimitsConfig, parse_networks
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.service import RelayService
-from tcprelay.secrets import read_secrets_file
+from tcprelay.secrets import read_secrets, read_secrets_file
 from tcprelay.systemd import SystemdNotifier
 
 DEFAULT_POOL_SIZE = 50
@@ -432,6 +432,41 @@ class Options(ConfigFileOptions):
             "Microseconds the relay keeps polling for events after activity "
             "before it sleeps (lower latency for a little CPU; 0: off).",
         ],
+        [
+            "cluster",
+            None,
+            None,
+            "Join a cluster of relay nodes sharing one registry in Redis: "
+            "redis://[:PASSWORD@]HOST[:PORT][/DB] (needs --node-address).",
+        ],
+        [
+            "node-address",
+            None,
+            None,
+            "HOST:PORT other nodes of the cluster reach this node at; the node "
+            "listens there for visitors they forward.",
+        ],
+        [
+            "node-name",
+            None,
+            None,
+            "This node's name in the cluster, unique (default: --node-address).",
+        ],
+        [
+            "cluster-secret",
+            None,
+            None,
+            "File holding the cluster secret (first line), the same on every "
+            "node: it authenticates node-to-node connections (default: one "
+            "the first node keeps in Redis).",
+        ],
+        [
+            "cluster-ttl",
+            None,
+            "5",
+            "Seconds a node's entries in Redis outlive its last refresh (it "
+            "refreshes every TTL/5): a dead node's routes are free after it.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -603,6 +638,53 @@ class Options(ConfigFileOptions):
         self["receive-window"] = window
         self["busy-poll"] = busy_poll_option(self["busy-poll"])
         self["limits"] = self._limits()
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        """--cluster and the options that go with it."""
+        self["cluster-config"] = None
+        if self["cluster"] is None:
+            for name in ("node-address", "node-name", "cluster-secret"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --cluster (the Redis URL)")
+            return
+        # only a cluster node loads the cluster layer
+        from tcprelay.relay.cluster import ClusterConfig, parse_redis_url
+
+        try:
+            import txredisapi  # noqa: F401
+        except ImportError:
+            raise usage.UsageError(
+                "--cluster needs the txredisapi package: pip install 'tcprelay[cluster]'"
+            ) from None
+        try:
+            redis = parse_redis_url(self["cluster"])
+        except ValueError as e:
+            raise usage.UsageError(f"--cluster: {e}") from None
+        address = self["node-address"]
+        if not address:
+            raise usage.UsageError("--cluster needs --node-address HOST:PORT (where other nodes reach this one)")
+        host, sep, port = address.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise usage.UsageError(f"--node-address {address!r} is not HOST:PORT")
+        secret = None
+        if self["cluster-secret"]:
+            try:
+                secret = read_secrets(self["cluster-secret"])[0]
+            except (OSError, ValueError, IndexError) as e:
+                raise usage.UsageError(f"--cluster-secret: {e}") from None
+        ttl = _positive("cluster-ttl", self["cluster-ttl"])
+        if ttl < 1:
+            raise usage.UsageError("--cluster-ttl must be at least 1 (second)")
+        self["cluster-config"] = ClusterConfig(
+            redis=redis,
+            node_name=self["node-name"] or address,
+            node_host=host,
+            node_port=int(port),
+            secret=secret,
+            ttl=ttl,
+        )
 
     def _check_ssh(self) -> None:
         """--ssh: its endpoint and both of its files (the host key may be absent)."""
@@ -795,6 +877,12 @@ def makeService(
         for kind in ("http", "tls")
         if options[kind] is not None
     ]
+    cluster_config = options.get("cluster-config")
+    if cluster_config is not None:
+        from tcprelay.relay.cluster import Cluster
+
+        relay.cluster = Cluster(relay, cluster_config, reactor)
+        entrances.insert(0, relay.cluster)
     if options["ssh"] is not None:
         from tcprelay.relay.doors.ssh import SshDoor
 

@@ -29,9 +29,67 @@ from tcprelay._fastio import connect_eager
 from tcprelay.forward import Splice
 from tcprelay.protocol import MuxStream
 
-__all__ = ["LocalForwarder", "client_endpoint", "PROXY_MODES"]
+__all__ = ["FailoverEndpoint", "LocalForwarder", "client_endpoint", "PROXY_MODES"]
 
 PROXY_MODES = ("none", "v1", "v2")
+
+
+@implementer(interfaces.IStreamClientEndpoint)
+class FailoverEndpoint:
+    """
+    Several endpoints of one service (the nodes of a relay cluster), tried
+    in turn: each :meth:`connect` starts with the endpoint after the one it
+    connected to last (an agent whose node died goes to the next node) and
+    moves on to the next whenever one fails, until all have failed once.
+    """
+
+    def __init__(self, endpoints: list[interfaces.IStreamClientEndpoint]) -> None:
+        if not endpoints:
+            raise ValueError("no endpoint to connect to")
+        self.endpoints = list(endpoints)
+        self._next = 0
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        count = len(self.endpoints)
+        start = self._next
+        attempt: list[Optional[Deferred[Any]]] = [None]
+
+        def cancel(_: Deferred[Any]) -> None:
+            d, attempt[0] = attempt[0], None
+            if d is not None:
+                d.cancel()
+
+        result: Deferred[Any] = Deferred(cancel)
+        errors: list[str] = []
+
+        def try_one(step: int) -> None:
+            index = (start + step) % count
+            d = self.endpoints[index].connect(factory)
+            attempt[0] = d
+
+            def connected(protocol: Any) -> None:
+                attempt[0] = None
+                self._next = (index + 1) % count
+                if not result.called:
+                    result.callback(protocol)
+
+            def failed(failure: Failure) -> None:
+                attempt[0] = None
+                if result.called:
+                    return
+                errors.append(failure.getErrorMessage())
+                if step + 1 < count:
+                    try_one(step + 1)
+                else:
+                    self._next = (start + 1) % count
+                    result.errback(
+                        ConnectError(string=f"no relay reachable ({'; '.join(errors)})")
+                    )
+
+            d.addCallbacks(connected, failed)
+
+        try_one(0)
+        return result
 
 
 def client_endpoint(

@@ -69,19 +69,30 @@ class RouteRefused(Exception):
     """A route cannot be given to this agent; the message says why, and
     ``retry`` whether asking again later may succeed (a name now taken)."""
 
-    def __init__(self, reason: str, retry: bool = False) -> None:
+    def __init__(self, reason: str, retry: bool = False, owner: Optional[str] = None) -> None:
         super().__init__(reason)
         self.retry = retry
+        self.owner = owner
+        """In a cluster: the node that holds the route (None: not held
+        elsewhere, e.g. the cluster's registry is unreachable)."""
 
 
 class Visitor:
     """A visitor a tunnel opens a stream for (see :class:`IVisitor`)."""
 
-    __slots__ = ("peer", "first", "_waiting")
+    __slots__ = ("peer", "first", "dialled", "_waiting")
 
-    def __init__(self, peer: interfaces.IAddress, first: bytes) -> None:
+    def __init__(
+        self,
+        peer: interfaces.IAddress,
+        first: bytes,
+        dialled: Optional[interfaces.IAddress] = None,
+    ) -> None:
         self.peer = peer
         self.first = first
+        self.dialled = dialled
+        """The address the visitor dialled when it is not its transport's own
+        (a visitor another node of the cluster forwarded), else None."""
         self._waiting: Optional[list[Callable[[Any], None]]] = None
 
     def when_connected(self, callback: Callable[[Any], None]) -> None:
@@ -139,6 +150,11 @@ class Relay(Service):
         self.watchdog = Watchdog(self)
         self._pooled_leases: dict[Any, str] = {}
         """Routes of ended pools held for a lease: the lease's token."""
+        self.cluster: Optional[Any] = None
+        """The :class:`tcprelay.relay.cluster.Cluster` this relay is a node
+        of (``--cluster``), or None: claims are then decided here alone."""
+        self._claiming: set[Any] = set()
+        """Named routes whose cluster claim is under way."""
 
     # -- credentials -------------------------------------------------------
 
@@ -282,15 +298,23 @@ class Relay(Service):
 
         result: Deferred[PortRoute] = Deferred(cancel)
 
-        def try_port(port: int) -> None:
+        def try_port(port: int, claimed: bool = False) -> None:
             acquiring[0] = None
             if result.called:  # cancelled meanwhile
                 self.pool.release(port)
                 return
             route = PortRoute(port, self.config.public_host)
+            cluster = self.cluster
+            if cluster is not None and not claimed:
+                # the whole cluster must agree first (one Lua script in Redis)
+                claim = cluster.claim(route, credential, lease, pool)
+                claim.addCallbacks(lambda _: claimed_port(route), lambda f: refused(route, f))
+                return
             try:
                 self.ports.listen(route)
             except CannotListenError as e:
+                if cluster is not None:
+                    cluster.release(route)
                 self.pool.quarantine(port)
                 self.log.warn(
                     "cannot listen on public port {port}: {error}",
@@ -301,6 +325,26 @@ class Relay(Service):
                 next_port()
                 return
             result.callback(route)
+
+        def claimed_port(route: PortRoute) -> None:
+            if result.called:  # cancelled meanwhile
+                self.cluster.release(route)
+                self.pool.release(route.port)
+                return
+            try_port(route.port, True)
+
+        def refused(route: PortRoute, failure: Failure) -> None:
+            owner = getattr(failure.value, "owner", None)
+            if owner is not None:
+                self.cluster.give_back_remote(route.port, owner)
+            else:
+                self.pool.release(route.port)
+            if result.called:
+                return
+            if owner is None or (pool and wanted == route.port):
+                result.errback(failure)
+            else:
+                next_port()
 
         def failed(failure: Failure) -> None:
             acquiring[0] = None
@@ -346,7 +390,9 @@ class Relay(Service):
             result.errback(
                 RouteRefused(f"port {wanted} is not allowed for credential {credential}")
             )
-        elif wanted and self.pool.take(wanted):
+        elif wanted and (
+            self.pool.take(wanted) or (self.cluster is not None and self.cluster.take_remote(wanted))
+        ):
             try_port(wanted)
         elif pool and wanted:
             result.errback(RouteRefused(f"port {wanted} is taken", retry=True))
@@ -361,7 +407,40 @@ class Relay(Service):
         lease: Optional[str],
         credential: Optional[str],
         pool: bool = False,
-    ) -> NameRoute:
+    ) -> Deferred[NameRoute]:
+        """
+        The named route of ``kind`` an agent asks for (see
+        :meth:`_claim_name_here`), as a Deferred: in a cluster, the route
+        must also be free in the whole cluster (or pooled, or held for the
+        agent's lease, by another node), which takes a round trip to Redis;
+        it fails with :class:`RouteRefused`.
+        """
+        try:
+            route, settled = self._claim_name_here(kind, requested, lease, credential, pool)
+        except RouteRefused as e:
+            return fail(e)
+        cluster = self.cluster
+        if cluster is None or settled:
+            return succeed(route)
+        if route in self._claiming:
+            return fail(RouteRefused(f"{kind} name {route.name} is being claimed", retry=True))
+        self._claiming.add(route)
+
+        def done(result: object) -> object:
+            self._claiming.discard(route)
+            return result
+
+        claim = cluster.claim(route, credential, lease, pool).addBoth(done)
+        return claim.addCallback(lambda _: route)
+
+    def _claim_name_here(
+        self,
+        kind: str,
+        requested: str,
+        lease: Optional[str],
+        credential: Optional[str],
+        pool: bool = False,
+    ) -> tuple[NameRoute, bool]:
         """
         The named route of ``kind`` (``http``, ``tls``) an agent asks for:
         ``requested`` is a label (``app``: ``app.`` + the first
@@ -372,7 +451,9 @@ class Relay(Service):
         credential's rules (:meth:`rules_for`) do not allow it, or another
         agent serves it or holds it for its lease.  With ``pool``, an agent
         whose credential is that of the pool serving the name joins it, or
-        takes up the lease its pool's last agent left.
+        takes up the lease its pool's last agent left.  Returns the route
+        and whether this relay has settled it alone (a pool joined or a
+        lease resumed here: nothing to ask the cluster).
         """
         config = self.config
         if kind not in NAME_KINDS:
@@ -409,7 +490,7 @@ class Relay(Service):
             if isinstance(joined, RouteRefused):
                 raise joined
             if joined is not None:
-                return joined  # type: ignore[no-any-return]
+                return joined, True
             lease = self._pooled_lease(route, credential) or lease
         if self.registry.lookup(route) is not None:
             raise RouteRefused(f"{kind} name {name} is taken", retry=True)
@@ -417,7 +498,8 @@ class Relay(Service):
         if held is not None:
             if held.token != lease or self.registry.resume_lease(lease, credential) != route:
                 raise RouteRefused(f"{kind} name {name} is held for its agent's lease", retry=True)
-        return route
+            return route, True
+        return route, False
 
     def _pool_to_join(self, route: Any, credential: Optional[str]) -> Any:
         """
@@ -479,6 +561,8 @@ class Relay(Service):
             self.registry.add(route, tunnel)
         # the door's session behind the tunnel is no longer pending
         self.guard.session_registered(getattr(tunnel, "control", tunnel))
+        if self.cluster is not None:
+            self.cluster.soon()  # its lease token, once the door has given it
 
     def unpublish(
         self, tunnel: ITunnel, lease: Optional[tuple[str, Optional[str]]] = None
@@ -515,6 +599,8 @@ class Relay(Service):
             if lease is not None and not self.draining:
                 token, credential = lease
                 self.registry.hold_lease(token, route, credential, self.config.lease)
+            elif self.cluster is not None and self.registry.lookup(route) is None:
+                self.cluster.release(route)
             return succeed(None)
         closing = self.ports.close(route)
         if closing is None:
@@ -526,6 +612,8 @@ class Relay(Service):
                 self.registry.hold_lease(token, route, credential, self.config.lease)
             else:
                 self.pool.release(route.port)
+                if self.cluster is not None:
+                    self.cluster.release(route)
 
         return closing.addBoth(free)
 
@@ -537,22 +625,30 @@ class Relay(Service):
         self._pooled_leases.pop(route, None)
         if isinstance(route, PortRoute):
             self.pool.release(route.port)
+        if self.cluster is not None and self.registry.lookup(route) is None:
+            self.cluster.release(route)
 
     # -- visitors: brought by entrances -----------------------------------
 
     def splice_visitor(
-        self, tunnel: ITunnel, peer: interfaces.IAddress, first: bytes
+        self,
+        tunnel: ITunnel,
+        peer: interfaces.IAddress,
+        first: bytes,
+        dialled: Optional[interfaces.IAddress] = None,
     ) -> Optional[Any]:
         """
         Splice a new visitor from ``peer``, who has already sent ``first``,
         to a new stream of ``tunnel``: the protocol to run on the visitor's
         transport, or None (counted as refused) when the tunnel cannot.
+        ``dialled`` is the address the visitor connected to when it is not
+        that transport's own (a visitor forwarded by another node).
         """
         stats = self.stats
         if self.draining:
             stats.visitors_refused += 1
             return None
-        visitor = Visitor(peer, first)
+        visitor = Visitor(peer, first, dialled)
         try:
             if isinstance(tunnel, PooledTunnel):
                 # the member's own visitor: it leaves (or drains) with it

@@ -174,5 +174,8 @@ class IRegistry(Interface):
     def release_leases() -> object:
         """End every lease at once; returns the routes they held."""
 
+    def leases() -> object:
+        """Every lease held now (each with its ``token``, ``route`` and ``credential``)."""
+
     def lease_count() -> int:
         """Leases held now."""

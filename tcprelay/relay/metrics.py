@@ -138,6 +138,9 @@ class RelayCollector(Collector):
             "(unanswered: --open-timeout; half_closed: --half-close-timeout).",
             stats.visitors_timed_out,
         )
+        cluster = relay.cluster
+        if cluster is not None:
+            yield from _cluster_metrics(cluster)
         buckets = []
         running = 0
         for bound, count in zip(HANDSHAKE_BUCKETS, stats.handshake_buckets):
@@ -149,6 +152,46 @@ class RelayCollector(Collector):
             buckets=buckets,
             sum_value=stats.handshake_sum,
         )
+
+
+def _cluster_metrics(cluster: Any) -> Iterator[Any]:
+    """The cluster layer's families: this node's view of every node."""
+    node = cluster.node
+    up = GaugeMetricFamily(
+        "tcprelay_cluster_redis_up", "Whether this node reaches the cluster's Redis.", labels=["node"]
+    )
+    up.add_metric([node], 1 if cluster.up else 0)
+    yield up
+    nodes = GaugeMetricFamily(
+        "tcprelay_cluster_node_routes",
+        "Routes each live node of the cluster serves or holds (as of the last refresh).",
+        labels=["node"],
+    )
+    for info in sorted(cluster.nodes.values(), key=lambda i: i.name):
+        nodes.add_metric([info.name], len(info.routes))
+    yield nodes
+    forwarded = CounterMetricFamily(
+        "tcprelay_cluster_forwarded",
+        "Visitors handed to another node (out) or from another node (in).",
+        labels=["node", "direction"],
+    )
+    forwarded.add_metric([node, "out"], cluster.stats.forwarded_out)
+    forwarded.add_metric([node, "in"], cluster.stats.forwarded_in)
+    yield forwarded
+    failures = CounterMetricFamily(
+        "tcprelay_cluster_link_failures",
+        "Visitors that could not be handed to their route's node.",
+        labels=["node"],
+    )
+    failures.add_metric([node], cluster.stats.forward_failures)
+    yield failures
+    refused = CounterMetricFamily(
+        "tcprelay_cluster_unavailable",
+        "Claims refused because the cluster's Redis was unreachable.",
+        labels=["node"],
+    )
+    refused.add_metric([node], cluster.stats.claims_refused_unavailable)
+    yield refused
 
 
 def _peer(tunnel: Any) -> str:
@@ -223,6 +266,7 @@ def status(relay: Relay) -> dict[str, Any]:
         "protocol_errors": {error_label(c): n for c, n in sorted(stats.protocol_errors.items())},
         "visitors_timed_out": dict(stats.visitors_timed_out),
         "draining": relay.draining,
+        **({"cluster": relay.cluster.status()} if relay.cluster is not None else {}),
     }
 
 

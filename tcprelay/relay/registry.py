@@ -131,6 +131,10 @@ class MemoryRegistry:
                 lease.timer.cancel()
         return [lease.route for lease in leases.values()]
 
+    def leases(self) -> list[Lease]:
+        """Every lease held now (the cluster layer re-asserts them in Redis)."""
+        return list(self._leases.values())
+
     def lease_count(self) -> int:
         """Leases held now."""
         return len(self._leases)

@@ -108,7 +108,8 @@ def test_heartbeat_echo_flood_before_any_handshake_is_cut(procs: Procs) -> None:
     print(f"sent {sent / MIB:.1f} MiB; relay grew by {(peak - base) / MIB:.2f} MiB at most")
     assert cut
     assert sent < 200_000_000, "the relay took everything"
-    assert relay.proc.matching(r"faster than it reads the echo|does not read"), relay.proc.describe()
+    # the log line may come a moment after the cut on a busy machine
+    relay.proc.wait_line(r"faster than it reads the echo|does not read", 10)
     assert peak - base <= 256 * 1024 + MIB, f"relay grew by {(peak - base) / MIB:.1f} MiB"
     until(lambda: rss(pid) - base <= MIB, 10, "the relay's memory back to baseline")
     assert procs  # the relay still runs
@@ -210,7 +211,7 @@ def test_refused_stream_flood_from_a_peer_that_never_reads_is_cut(procs: Procs) 
     finally:
         sock.close()
     print(f"sent {sent / MIB:.1f} MiB of SYNs; relay grew by {(peak - base) / MIB:.2f} MiB at most")
-    assert relay.proc.matching(r"flood|does not read"), relay.proc.describe()
+    relay.proc.wait_line(r"flood|does not read", 10)  # (may come a moment after the cut)
     assert peak - base <= 256 * 1024 + MIB
     until(lambda: rss(pid) - base <= MIB, 10, "the relay's memory back to baseline")
     assert relay.proc.running

@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import attrs
@@ -142,6 +143,11 @@ def test_ssh_visitor_half_close_gets_the_reply_then_eof(
         echo_server.wait_received(0, lambda got: got == b"first half")
         sock.shutdown(socket.SHUT_WR)  # FIN: channel EOF, the service sees its end
         assert recv_to_eof(sock) == b"first half"  # the reply still arrives, then EOF
+    # the echo service marks its end just after its FIN, which the visitor
+    # may read first: wait for it (bounded)
+    deadline = time.monotonic() + 5
+    while not echo_server.ended[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert echo_server.ended[0]
 
 

@@ -205,7 +205,7 @@ class MuxTunnel:
             peer = visitor.peer
 
             def connected(transport: Any) -> None:
-                host = transport.getHost()
+                host = getattr(visitor, "dialled", None) or transport.getHost()
                 stream.write(
                     hs.encode_proxy_v2(
                         hs.ProxyHeader(peer.host, peer.port, host.host, host.port)  # type: ignore[attr-defined]

@@ -67,12 +67,9 @@ class Handshake(Protocol):
         relay = control.relay
         control.handshake_started()
         self._started = relay.reactor.seconds()
-        try:
-            route = relay.claim_name(kind, name, lease, self.credential, pool=self.pool)
-        except RouteRefused as e:
-            self.refuse(str(e), ErrorCode.REFUSED_STREAM, retry=e.retry)
-            return
-        self._got_route(route)  # type: ignore[arg-type]
+        claim = relay.claim_name(kind, name, lease, self.credential, pool=self.pool)
+        self._claim = claim  # type: ignore[assignment]
+        claim.addCallbacks(self._got_route, self._no_port)  # type: ignore[arg-type]
 
     def _queued(self, position: int) -> None:
         first = self.queue_position == 0

@@ -798,12 +798,34 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
             return released.addCallback(lambda _: self.forward(host, port) if port else self._reforward(host))
         kind = named_kind(host, port, config.http_port is not None, config.tls_port is not None)
         if kind is not None:
-            try:
-                route = relay.claim_name(kind, host, token, credential)
-            except RouteRefused as e:
-                return self._refuse(host, port, str(e))
-            self._publish(route, host, port, token, port)
-            return True
+            named = relay.claim_name(kind, host, token, credential)
+            key_named = (host, port, 0)
+            self.claims[key_named] = named
+
+            def named_claimed(route: NameRoute) -> bool:
+                self.claims.pop(key_named, None)
+                if self.stopped:
+                    relay.release_route(route, (token, credential))
+                    return False
+                self._publish(route, host, port, token, port)
+                return True
+
+            def named_failed(failure: Failure) -> bool:
+                self.claims.pop(key_named, None)
+                if failure.check(RouteRefused):
+                    return self._refuse(host, port, str(failure.value))
+                if failure.check(CancelledError):
+                    return False
+                return failure  # type: ignore[return-value]
+
+            if named.called:  # decided here alone: answer at once, as before
+                outcome: list[Any] = []
+                named.addCallbacks(named_claimed, named_failed).addBoth(outcome.append)
+                if outcome and not isinstance(outcome[0], Failure):
+                    return outcome[0]  # type: ignore[no-any-return]
+                if outcome:
+                    outcome[0].raiseException()
+            return named.addCallbacks(named_claimed, named_failed)
         if port and port not in config.ports:
             return self._refuse(
                 host,

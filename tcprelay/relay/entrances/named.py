@@ -64,6 +64,9 @@ class SniffingVisitor(Protocol):
         )
         self._timer: Optional[interfaces.IDelayedCall] = None
         self.done = False
+        self._waiting: Optional[list[bytes]] = None
+        """Bytes read while the cluster is asked which node serves the name."""
+        self._gone = False
 
     def connectionMade(self) -> None:
         nodelay(self.transport)
@@ -72,6 +75,8 @@ class SniffingVisitor(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.done:
+            if self._waiting is not None:
+                self._waiting.append(data)
             return
         result = self.reader.feed(data)
         if result is MORE:
@@ -88,6 +93,9 @@ class SniffingVisitor(Protocol):
         factory = self.factory
         relay = factory.relay
         tunnel = None if factory.closed else relay.find_named(factory.kind, name)
+        if tunnel is None and relay.cluster is not None and not factory.closed:
+            self._forward(name)
+            return
         if tunnel is None:
             relay.stats.visitors_unrouted += 1
             self._answer(404, f"no tunnel for {name}", UNRECOGNIZED_NAME)
@@ -108,6 +116,50 @@ class SniffingVisitor(Protocol):
         # From here the connection is the splice's: it reads the rest.
         transport.protocol = protocol  # type: ignore[attr-defined]
         protocol.makeConnection(transport)
+
+    def _forward(self, name: str) -> None:
+        """Not a local route: ask the cluster which node serves it, and hand
+        the visitor over to that node (or answer 404)."""
+        relay = self.factory.relay
+        cluster = relay.cluster
+        transport = self.transport
+        assert cluster is not None and transport is not None
+        self._waiting = []
+        transport.pauseProducing()
+        kind = self.factory.kind
+
+        def found(nodes: Any) -> None:
+            waiting, self._waiting = self._waiting or [], None
+            transport = self.transport
+            if self._gone or transport is None:
+                return
+            from tcprelay.relay.cluster import choose_node
+
+            node = choose_node(nodes)
+            if node is None:
+                relay.stats.visitors_unrouted += 1
+                self._answer(404, f"no tunnel for {name}", UNRECOGNIZED_NAME)
+                transport.resumeProducing()
+                return
+            first = bytes(self.reader.data) + b"".join(waiting)
+            splice = cluster.forward(kind, name, node, self.addr, transport.getHost(), first)
+            protocol = splice.visitor
+            transport.protocol = protocol  # type: ignore[attr-defined]
+            protocol.makeConnection(transport)
+            transport.resumeProducing()
+
+        def failed(failure: Failure) -> None:
+            from tcprelay.relay.cluster import RedisUnavailable
+
+            self._waiting = None
+            if not failure.check(RedisUnavailable):
+                self.factory.log.failure("cluster lookup", failure)
+            relay.stats.visitors_refused += 1
+            if not self._gone and self.transport is not None:
+                self._answer(503, f"{name} cannot be found now (the cluster's registry is unreachable)", UNRECOGNIZED_NAME)
+                self.transport.resumeProducing()
+
+        cluster.lookup(kind, name).addCallbacks(found, failed)
 
     def _refuse(self, reason: str, status: int, alert: int) -> None:
         factory = self.factory
@@ -144,6 +196,7 @@ class SniffingVisitor(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.done = True
+        self._gone = True
         self._stop_timer()
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 
@@ -34,10 +36,12 @@ class PortVisitorFactory(Factory):
 
     noisy = False
 
-    def __init__(self, relay: Relay, route: PortRoute) -> None:
+    def __init__(self, relay: Relay, route: PortRoute, mirror: bool = False) -> None:
         self.relay = relay
         self.route = route
         self.closed = False
+        self.mirror = mirror
+        """The port is another cluster node's: visitors are forwarded there."""
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
         return self.build_eager(addr, b"")
@@ -47,8 +51,16 @@ class PortVisitorFactory(Factory):
         relay = self.relay
         tunnel = None if self.closed else relay.registry.lookup(self.route)
         if tunnel is None:
-            relay.stats.visitors_refused += 1
-            return None
+            cluster = relay.cluster
+            if cluster is None or self.closed or not cluster.forwards_port(self.route.port):
+                relay.stats.visitors_refused += 1
+                return None
+            # None when the owner was announced before this node heard of it:
+            # the forward asks Redis where it is
+            owner = cluster.port_owner(self.route.port)
+            dialled = IPv4Address("TCP", relay.config.public_interface or "0.0.0.0", self.route.port)
+            splice = cluster.forward("port", self.route.name, owner, addr, dialled, first)
+            return splice.visitor  # type: ignore[no-any-return]
         guard = relay.guard
         route = self.route
         if not guard.admit_visitor(route, tunnel, addr):
@@ -69,8 +81,13 @@ class PortEntrance:
         self._listening: dict[PortRoute, tuple[Any, PortVisitorFactory]] = {}
 
     def listen(self, route: PortRoute) -> None:
-        """Start ``route``'s public listener; raises CannotListenError."""
+        """Start ``route``'s public listener (or adopt the port's mirror
+        listener); raises CannotListenError."""
         relay = self.relay
+        entry = self._listening.get(route)
+        if entry is not None and entry[1].mirror:
+            entry[1].mirror = False
+            return
         factory = PortVisitorFactory(relay, route)
         listener = listen_eager(
             relay.reactor, route.port, factory, PUBLIC_BACKLOG, relay.config.public_interface
@@ -88,6 +105,32 @@ class PortEntrance:
         listener, factory = entry
         factory.closed = True
         return maybeDeferred(listener.stopListening)
+
+    def mirror(self, port: int) -> bool:
+        """
+        Listen on ``port``, claimed by another node of the cluster, to
+        forward its visitors there; False when it cannot be bound (another
+        process, or another node on the same address, has it).
+        """
+        route = PortRoute(port, self.relay.config.public_host)
+        if route in self._listening:
+            return True
+        factory = PortVisitorFactory(self.relay, route, mirror=True)
+        try:
+            listener = listen_eager(
+                self.relay.reactor, port, factory, PUBLIC_BACKLOG, self.relay.config.public_interface
+            )
+        except CannotListenError:
+            return False
+        self._listening[route] = (listener, factory)
+        return True
+
+    def unmirror(self, port: int) -> Optional[Deferred[None]]:
+        """Stop forwarding ``port`` (no longer claimed elsewhere); None when it had no mirror."""
+        entry = self._listening.get(PortRoute(port))
+        if entry is None or not entry[1].mirror:
+            return None
+        return self.close(PortRoute(port))
 
     def listening(self, route: PortRoute) -> bool:
         """Whether ``route`` has its listener."""
