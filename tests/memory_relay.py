@@ -26,6 +26,16 @@ from tests.muxpeer import MemoryWire, ScriptedPeer
 HOST = "127.0.0.1"
 
 
+class HalfCloseTransport(StringTransport):
+    """A visitor's StringTransport that, as TCP does, can be half-closed:
+    ``loseWriteConnection`` records it in ``write_closed``."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
 class MemoryVisitor:
     """A visitor of a public port: the relay's protocol on a StringTransport."""
 
@@ -119,7 +129,7 @@ class MemoryRelay:
         protocol = self._factory(port).build_eager(address, first)
         if protocol is None:
             return None
-        transport = StringTransport(
+        transport = HalfCloseTransport(
             peerAddress=address, hostAddress=IPv4Address("TCP", HOST, port)
         )
         protocol.makeConnection(transport)
