@@ -14,14 +14,11 @@ The muxado v1 door: services and agents that dial the control port.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,6 +30,7 @@ from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
 from tcprelay.mux.session import Role, SessionClosedError
 from tcprelay.protocol import MuxProtocol, MuxStream
+from tcprelay.relay.doors.base import Deadline, DoorTunnel, admit, end_tunnel, when_quiet
 from tcprelay.relay.doors.muxado_handshake import (
     ExtendedHandshake,
     Handshake,
@@ -74,7 +72,7 @@ answering answers at most this much later.
 
 
 @implementer(ITunnel)
-class MuxTunnel:
+class MuxTunnel(DoorTunnel):
     """A registered muxado v1 session: the relay's tunnel to one service."""
 
     def __init__(
@@ -85,19 +83,13 @@ class MuxTunnel:
         proxy: bool,
         credential: Optional[str],
     ) -> None:
+        super().__init__(credential, None)
         self.control = control
         self.route = route
         self.extended = extended
         """Visitor streams are typed (:data:`~tcprelay.handshake.VISITOR_STREAM_TYPE`)."""
         self.proxy = proxy
         """Visitor streams start with a PROXY v2 header."""
-        self.credential = credential
-        self.lease_token: Optional[str] = None
-        self.connected_since = time.time()
-        self.visitors: set[Splice] = set()
-        self.bytes_to_service = 0
-        self.bytes_to_visitor = 0
-        self.ended: Deferred[None] = Deferred()
         self._stream_type = hs.VISITOR_STREAM_TYPE if extended else 0
         self._watch: dict[Splice, WatchState] = {}
 
@@ -243,7 +235,7 @@ class ControlSession(MuxProtocol):
         self.frame_timeout = relay.config.frame_timeout
         self.tunnel: Optional[MuxTunnel] = None
         self.handshake: Optional[Handshake] = None
-        self._handshake_deadline: Optional[IDelayedCall] = None
+        self._handshake_deadline = Deadline()
         self._head: Optional[bytes] = b""
         """The connection's first bytes until they are known not to be a
         TLS ClientHello (then None)."""
@@ -288,18 +280,15 @@ class ControlSession(MuxProtocol):
 
     def session_started(self) -> None:
         self.relay.sessions.add(self)
-        self._handshake_deadline = self.clock.callLater(
-            self.relay.config.handshake_timeout, self._handshake_expired
+        self._handshake_deadline.start(
+            self.clock, self.relay.config.handshake_timeout, self._handshake_expired
         )
 
     def handshake_started(self) -> None:
         """The service asked for a port: the handshake deadline is met."""
-        deadline, self._handshake_deadline = self._handshake_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._handshake_deadline.cancel()
 
     def _handshake_expired(self) -> None:
-        self._handshake_deadline = None
         if self.session.ended:
             return
         self.log.warn(
@@ -349,14 +338,11 @@ class ControlSession(MuxProtocol):
             session=self.label,
             **fields,
         )
-        if tunnel.ended.called:
-            return
         leaving = self.handshake is not None and self.handshake.leaving
         lease = None
         if tunnel.extended and not leaving and tunnel.lease_token:
             lease = (tunnel.lease_token, tunnel.credential)
-        self.relay.unpublish(tunnel, lease)
-        tunnel.ended.callback(None)
+        end_tunnel(self.relay, tunnel, lease)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""
@@ -395,11 +381,11 @@ class ControlSession(MuxProtocol):
             self.end(reason)
             return
 
-        def quiet(_: object) -> None:
+        def quiet() -> None:
             if not self.session.ended:
                 self.end(reason)
 
-        DeferredList([splice.done for splice in tunnel.visitors]).addCallback(quiet)
+        when_quiet([tunnel], quiet)
 
 
 class ControlFactory(Factory):
@@ -411,8 +397,4 @@ class ControlFactory(Factory):
         self.relay = relay
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        if self.relay.draining or not self.relay.guard.admit_session(addr):
-            return None
-        session = ControlSession(self.relay)
-        self.relay.guard.session_opened(session, addr)
-        return session
+        return admit(self.relay, addr, lambda: ControlSession(self.relay))

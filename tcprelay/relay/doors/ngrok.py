@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
@@ -52,7 +52,6 @@ from zope.interface import implementer
 
 from tcprelay import __version__
 from tcprelay import handshake as hs
-from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, SessionClosedError, SessionConfig
 from tcprelay.mux2 import rpc
@@ -60,9 +59,8 @@ from tcprelay.mux2.frames import ErrorCode
 from tcprelay.mux2.session import Session as V2Session
 from tcprelay.protocol import MuxProtocol, MuxStream
 from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
-from tcprelay.relay.core import RouteRefused
+from tcprelay.relay.doors.base import Deadline, DoorTunnel, admit, claim_refusal, end_tunnel, when_quiet
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
-from tcprelay.relay.pool import PoolTimeout
 from tcprelay.relay.routes import NameRoute, PortRoute
 from tcprelay.secrets import credential_id
 
@@ -187,10 +185,11 @@ class RpcStream(Protocol):
 
 
 @implementer(ITunnel)
-class NgrokTunnel:
+class NgrokTunnel(DoorTunnel):
     """One bind of an SDK session: the relay's tunnel to one of its endpoints."""
 
     dialect = "ngrok"
+    lease_token: str
 
     def __init__(
         self,
@@ -200,19 +199,13 @@ class NgrokTunnel:
         proto: str,
         proxy_proto: int,
     ) -> None:
+        super().__init__(session.credential, bind_id)
         self.session = session
         self.route = route
         self.bind_id = bind_id
-        self.lease_token = bind_id
         self.proto = proto
         self.proxy_proto = proxy_proto
         """PROXY protocol version written before the visitor's bytes (0: none)."""
-        self.credential = session.credential
-        self.connected_since = time.time()
-        self.visitors: set[Splice] = set()
-        self.bytes_to_service = 0
-        self.bytes_to_visitor = 0
-        self.ended: Deferred[None] = Deferred()
 
     @property
     def control(self) -> NgrokSession:
@@ -302,7 +295,7 @@ class NgrokSession(MuxProtocol):
         """Published binds by Id."""
         self.claims: dict[str, Deferred[Any]] = {}
         """Binds still waiting for their route, by Id (or a placeholder)."""
-        self._deadline: Optional[IDelayedCall] = None
+        self._deadline = Deadline()
         self._closer: Optional[IDelayedCall] = None
         self._opened = time.monotonic()
 
@@ -314,15 +307,9 @@ class NgrokSession(MuxProtocol):
 
     def session_started(self) -> None:
         self.relay.sessions.add(self)
-        self._deadline = self.clock.callLater(self.relay.config.handshake_timeout, self._too_slow)
-
-    def _cancel_deadline(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._deadline.start(self.clock, self.relay.config.handshake_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
-        self._deadline = None
         if self.session.ended:
             return
         if self.refused:
@@ -336,7 +323,7 @@ class NgrokSession(MuxProtocol):
         self.close(ErrorCode.PROTOCOL, "no Auth in time")
 
     def session_ended(self, event: ev.SessionEnded) -> None:
-        self._cancel_deadline()
+        self._deadline.cancel()
         if self._connected:
             self._closer = self.clock.callLater(CLOSE_GRACE, self._close_now)
         stats = self.relay.stats
@@ -374,13 +361,12 @@ class NgrokSession(MuxProtocol):
         tunnels = list(self.tunnels.values())
         for tunnel in tunnels:
             self.end_tunnel(tunnel, None, reason)
-        done = [splice.done for tunnel in tunnels for splice in tunnel.visitors]
 
-        def quiet(_: object) -> None:
+        def quiet() -> None:
             if not self.session.ended:
                 self.end(reason)
 
-        DeferredList(done).addCallback(quiet)
+        when_quiet(tunnels, quiet)
 
     def end(self, reason: str) -> None:
         """End the session now (GOAWAY)."""
@@ -442,15 +428,14 @@ class NgrokSession(MuxProtocol):
                     peer=self.label,
                     why="none given" if not token else "not one of the relay's secrets",
                 )
-                self._cancel_deadline()
-                self._deadline = self.clock.callLater(AUTH_REFUSED_GRACE, self._too_slow)
+                self._deadline.start(self.clock, AUTH_REFUSED_GRACE, self._too_slow)
                 return rpc.error_reply(
                     "authentication failed: the authtoken is not one of this relay's secrets",
                     "ERR_NGROK_105",
                 )
             self.credential = credential_id(found)
         self.authenticated = True
-        self._cancel_deadline()
+        self._deadline.cancel()
         self.max_buffered = relay.config.session_buffer
         self.max_read_size = None
         relay.stats.record_handshake(time.monotonic() - self._opened)
@@ -494,6 +479,14 @@ class NgrokSession(MuxProtocol):
         self.relay.stats.services_refused += 1
         log.info("ngrok agent {peer}: bind {what} refused: {why}", peer=self.label, what=what, why=why)
         return rpc.error_reply(f"bind {what} refused: {why}")
+
+    def _claim_failed(self, what: str, failure: Failure) -> bytes:
+        why = claim_refusal(failure)
+        if why is None:
+            return failure  # type: ignore[return-value]
+        if not why:
+            return rpc.error_reply("cancelled: the session is ending")
+        return self._refuse(what, why)
 
     def bind(self, request: dict[str, Any]) -> Reply:
         """A Bind: claim the route its ``Proto`` and ``Opts`` ask for, publish its tunnel."""
@@ -578,13 +571,7 @@ class NgrokSession(MuxProtocol):
 
         def failed(failure: Failure) -> bytes:
             self.claims.pop(key, None)
-            if failure.check(PoolTimeout):
-                return self._refuse("tcp", "no free public port")
-            if failure.check(RouteRefused):
-                return self._refuse("tcp", str(failure.value))
-            if failure.check(CancelledError):
-                return rpc.error_reply("cancelled: the session is ending")
-            return failure  # type: ignore[return-value]
+            return self._claim_failed("tcp", failure)
 
         return d.addCallbacks(claimed, failed)
 
@@ -626,11 +613,7 @@ class NgrokSession(MuxProtocol):
 
         def failed(failure: Failure) -> bytes:
             self.claims.pop(tid, None)
-            if failure.check(RouteRefused):
-                return self._refuse(proto, str(failure.value))
-            if failure.check(CancelledError):
-                return rpc.error_reply("cancelled: the session is ending")
-            return failure  # type: ignore[return-value]
+            return self._claim_failed(proto, failure)
 
         return d.addCallbacks(claimed, failed)
 
@@ -669,18 +652,7 @@ class NgrokSession(MuxProtocol):
         """``tunnel``'s route is given up (held for ``lease`` when given); fires once it is."""
         if self.tunnels.get(tunnel.bind_id) is tunnel:
             del self.tunnels[tunnel.bind_id]
-        if tunnel.ended.called:
-            return succeed(None)
-        log.info(
-            "ngrok agent {peer}: {address} closed ({why}){held}",
-            peer=self.label,
-            address=tunnel.route.address,
-            why=why,
-            held="; held for its lease" if lease is not None and not self.relay.draining else "",
-        )
-        released = self.relay.unpublish(tunnel, lease)
-        tunnel.ended.callback(None)
-        return released
+        return end_tunnel(self.relay, tunnel, lease, why, f"ngrok agent {self.label}", log)
 
 
 # -- the factory and the door service ------------------------------------------------
@@ -695,12 +667,7 @@ class NgrokFactory(Factory):
         self.relay = relay
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        relay = self.relay
-        if relay.draining or not relay.guard.admit_session(addr):
-            return None
-        session = NgrokSession(relay)
-        relay.guard.session_opened(session, addr)
-        return session
+        return admit(self.relay, addr, lambda: NgrokSession(self.relay))
 
 
 class NgrokDoor(StreamServerEndpointService):
