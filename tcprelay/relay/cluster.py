@@ -367,7 +367,7 @@ class Cluster(MultiService):
             reactor, config.redis, channel=self.channel, on_message=self._event
         )
         self.events.setServiceParent(self)
-        self._claims: dict[str, int] = {}
+        self._claims: set[str] = set()
         """Route keys of the claims under way (a stop deletes them too)."""
         self._mirror_failed: dict[int, float] = {}
         """Ports of other nodes this node could not listen on, and when."""
@@ -635,7 +635,8 @@ class Cluster(MultiService):
     ) -> Deferred[str]:
         """
         Claim ``route`` for an agent of ``credential`` (presenting
-        ``lease``, asking to ``pool``) in the whole cluster.  Fires with
+        ``lease``, asking to ``pool``) in the whole cluster, one claim of a
+        route at a time (another is refused, retryably).  Fires with
         ``ok`` (free), ``local`` (this node has it already), ``moved`` (the
         agent's lease was held by another node) or ``joined`` (a pool of
         another node); fails with :class:`~tcprelay.relay.core.RouteRefused`
@@ -647,12 +648,12 @@ class Cluster(MultiService):
         if self._left:
             return fail(RouteRefused("the relay is shutting down", retry=True))
         key = route_key(self.config.prefix, route.kind, route.name)
-        self._claims[key] = self._claims.get(key, 0) + 1
+        if key in self._claims:
+            return fail(RouteRefused(f"{what} is being claimed", retry=True))
+        self._claims.add(key)
 
         def settled(result: object) -> object:
-            count = self._claims.pop(key, 1) - 1
-            if count > 0:
-                self._claims[key] = count
+            self._claims.discard(key)
             return result
 
         d = self.redis.eval(

@@ -7,7 +7,9 @@ agent's connection, the handshake deadline, and how a door gives routes up.
   ``ended`` Deferred, credential and lease token).
 - :func:`admit`: a door's ``buildProtocol``: the drain and the guard's
   edge limits decide, the guard counts the session it builds.
-- :class:`Deadline`: a session's handshake (or login) deadline.
+- :class:`Deadline`: a session's handshake (or login) deadline;
+  :class:`MuxDoorSession`: an agent's muxado connection (v1 or v2) with
+  the pre-handshake limits and that deadline.
 - :func:`end_tunnel`: a tunnel's route is given up (or held for a lease),
   once; :func:`when_quiet`: once the tunnels' visitors are all done.
 - :func:`claim_refusal`: why a failed route claim is refused (the text an
@@ -21,18 +23,22 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from twisted.internet import interfaces
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tcprelay.forward import Splice
+from tcprelay.mux.session import Role
+from tcprelay.protocol import MuxProtocol, MuxStream
+from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
 from tcprelay.relay.core import RouteRefused
 from tcprelay.relay.pool import PoolTimeout
 
 if TYPE_CHECKING:
     from tcprelay.relay.core import Relay
 
-__all__ = ["Deadline", "DoorTunnel", "admit", "claim_refusal", "end_tunnel", "when_quiet"]
+__all__ = ["Deadline", "DoorTunnel", "MuxDoorSession", "admit", "claim_refusal", "end_tunnel", "when_quiet"]
 
 Lease = Optional[tuple[str, Optional[str]]]
 """A lease to hold a route for: (token, credential), or None."""
@@ -94,6 +100,44 @@ class Deadline:
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
+
+
+class MuxDoorSession(MuxProtocol):
+    """
+    An agent's muxado connection (server role) on a door: one of the
+    relay's :attr:`~tcprelay.relay.core.Relay.sessions` from its start to
+    its loss, held to the pre-handshake buffer and read sizes until
+    :meth:`registered_limits`, and closed by :meth:`handshake_expired` when
+    :attr:`deadline` (the handshake timeout) passes first.  Subclasses
+    accept the agent's streams (``_accept_stream``).
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
+        self.relay = relay
+        self.max_buffered = PRE_HANDSHAKE_BUFFER
+        self.max_read_size = PRE_HANDSHAKE_READ
+        self.frame_timeout = relay.config.frame_timeout
+        self.deadline = Deadline()
+
+    def _accept_stream(self, stream: MuxStream) -> Optional[Any]:
+        raise NotImplementedError
+
+    def registered_limits(self) -> None:
+        """The agent has authenticated: the session's own buffer, reads of any size."""
+        self.max_buffered = self.relay.config.session_buffer
+        self.max_read_size = None
+
+    def session_started(self) -> None:
+        self.relay.sessions.add(self)
+        self.deadline.start(self.clock, self.relay.config.handshake_timeout, self.handshake_expired)
+
+    def handshake_expired(self) -> None:
+        """:attr:`deadline` has passed."""
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        self.relay.session_gone(self)
 
 
 def end_tunnel(

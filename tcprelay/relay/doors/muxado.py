@@ -28,9 +28,9 @@ from tcprelay._sniff import looks_like_tls, tls_error_means_not_tls
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
-from tcprelay.mux.session import Role, SessionClosedError
-from tcprelay.protocol import MuxProtocol, MuxStream
-from tcprelay.relay.doors.base import Deadline, DoorTunnel, admit, end_tunnel, when_quiet
+from tcprelay.mux.session import SessionClosedError
+from tcprelay.protocol import MuxStream
+from tcprelay.relay.doors.base import DoorTunnel, MuxDoorSession, admit, end_tunnel, when_quiet
 from tcprelay.relay.doors.muxado_handshake import (
     ExtendedHandshake,
     Handshake,
@@ -42,7 +42,6 @@ from tcprelay.relay.interfaces import (
     IVisitor,
     TunnelUnavailable,
 )
-from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
 from tcprelay.relay.routes import PortRoute
 from tcprelay.relay.watchdog import WatchState
 
@@ -224,18 +223,13 @@ class MuxTunnel(DoorTunnel):
 
 
 @implementer(IAgentSession)
-class ControlSession(MuxProtocol):
+class ControlSession(MuxDoorSession):
     """One agent's control connection (server role), registered or not."""
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
-        self.relay = relay
-        self.max_buffered = PRE_HANDSHAKE_BUFFER
-        self.max_read_size = PRE_HANDSHAKE_READ
-        self.frame_timeout = relay.config.frame_timeout
+        super().__init__(relay)
         self.tunnel: Optional[MuxTunnel] = None
         self.handshake: Optional[Handshake] = None
-        self._handshake_deadline = Deadline()
         self._head: Optional[bytes] = b""
         """The connection's first bytes until they are known not to be a
         TLS ClientHello (then None)."""
@@ -271,24 +265,17 @@ class ControlSession(MuxProtocol):
         """The handshake claimed ``route``: the session's tunnel serves it from now on."""
         tunnel = MuxTunnel(self, route, handshake.extended, handshake.proxy, handshake.credential)
         self.tunnel = tunnel
-        self.max_buffered = self.relay.config.session_buffer
-        self.max_read_size = None
+        self.registered_limits()
         self.relay.publish(route, tunnel, pool=handshake.pool)
         return tunnel
 
     # -- lifecycle ---------------------------------------------------------
 
-    def session_started(self) -> None:
-        self.relay.sessions.add(self)
-        self._handshake_deadline.start(
-            self.clock, self.relay.config.handshake_timeout, self._handshake_expired
-        )
-
     def handshake_started(self) -> None:
         """The service asked for a port: the handshake deadline is met."""
-        self._handshake_deadline.cancel()
+        self.deadline.cancel()
 
-    def _handshake_expired(self) -> None:
+    def handshake_expired(self) -> None:
         if self.session.ended:
             return
         self.log.warn(
@@ -355,7 +342,6 @@ class ControlSession(MuxProtocol):
                 error=reason.getErrorMessage(),
             )
         super().connectionLost(reason)
-        self.relay.session_gone(self)
 
     # -- IAgentSession -----------------------------------------------------
 

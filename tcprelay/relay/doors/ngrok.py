@@ -57,9 +57,8 @@ from tcprelay.mux.session import Role, SessionClosedError, SessionConfig
 from tcprelay.mux2 import rpc
 from tcprelay.mux2.frames import ErrorCode
 from tcprelay.mux2.session import Session as V2Session
-from tcprelay.protocol import MuxProtocol, MuxStream
-from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
-from tcprelay.relay.doors.base import Deadline, DoorTunnel, admit, claim_refusal, end_tunnel, when_quiet
+from tcprelay.protocol import MuxStream
+from tcprelay.relay.doors.base import DoorTunnel, MuxDoorSession, admit, claim_refusal, end_tunnel, when_quiet
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
 from tcprelay.relay.routes import NameRoute, PortRoute
 from tcprelay.secrets import credential_id
@@ -278,15 +277,11 @@ def _proxy_v1(header: hs.ProxyHeader) -> bytes:
 
 
 @implementer(IAgentSession)
-class NgrokSession(MuxProtocol):
+class NgrokSession(MuxDoorSession):
     """One SDK's connection (muxado v2, server role), authenticated or not yet."""
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
-        self.relay = relay
-        self.max_buffered = PRE_HANDSHAKE_BUFFER
-        self.max_read_size = PRE_HANDSHAKE_READ
-        self.frame_timeout = relay.config.frame_timeout
+        super().__init__(relay)
         self.authenticated = False
         self.refused = False
         self.credential: Optional[str] = None
@@ -295,7 +290,6 @@ class NgrokSession(MuxProtocol):
         """Published binds by Id."""
         self.claims: dict[str, Deferred[Any]] = {}
         """Binds still waiting for their route, by Id (or a placeholder)."""
-        self._deadline = Deadline()
         self._closer: Optional[IDelayedCall] = None
         self._opened = time.monotonic()
 
@@ -305,11 +299,7 @@ class NgrokSession(MuxProtocol):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def session_started(self) -> None:
-        self.relay.sessions.add(self)
-        self._deadline.start(self.clock, self.relay.config.handshake_timeout, self._too_slow)
-
-    def _too_slow(self) -> None:
+    def handshake_expired(self) -> None:
         if self.session.ended:
             return
         if self.refused:
@@ -323,7 +313,7 @@ class NgrokSession(MuxProtocol):
         self.close(ErrorCode.PROTOCOL, "no Auth in time")
 
     def session_ended(self, event: ev.SessionEnded) -> None:
-        self._deadline.cancel()
+        self.deadline.cancel()
         if self._connected:
             self._closer = self.clock.callLater(CLOSE_GRACE, self._close_now)
         stats = self.relay.stats
@@ -350,7 +340,6 @@ class NgrokSession(MuxProtocol):
         if closer is not None and closer.active():
             closer.cancel()
         super().connectionLost(reason)
-        self.relay.session_gone(self)
 
     # -- IAgentSession -----------------------------------------------------
 
@@ -428,16 +417,15 @@ class NgrokSession(MuxProtocol):
                     peer=self.label,
                     why="none given" if not token else "not one of the relay's secrets",
                 )
-                self._deadline.start(self.clock, AUTH_REFUSED_GRACE, self._too_slow)
+                self.deadline.start(self.clock, AUTH_REFUSED_GRACE, self.handshake_expired)
                 return rpc.error_reply(
                     "authentication failed: the authtoken is not one of this relay's secrets",
                     "ERR_NGROK_105",
                 )
             self.credential = credential_id(found)
         self.authenticated = True
-        self._deadline.cancel()
-        self.max_buffered = relay.config.session_buffer
-        self.max_read_size = None
+        self.deadline.cancel()
+        self.registered_limits()
         relay.stats.record_handshake(time.monotonic() - self._opened)
         interval = rpc.field(extra, "HeartbeatInterval")
         tolerance = rpc.field(extra, "HeartbeatTolerance")
