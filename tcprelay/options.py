@@ -11,7 +11,13 @@ from twisted.python import usage
 
 from tcprelay._reactor import MAX_BUSY_POLL
 
-__all__ = ["busy_poll_option", "checked_endpoint", "normalise_endpoint", "parse_port_range", "positive"]
+__all__ = [
+    "busy_poll_option",
+    "checked_endpoint",
+    "normalise_endpoint",
+    "parse_port_range",
+    "positive",
+]
 
 
 def normalise_endpoint(description: str) -> str:

@@ -49,7 +49,7 @@ import attrs
 
 from twisted.application.service import MultiService
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger

@@ -6,7 +6,8 @@ agent's connection, the handshake deadline, and how a door gives routes up.
   state the relay keeps on every tunnel (visitors, byte counters, the
   ``ended`` Deferred, credential and lease token).
 - :func:`admit`: a door's ``buildProtocol``: the drain and the guard's
-  edge limits decide, the guard counts the session it builds.
+  edge limits decide, the guard counts the session it builds
+  (:class:`DoorFactory`: a factory of one session class that does so).
 - :class:`Deadline`: a session's handshake (or login) deadline;
   :class:`MuxDoorSession`: an agent's muxado connection (v1 or v2) with
   the pre-handshake limits and that deadline.
@@ -25,6 +26,7 @@ from twisted.internet import interfaces
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,7 +40,16 @@ from tcprelay.relay.pool import PoolTimeout
 if TYPE_CHECKING:
     from tcprelay.relay.core import Relay
 
-__all__ = ["Deadline", "DoorTunnel", "MuxDoorSession", "admit", "claim_refusal", "end_tunnel", "when_quiet"]
+__all__ = [
+    "Deadline",
+    "DoorFactory",
+    "DoorTunnel",
+    "MuxDoorSession",
+    "admit",
+    "claim_refusal",
+    "end_tunnel",
+    "when_quiet",
+]
 
 Lease = Optional[tuple[str, Optional[str]]]
 """A lease to hold a route for: (token, credential), or None."""
@@ -75,6 +86,20 @@ def admit(relay: Relay, addr: interfaces.IAddress, build: Callable[[], Any]) -> 
     session = build()
     relay.guard.session_opened(session, addr)
     return session
+
+
+class DoorFactory(Factory):
+    """Builds a :attr:`session` (called with the relay) per agent
+    connection, through :func:`admit`."""
+
+    noisy = False
+    session: Callable[[Relay], Any]
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Any]:  # type: ignore[override]
+        return admit(self.relay, addr, lambda: self.session(self.relay))
 
 
 class Deadline:

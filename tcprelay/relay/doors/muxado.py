@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import interfaces
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -30,7 +30,13 @@ from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
 from tcprelay.mux.session import SessionClosedError
 from tcprelay.protocol import MuxStream
-from tcprelay.relay.doors.base import DoorTunnel, MuxDoorSession, admit, end_tunnel, when_quiet
+from tcprelay.relay.doors.base import (
+    DoorFactory,
+    DoorTunnel,
+    MuxDoorSession,
+    end_tunnel,
+    when_quiet,
+)
 from tcprelay.relay.doors.muxado_handshake import (
     ExtendedHandshake,
     Handshake,
@@ -374,13 +380,7 @@ class ControlSession(MuxDoorSession):
         when_quiet([tunnel], quiet)
 
 
-class ControlFactory(Factory):
+class ControlFactory(DoorFactory):
     """Builds a :class:`ControlSession` for each agent connection."""
 
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        return admit(self.relay, addr, lambda: ControlSession(self.relay))
+    session = ControlSession

@@ -30,6 +30,12 @@ and speaks muxado v2 (:mod:`tcprelay.mux2`) with typed streams:
 - The SDK's heartbeat stream is echoed by the session; a session silent for
   longer than its heartbeat interval plus tolerance (from Auth, at least
   ``--heartbeat-tolerance``) is closed.
+
+Why one module of this size: the door is one protocol's server side (the
+session, its requests and the tunnels of its binds) whose parts share the
+session's state (its binds and the claims under way); the framing is
+:mod:`tcprelay.mux2`, the messages :mod:`tcprelay.mux2.rpc`, and what the
+doors share :mod:`.base`.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from twisted.internet import interfaces
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -58,7 +64,14 @@ from tcprelay.mux2 import rpc
 from tcprelay.mux2.frames import ErrorCode
 from tcprelay.mux2.session import Session as V2Session
 from tcprelay.protocol import MuxStream
-from tcprelay.relay.doors.base import DoorTunnel, MuxDoorSession, admit, claim_refusal, end_tunnel, when_quiet
+from tcprelay.relay.doors.base import (
+    DoorFactory,
+    DoorTunnel,
+    MuxDoorSession,
+    claim_refusal,
+    end_tunnel,
+    when_quiet,
+)
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
 from tcprelay.relay.routes import NameRoute, PortRoute
 from tcprelay.secrets import credential_id
@@ -245,7 +258,7 @@ class NgrokTunnel(DoorTunnel):
             def connected(transport: Any) -> None:
                 local = transport.getHost()
                 header = hs.ProxyHeader(host, port, local.host, local.port)
-                stream.write(hs.encode_proxy_v2(header) if version == 2 else _proxy_v1(header))
+                stream.write(hs.encode_proxy_v2(header) if version == 2 else hs.encode_proxy_v1(header))
                 if first:
                     stream.write(first)
 
@@ -263,14 +276,6 @@ class NgrokTunnel(DoorTunnel):
             transport = splice.service.transport
             if transport is not None:
                 transport.abortConnection()
-
-
-def _proxy_v1(header: hs.ProxyHeader) -> bytes:
-    family = "TCP6" if header.ipv6 else "TCP4"
-    return (
-        f"PROXY {family} {header.source_host} {header.dest_host} "
-        f"{header.source_port} {header.dest_port}\r\n"
-    ).encode("ascii")
 
 
 # -- the session: one SDK connection ----------------------------------------------
@@ -646,16 +651,10 @@ class NgrokSession(MuxDoorSession):
 # -- the factory and the door service ------------------------------------------------
 
 
-class NgrokFactory(Factory):
+class NgrokFactory(DoorFactory):
     """Builds an :class:`NgrokSession` for each SDK connection."""
 
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        return admit(self.relay, addr, lambda: NgrokSession(self.relay))
+    session = NgrokSession
 
 
 class NgrokDoor(StreamServerEndpointService):

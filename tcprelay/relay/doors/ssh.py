@@ -72,7 +72,14 @@ from tcprelay.relay.doors.ssh_keys import (
     key_rules,
     load_host_key,
 )
-from tcprelay.relay.doors.base import Deadline, DoorTunnel, admit, claim_refusal, end_tunnel, when_quiet
+from tcprelay.relay.doors.base import (
+    Deadline,
+    DoorTunnel,
+    admit,
+    claim_refusal,
+    end_tunnel,
+    when_quiet,
+)
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
 from tcprelay.relay.routes import NameRoute, PortRoute
 
