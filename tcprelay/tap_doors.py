@@ -64,7 +64,7 @@ CLUSTER_OPTIONS: list[list[Any]] = [
         None,
         None,
         "Join a cluster of relay nodes sharing one registry in Redis: "
-        "redis://[:PASSWORD@]HOST[:PORT][/DB] (needs --node-address).",
+        "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (needs --node-address).",
     ],
     [
         "node-address",
