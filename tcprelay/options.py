@@ -11,7 +11,13 @@ from twisted.python import usage
 
 from tcprelay._reactor import MAX_BUSY_POLL
 
-__all__ = ["busy_poll_option", "normalise_endpoint", "parse_port_range"]
+__all__ = [
+    "busy_poll_option",
+    "checked_endpoint",
+    "normalise_endpoint",
+    "parse_port_range",
+    "positive",
+]
 
 
 def normalise_endpoint(description: str) -> str:
@@ -25,6 +31,35 @@ def normalise_endpoint(description: str) -> str:
             raise usage.UsageError(f"port out of range: {description}")
         return f"tcp:{port}"
     return description
+
+
+def checked_endpoint(name: str, description: str, check: bool = True) -> str:
+    """
+    The server endpoint string ``--name description`` stands for
+    (:func:`normalise_endpoint`), parsed (``check``) against a reactor that
+    never runs; UsageError when it does not parse.
+    """
+    spec = normalise_endpoint(description)
+    if check:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactor
+
+        try:
+            serverFromString(MemoryReactor(), spec)
+        except Exception as e:
+            raise usage.UsageError(f"--{name} {spec!r}: {e}") from None
+    return spec
+
+
+def positive(name: str, value: Any, integer: bool = False) -> Any:
+    """``--name value`` as a positive number (``integer``: a whole one); UsageError otherwise."""
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+    if number <= 0:
+        raise usage.UsageError(f"--{name} must be positive, not {value!r}")
+    return number
 
 
 def busy_poll_option(value: Any) -> float:

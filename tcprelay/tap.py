@@ -5,9 +5,13 @@ twistd (through the ServiceMaker in twisted/plugins/tcprelay_plugin.py)
 parses the command line with :class:`Options`, then calls
 :func:`makeService`, which only composes services and never listens itself.
 
-Why one module of this size: most of it is the option table (every option
-with its help text and its check), which must stay in one Options class
-for twistd, ``--help`` and the ``--config`` file alike.
+The options of the SSH and ngrok doors and of the cluster (their rows,
+checks and services) are in :mod:`tcprelay.tap_doors`.
+
+Why one module of this size: most of it is the option table of the relay
+itself (endpoints, ports, timeouts, edge limits, each with its help text
+and its check), which must stay in one Options class for twistd,
+``--help`` and the ``--config`` file alike.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from twisted.python import usage
 from tcprelay._reactor import DEFAULT_BUSY_POLL
 from tcprelay.config_file import ConfigFileOptions
 from tcprelay.mux.session import SessionConfig
-from tcprelay.options import busy_poll_option, normalise_endpoint
+from tcprelay.options import busy_poll_option, checked_endpoint, normalise_endpoint
+from tcprelay.options import positive as _positive
 from tcprelay.relay.config import DEFAULT_SESSION_BUFFER, PRE_HANDSHAKE_BUFFER, RelayConfig
 from tcprelay.relay.core import Relay
 from tcprelay.relay.doors.muxado import ControlFactory
@@ -34,8 +39,9 @@ from tcprelay.relay.sniff import normalise_name
 from tcprelay.relay.limits import AddressFilter, LimitsConfig, parse_networks
 from tcprelay.relay.pool import PortPool, parse_port_range
 from tcprelay.relay.service import RelayService
-from tcprelay.secrets import read_secrets, read_secrets_file
+from tcprelay.secrets import read_secrets_file
 from tcprelay.systemd import SystemdNotifier
+from tcprelay.tap_doors import CLUSTER_OPTIONS, DOOR_OPTIONS, check_cluster, check_doors, door_services
 
 DEFAULT_POOL_SIZE = 50
 """Public ports after the control port, as the original's ``-max 50``."""
@@ -116,16 +122,6 @@ def _networks(name: str, values: list[str]) -> tuple[Any, ...]:
 
 
 _CREDENTIAL_ID = re.compile(r"[0-9a-f]{16}")
-
-
-def _positive(name: str, value: Any, integer: bool = False) -> Any:
-    try:
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
-    if number <= 0:
-        raise usage.UsageError(f"--{name} must be positive, not {value!r}")
-    return number
 
 
 def _public_port(description: Optional[str], default: int) -> Optional[int]:
@@ -261,38 +257,7 @@ class Options(ConfigFileOptions):
             "server name (SNI) of their ClientHello, TLS not terminated "
             "(e.g. tcp:443; off by default; needs --domain).",
         ],
-        [
-            "ssh",
-            None,
-            None,
-            "Endpoint of the SSH door: OpenSSH clients are agents, each "
-            "remote forward (ssh -R) a service (e.g. tcp:2222; off by default; "
-            "needs --ssh-host-key and --ssh-authorized-keys).",
-        ],
-        [
-            "ssh-host-key",
-            None,
-            None,
-            "Private host key file of the SSH door; an Ed25519 key is created "
-            "there (mode 0600) when the file does not exist.",
-        ],
-        [
-            "ssh-authorized-keys",
-            None,
-            None,
-            "OpenSSH authorized_keys file of the keys that may log in to the "
-            "SSH door (public keys only); re-read when it changes.",
-        ],
-        [
-            "ngrok",
-            None,
-            None,
-            "Endpoint of the ngrok door: ngrok's agent SDKs (Python ngrok, "
-            "JavaScript @ngrok/ngrok) are agents, given server_addr and the "
-            "relay's CA; their authtoken is one of the relay's secrets (a TLS "
-            "endpoint, e.g. ssl:4443:privateKey=key.pem:certKey=cert.pem; "
-            "off by default).",
-        ],
+        *DOOR_OPTIONS,
         [
             "head-timeout",
             None,
@@ -432,41 +397,7 @@ class Options(ConfigFileOptions):
             "Microseconds the relay keeps polling for events after activity "
             "before it sleeps (lower latency for a little CPU; 0: off).",
         ],
-        [
-            "cluster",
-            None,
-            None,
-            "Join a cluster of relay nodes sharing one registry in Redis: "
-            "redis://[:PASSWORD@]HOST[:PORT][/DB] (needs --node-address).",
-        ],
-        [
-            "node-address",
-            None,
-            None,
-            "HOST:PORT other nodes of the cluster reach this node at; the node "
-            "listens there for visitors they forward.",
-        ],
-        [
-            "node-name",
-            None,
-            None,
-            "This node's name in the cluster, unique (default: --node-address).",
-        ],
-        [
-            "cluster-secret",
-            None,
-            None,
-            "File holding the cluster secret (first line), the same on every "
-            "node: it authenticates node-to-node connections (default: one "
-            "the first node keeps in Redis).",
-        ],
-        [
-            "cluster-ttl",
-            None,
-            "5",
-            "Seconds a node's entries in Redis outlive its last refresh (it "
-            "refreshes every TTL/5): a dead node's routes are free after it.",
-        ],
+        *CLUSTER_OPTIONS,
     ]
 
     def __init__(self) -> None:
@@ -552,32 +483,13 @@ class Options(ConfigFileOptions):
         if self["public-interface"]:
             check_interface(self["public-interface"])
         if self["metrics"] is not None:
-            metrics = normalise_endpoint(self["metrics"])
-            try:
-                if not self.reloading:
-                    serverFromString(MemoryReactor(), metrics)
-            except Exception as e:
-                raise usage.UsageError(f"--metrics {metrics!r}: {e}") from None
-            self["metrics"] = metrics
+            self["metrics"] = checked_endpoint("metrics", self["metrics"], not self.reloading)
         for kind in ("http", "tls"):
             if self[kind] is not None:
-                spec = normalise_endpoint(self[kind])
-                try:
-                    serverFromString(MemoryReactor(), spec)
-                except Exception as e:
-                    raise usage.UsageError(f"--{kind} {spec!r}: {e}") from None
-                self[kind] = spec
+                self[kind] = checked_endpoint(kind, self[kind])
                 if not self["domain"]:
                     raise usage.UsageError(f"--{kind} needs --domain (the names it serves)")
-        self._check_ssh()
-        if self["ngrok"] is not None:
-            spec = normalise_endpoint(self["ngrok"])
-            try:
-                if not self.reloading:
-                    serverFromString(MemoryReactor(), spec)
-            except Exception as e:
-                raise usage.UsageError(f"--ngrok {spec!r}: {e}") from None
-            self["ngrok"] = spec
+        check_doors(self)
         self["head-timeout"] = _positive("head-timeout", self["head-timeout"])
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
@@ -638,75 +550,7 @@ class Options(ConfigFileOptions):
         self["receive-window"] = window
         self["busy-poll"] = busy_poll_option(self["busy-poll"])
         self["limits"] = self._limits()
-        self._check_cluster()
-
-    def _check_cluster(self) -> None:
-        """--cluster and the options that go with it."""
-        self["cluster-config"] = None
-        if self["cluster"] is None:
-            for name in ("node-address", "node-name", "cluster-secret"):
-                if self[name] is not None:
-                    raise usage.UsageError(f"--{name} needs --cluster (the Redis URL)")
-            return
-        # only a cluster node loads the cluster layer
-        from tcprelay.relay.cluster import ClusterConfig, parse_redis_url
-
-        try:
-            import txredisapi  # noqa: F401
-        except ImportError:
-            raise usage.UsageError(
-                "--cluster needs the txredisapi package: pip install 'tcprelay[cluster]'"
-            ) from None
-        try:
-            redis = parse_redis_url(self["cluster"])
-        except ValueError as e:
-            raise usage.UsageError(f"--cluster: {e}") from None
-        address = self["node-address"]
-        if not address:
-            raise usage.UsageError("--cluster needs --node-address HOST:PORT (where other nodes reach this one)")
-        host, sep, port = address.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise usage.UsageError(f"--node-address {address!r} is not HOST:PORT")
-        secret = None
-        if self["cluster-secret"]:
-            try:
-                secret = read_secrets(self["cluster-secret"])[0]
-            except (OSError, ValueError, IndexError) as e:
-                raise usage.UsageError(f"--cluster-secret: {e}") from None
-        ttl = _positive("cluster-ttl", self["cluster-ttl"])
-        if ttl < 1:
-            raise usage.UsageError("--cluster-ttl must be at least 1 (second)")
-        self["cluster-config"] = ClusterConfig(
-            redis=redis,
-            node_name=self["node-name"] or address,
-            node_host=host,
-            node_port=int(port),
-            secret=secret,
-            ttl=ttl,
-        )
-
-    def _check_ssh(self) -> None:
-        """--ssh: its endpoint and both of its files (the host key may be absent)."""
-        from twisted.internet.testing import MemoryReactor
-
-        if self["ssh"] is None:
-            for name in ("ssh-host-key", "ssh-authorized-keys"):
-                if self[name] is not None:
-                    raise usage.UsageError(f"--{name} needs --ssh (the SSH door's endpoint)")
-            return
-        spec = normalise_endpoint(self["ssh"])
-        try:
-            if not self.reloading:
-                serverFromString(MemoryReactor(), spec)
-        except Exception as e:
-            raise usage.UsageError(f"--ssh {spec!r}: {e}") from None
-        self["ssh"] = spec
-        from tcprelay.relay.doors.ssh_keys import check_ssh_files
-
-        problem = check_ssh_files(self["ssh-host-key"], self["ssh-authorized-keys"])
-        if problem is not None:
-            raise usage.UsageError(problem)
+        check_cluster(self)
 
     def _limits(self) -> LimitsConfig:
         counts = {
@@ -877,27 +721,8 @@ def makeService(
         for kind in ("http", "tls")
         if options[kind] is not None
     ]
-    cluster_config = options.get("cluster-config")
-    if cluster_config is not None:
-        from tcprelay.relay.cluster import Cluster
-
-        relay.cluster = Cluster(relay, cluster_config, reactor)
-        entrances.insert(0, relay.cluster)
-    if options["ssh"] is not None:
-        from tcprelay.relay.doors.ssh import SshDoor
-
-        entrances.append(
-            SshDoor(
-                relay,
-                serverFromString(reactor, options["ssh"]),
-                options["ssh-host-key"],
-                options["ssh-authorized-keys"],
-            )
-        )
-    if options["ngrok"] is not None:
-        from tcprelay.relay.doors.ngrok import NgrokDoor
-
-        entrances.append(NgrokDoor(relay, serverFromString(reactor, options["ngrok"])))
+    first, last = door_services(relay, options, reactor)
+    entrances = [*first, *entrances, *last]
     return service_class(
         relay,
         control,

@@ -321,7 +321,7 @@ def test_claims_are_refused_retryably_while_redis_is_unreachable(tmp_path: Any) 
     assert relay.pool.free == 2 and len(relay.ports) == 0
     assert relay.cluster.stats.claims_refused_unavailable == 2
     # nothing is left marked as being claimed
-    assert relay._claiming == set()
+    assert relay.cluster._claims == set()
 
 
 def test_a_port_another_node_holds_is_skipped() -> None:

@@ -26,10 +26,15 @@ without a round trip.  :class:`Cluster` mirrors those routes into Redis
   every key when Redis is back.
 - A clean stop deletes the node's keys.
 
-The Redis protocol is txredisapi's :class:`RedisProtocol`; the connection
-(reconnects with backoff, on the injected reactor) is a
-:class:`~twisted.application.internet.ClientService`, so that a command
-while Redis is unreachable fails at once instead of waiting for it.
+The connection to Redis is :mod:`tcprelay.relay.redislink`, the Lua
+scripts :mod:`tcprelay.relay.cluster_scripts`, the link header
+:mod:`tcprelay.relay.nodelink` and the receiving end of node links
+:mod:`tcprelay.relay.nodelink_server`.
+
+Why one module of this size: what is left is the one :class:`Cluster`
+whose claims, refresh, port mirroring and forwarding read and write the
+same state (the live nodes, the other nodes' ports, the lookup cache, the
+claims under way): one refresh answer feeds all of them.
 """
 
 from __future__ import annotations
@@ -39,18 +44,13 @@ import os
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
-from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import interfaces
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -59,8 +59,10 @@ from tcprelay import handshake as hs
 from tcprelay._fastio import connect_eager
 from tcprelay.forward import Splice
 from tcprelay.relay import cluster_scripts as scripts
-from tcprelay.relay.nodelink import LinkError, LinkHeader, LinkHeaderReader, encode_link_header
-from tcprelay.relay.routes import NameRoute, PortRoute, wildcards
+from tcprelay.relay.nodelink import LinkHeader, encode_link_header
+from tcprelay.relay.nodelink_server import NodeLinkFactory, node_listen_endpoint
+from tcprelay.relay.redislink import RedisAddress, RedisLink, RedisUnavailable, parse_redis_url
+from tcprelay.relay.routes import PortRoute, wildcards
 
 if TYPE_CHECKING:
     from tcprelay.relay.core import Relay
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Cluster",
     "ClusterConfig",
+    "RedisAddress",
     "RedisLink",
     "RedisUnavailable",
     "parse_redis_url",
@@ -85,44 +88,6 @@ MIRROR_RETRY = 10.0
 """Seconds before a node tries again to listen on a port of another node
 that it could not bind (another process, or that node on the same address)."""
 
-
-class RedisUnavailable(Exception):
-    """Redis cannot be reached now (or did not answer in time)."""
-
-
-@attrs.frozen
-class RedisAddress:
-    host: str
-    port: int
-    db: int = 0
-    password: Optional[str] = None
-    username: Optional[str] = None
-
-    def __str__(self) -> str:
-        return f"redis://{self.host}:{self.port}/{self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``; ValueError otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme != "redis":
-        raise ValueError(f"{url!r} is not a redis:// URL")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} names no host")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"{url!r} has a bad port") from None
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"{url!r}: the database must be a number, not {path!r}")
-    return RedisAddress(
-        parts.hostname,
-        port,
-        int(path) if path else 0,
-        unquote(parts.password) if parts.password else None,
-        unquote(parts.username) if parts.username else None,
-    )
 
 
 @attrs.frozen
@@ -152,144 +117,6 @@ class ClusterConfig:
 
 
 # -- the Redis connection -------------------------------------------------------
-
-
-def _redis_protocol_class(subscriber: bool = False) -> Any:
-    try:
-        import txredisapi
-    except ImportError:  # pragma: no cover - setup.cfg's dependency
-        raise RuntimeError(
-            "--cluster needs the txredisapi package (pip install 'tcprelay[cluster]')"
-        ) from None
-
-    base = txredisapi.SubscriberProtocol if subscriber else txredisapi.RedisProtocol
-
-    class _Protocol(base):  # type: ignore[misc, valid-type]
-        def connectionLost(self, why: Failure) -> None:
-            super().connectionLost(why)
-            link = getattr(self.factory, "link", None)
-            if link is not None:
-                link._lost(self)
-
-        def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
-            link = getattr(self.factory, "link", None)
-            if link is not None and link.on_message is not None:
-                link.on_message(message if isinstance(message, str) else str(message))
-
-    return _Protocol
-
-
-class _RedisFactory(Factory):
-    noisy = False
-
-    def __init__(self, link: RedisLink) -> None:
-        self.link = link
-        self.protocol_class = _redis_protocol_class(link.channel is not None)
-        self.isLazy = True
-
-    def buildProtocol(self, addr: interfaces.IAddress) -> Protocol:  # type: ignore[override]
-        address = self.link.address
-        p = self.protocol_class(
-            replyTimeout=self.link.reply_timeout,
-            password=address.password,
-            username=address.username,
-            dbid=address.db,
-        )
-        p.callLater = self.link.reactor.callLater
-        p.factory = self
-        p.whenConnected().addCallback(self.link._ready)
-        return p  # type: ignore[no-any-return]
-
-    # what txredisapi's protocol calls on a failed AUTH or SELECT
-    def stopTrying(self) -> None:
-        pass
-
-    def connectionError(self, message: str) -> None:
-        log.warn("Redis at {address}: {message}", address=str(self.link.address), message=message)
-
-
-class RedisLink(MultiService):
-    """
-    One connection to Redis, kept up with backoff.  :meth:`call` runs a
-    command (a method of txredisapi's protocol) and fails at once with
-    :class:`RedisUnavailable` while there is no connection;
-    ``on_up``/``on_down`` are told when it comes and goes.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        address: RedisAddress,
-        on_up: Callable[[], None] = lambda: None,
-        on_down: Callable[[], None] = lambda: None,
-        reply_timeout: float = 2.0,
-        channel: Optional[str] = None,
-        on_message: Optional[Callable[[str], None]] = None,
-    ) -> None:
-        """With ``channel``, the connection only subscribes to it and
-        passes each message to ``on_message``."""
-        super().__init__()
-        self.reactor = reactor
-        self.address = address
-        self.on_up = on_up
-        self.on_down = on_down
-        self.reply_timeout = reply_timeout
-        self.channel = channel
-        self.on_message = on_message
-        self.protocol: Optional[Any] = None
-        endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=reply_timeout)
-        self._client = ClientService(
-            endpoint,
-            _RedisFactory(self),
-            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=2.0, factor=2.0),
-            clock=reactor,
-        )
-        self._client.setServiceParent(self)
-
-    @property
-    def up(self) -> bool:
-        return self.protocol is not None
-
-    def _ready(self, protocol: Any) -> None:
-        if self.protocol is protocol:
-            return
-        self.protocol = protocol
-        if self.channel is not None:
-            protocol.subscribe(self.channel).addErrback(lambda f: None)
-        self.on_up()
-
-    def _lost(self, protocol: Any) -> None:
-        if self.protocol is protocol:
-            self.protocol = None
-            self.on_down()
-
-    def call(self, method: str, *args: Any) -> Deferred[Any]:
-        """Run ``method`` of the connection; RedisUnavailable when there is none."""
-        protocol = self.protocol
-        if protocol is None:
-            return fail(RedisUnavailable(f"no connection to Redis at {self.address}"))
-        d = maybeDeferred(getattr(protocol, method), *args)
-
-        def unavailable(failure: Failure) -> Failure:
-            import txredisapi
-
-            if failure.check(txredisapi.ConnectionError):  # TimeoutError too
-                raise RedisUnavailable(f"Redis at {self.address}: {failure.getErrorMessage()}")
-            return failure
-
-        return d.addErrback(unavailable)
-
-    def eval(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
-        return self.call("eval", script, keys, [str(a) for a in args])
-
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        protocol, self.protocol = self.protocol, None
-        d = maybeDeferred(super().stopService)
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.loseConnection()
-        return d
-
-
 # -- the cluster layer ------------------------------------------------------------
 
 
@@ -367,7 +194,7 @@ class Cluster(MultiService):
             reactor, config.redis, channel=self.channel, on_message=self._event
         )
         self.events.setServiceParent(self)
-        self._claims: dict[str, int] = {}
+        self._claims: set[str] = set()
         """Route keys of the claims under way (a stop deletes them too)."""
         self._mirror_failed: dict[int, float] = {}
         """Ports of other nodes this node could not listen on, and when."""
@@ -635,7 +462,8 @@ class Cluster(MultiService):
     ) -> Deferred[str]:
         """
         Claim ``route`` for an agent of ``credential`` (presenting
-        ``lease``, asking to ``pool``) in the whole cluster.  Fires with
+        ``lease``, asking to ``pool``) in the whole cluster, one claim of a
+        route at a time (another is refused, retryably).  Fires with
         ``ok`` (free), ``local`` (this node has it already), ``moved`` (the
         agent's lease was held by another node) or ``joined`` (a pool of
         another node); fails with :class:`~tcprelay.relay.core.RouteRefused`
@@ -647,12 +475,12 @@ class Cluster(MultiService):
         if self._left:
             return fail(RouteRefused("the relay is shutting down", retry=True))
         key = route_key(self.config.prefix, route.kind, route.name)
-        self._claims[key] = self._claims.get(key, 0) + 1
+        if key in self._claims:
+            return fail(RouteRefused(f"{what} is being claimed", retry=True))
+        self._claims.add(key)
 
         def settled(result: object) -> object:
-            count = self._claims.pop(key, 1) - 1
-            if count > 0:
-                self._claims[key] = count
+            self._claims.discard(key)
             return result
 
         d = self.redis.eval(
@@ -991,11 +819,6 @@ class Cluster(MultiService):
         }
 
 
-def _address(host: str, port: int) -> interfaces.IAddress:
-    if ":" in host:
-        return IPv6Address("TCP", host, port)
-    return IPv4Address("TCP", host, port)
-
 
 def _abort(splice: Splice) -> None:
     transport = splice.visitor.transport
@@ -1019,126 +842,6 @@ class _LinkFactory(ClientFactory):
         self.failed(reason)
 
 
-def node_listen_endpoint(reactor: Any, host: str, port: int) -> interfaces.IStreamServerEndpoint:
-    """Where a node listens for other nodes: ``port`` on ``host`` when it is
-    an IP address of this machine, else on every interface."""
-    if isIPv6Address(host):
-        return TCP6ServerEndpoint(reactor, port, interface=host)
-    if isIPAddress(host):
-        return TCP4ServerEndpoint(reactor, port, interface=host)
-    return TCP4ServerEndpoint(reactor, port)
-
-
-# -- the receiving end of a node link ------------------------------------------------
-
-
-class NodeLinkProtocol(Protocol):
-    """
-    A connection from another node: a link header, a PROXY v2 header, then
-    a visitor of a route this node must hold (else refused: no second hop).
-    """
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self._reader: Optional[LinkHeaderReader] = None
-        self._proxy: Optional[hs.ProxyV2Reader] = None
-        self._header: Optional[LinkHeader] = None
-        self._timer: Optional[interfaces.IDelayedCall] = None
-
-    def connectionMade(self) -> None:
-        cluster = self.cluster
-        if cluster.secret is None:
-            self._refuse("this node does not know the cluster secret yet")
-            return
-        self._reader = LinkHeaderReader(cluster.secret, time.time())
-        self._timer = cluster.reactor.callLater(10, self._refuse, "no link header in time")
-
-    def _refuse(self, why: str) -> None:
-        self._timer = None
-        cluster = self.cluster
-        cluster.stats.links_refused += 1
-        peer = self.transport.getPeer() if self.transport is not None else None
-        cluster.log.info(
-            "cluster: node link from {peer} refused: {why}",
-            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
-            why=why,
-        )
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            if self._header is None:
-                assert self._reader is not None
-                got = self._reader.feed(data)
-                if got is None:
-                    return
-                self._header, data = got
-                self._proxy = hs.ProxyV2Reader()
-            assert self._proxy is not None
-            rest = self._proxy.feed(data)
-        except (LinkError, hs.HandshakeError) as e:
-            self._stop_timer()
-            self._refuse(str(e))
-            return
-        if rest is None:
-            return
-        self._stop_timer()
-        self._visitor(self._header, self._proxy.header, rest)
-
-    def _visitor(self, header: LinkHeader, proxy: Optional[hs.ProxyHeader], first: bytes) -> None:
-        cluster = self.cluster
-        relay = cluster.relay
-        if header.kind == "port":
-            tunnel = relay.registry.lookup(PortRoute(int(header.name))) if header.name.isdigit() else None
-        else:
-            tunnel = relay.find_named(header.kind, header.name)
-        if tunnel is None or relay.draining:
-            self._refuse(f"{header.kind} {header.name} is not served by this node")
-            return
-        dialled: Optional[interfaces.IAddress] = None
-        if proxy is not None:
-            peer: interfaces.IAddress = _address(proxy.source_host, proxy.source_port)
-            dialled = _address(proxy.dest_host, proxy.dest_port)
-        else:
-            peer = self.transport.getPeer()
-        guard = relay.guard
-        route = tunnel.route
-        if not guard.admit_visitor(route, tunnel, peer):
-            self.transport.abortConnection()
-            return
-        protocol = relay.splice_visitor(tunnel, peer, first, dialled)
-        if protocol is None:
-            guard.not_spliced(route, peer)
-            self.transport.abortConnection()
-            return
-        guard.spliced(route, peer, protocol.splice)
-        cluster.stats.forwarded_in += 1
-        transport = self.transport
-        transport.protocol = protocol
-        protocol.makeConnection(transport)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._stop_timer()
-
-
-class NodeLinkFactory(Factory):
-    """Accepts other nodes' visitors on ``--node-address``."""
-
-    noisy = False
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-
-    def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        if self.cluster.relay.draining:
-            return None
-        return NodeLinkProtocol(self.cluster)
 
 
 def choose_node(nodes: Iterable[NodeInfo]) -> Optional[NodeInfo]:

@@ -153,8 +153,6 @@ class Relay(Service):
         self.cluster: Optional[Any] = None
         """The :class:`tcprelay.relay.cluster.Cluster` this relay is a node
         of (``--cluster``), or None: claims are then decided here alone."""
-        self._claiming: set[Any] = set()
-        """Named routes whose cluster claim is under way."""
 
     # -- credentials -------------------------------------------------------
 
@@ -413,7 +411,8 @@ class Relay(Service):
         :meth:`_claim_name_here`), as a Deferred: in a cluster, the route
         must also be free in the whole cluster (or pooled, or held for the
         agent's lease, by another node), which takes a round trip to Redis;
-        it fails with :class:`RouteRefused`.
+        it fails with :class:`RouteRefused` (also while another claim of
+        the name is under way: :meth:`Cluster.claim`).
         """
         try:
             route, settled = self._claim_name_here(kind, requested, lease, credential, pool)
@@ -422,16 +421,7 @@ class Relay(Service):
         cluster = self.cluster
         if cluster is None or settled:
             return succeed(route)
-        if route in self._claiming:
-            return fail(RouteRefused(f"{kind} name {route.name} is being claimed", retry=True))
-        self._claiming.add(route)
-
-        def done(result: object) -> object:
-            self._claiming.discard(route)
-            return result
-
-        claim = cluster.claim(route, credential, lease, pool).addBoth(done)
-        return claim.addCallback(lambda _: route)
+        return cluster.claim(route, credential, lease, pool).addCallback(lambda _: route)
 
     def _claim_name_here(
         self,

@@ -178,20 +178,21 @@ def _cluster_metrics(cluster: Any) -> Iterator[Any]:
     forwarded.add_metric([node, "out"], cluster.stats.forwarded_out)
     forwarded.add_metric([node, "in"], cluster.stats.forwarded_in)
     yield forwarded
-    failures = CounterMetricFamily(
-        "tcprelay_cluster_link_failures",
-        "Visitors that could not be handed to their route's node.",
-        labels=["node"],
-    )
-    failures.add_metric([node], cluster.stats.forward_failures)
-    yield failures
-    refused = CounterMetricFamily(
-        "tcprelay_cluster_unavailable",
-        "Claims refused because the cluster's Redis was unreachable.",
-        labels=["node"],
-    )
-    refused.add_metric([node], cluster.stats.claims_refused_unavailable)
-    yield refused
+    for name, text, value in (
+        (
+            "tcprelay_cluster_link_failures",
+            "Visitors that could not be handed to their route's node.",
+            cluster.stats.forward_failures,
+        ),
+        (
+            "tcprelay_cluster_unavailable",
+            "Claims refused because the cluster's Redis was unreachable.",
+            cluster.stats.claims_refused_unavailable,
+        ),
+    ):
+        counter = CounterMetricFamily(name, text, labels=["node"])
+        counter.add_metric([node], value)
+        yield counter
 
 
 def _peer(tunnel: Any) -> str:

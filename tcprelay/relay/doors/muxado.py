@@ -14,15 +14,12 @@ The muxado v1 door: services and agents that dial the control port.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -31,8 +28,15 @@ from tcprelay._sniff import looks_like_tls, tls_error_means_not_tls
 from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.frames import ErrorCode
-from tcprelay.mux.session import Role, SessionClosedError
-from tcprelay.protocol import MuxProtocol, MuxStream
+from tcprelay.mux.session import SessionClosedError
+from tcprelay.protocol import MuxStream
+from tcprelay.relay.doors.base import (
+    DoorFactory,
+    DoorTunnel,
+    MuxDoorSession,
+    end_tunnel,
+    when_quiet,
+)
 from tcprelay.relay.doors.muxado_handshake import (
     ExtendedHandshake,
     Handshake,
@@ -44,7 +48,6 @@ from tcprelay.relay.interfaces import (
     IVisitor,
     TunnelUnavailable,
 )
-from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
 from tcprelay.relay.routes import PortRoute
 from tcprelay.relay.watchdog import WatchState
 
@@ -74,7 +77,7 @@ answering answers at most this much later.
 
 
 @implementer(ITunnel)
-class MuxTunnel:
+class MuxTunnel(DoorTunnel):
     """A registered muxado v1 session: the relay's tunnel to one service."""
 
     def __init__(
@@ -85,19 +88,13 @@ class MuxTunnel:
         proxy: bool,
         credential: Optional[str],
     ) -> None:
+        super().__init__(credential, None)
         self.control = control
         self.route = route
         self.extended = extended
         """Visitor streams are typed (:data:`~tcprelay.handshake.VISITOR_STREAM_TYPE`)."""
         self.proxy = proxy
         """Visitor streams start with a PROXY v2 header."""
-        self.credential = credential
-        self.lease_token: Optional[str] = None
-        self.connected_since = time.time()
-        self.visitors: set[Splice] = set()
-        self.bytes_to_service = 0
-        self.bytes_to_visitor = 0
-        self.ended: Deferred[None] = Deferred()
         self._stream_type = hs.VISITOR_STREAM_TYPE if extended else 0
         self._watch: dict[Splice, WatchState] = {}
 
@@ -232,18 +229,13 @@ class MuxTunnel:
 
 
 @implementer(IAgentSession)
-class ControlSession(MuxProtocol):
+class ControlSession(MuxDoorSession):
     """One agent's control connection (server role), registered or not."""
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
-        self.relay = relay
-        self.max_buffered = PRE_HANDSHAKE_BUFFER
-        self.max_read_size = PRE_HANDSHAKE_READ
-        self.frame_timeout = relay.config.frame_timeout
+        super().__init__(relay)
         self.tunnel: Optional[MuxTunnel] = None
         self.handshake: Optional[Handshake] = None
-        self._handshake_deadline: Optional[IDelayedCall] = None
         self._head: Optional[bytes] = b""
         """The connection's first bytes until they are known not to be a
         TLS ClientHello (then None)."""
@@ -279,27 +271,17 @@ class ControlSession(MuxProtocol):
         """The handshake claimed ``route``: the session's tunnel serves it from now on."""
         tunnel = MuxTunnel(self, route, handshake.extended, handshake.proxy, handshake.credential)
         self.tunnel = tunnel
-        self.max_buffered = self.relay.config.session_buffer
-        self.max_read_size = None
+        self.registered_limits()
         self.relay.publish(route, tunnel, pool=handshake.pool)
         return tunnel
 
     # -- lifecycle ---------------------------------------------------------
 
-    def session_started(self) -> None:
-        self.relay.sessions.add(self)
-        self._handshake_deadline = self.clock.callLater(
-            self.relay.config.handshake_timeout, self._handshake_expired
-        )
-
     def handshake_started(self) -> None:
         """The service asked for a port: the handshake deadline is met."""
-        deadline, self._handshake_deadline = self._handshake_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self.deadline.cancel()
 
-    def _handshake_expired(self) -> None:
-        self._handshake_deadline = None
+    def handshake_expired(self) -> None:
         if self.session.ended:
             return
         self.log.warn(
@@ -349,14 +331,11 @@ class ControlSession(MuxProtocol):
             session=self.label,
             **fields,
         )
-        if tunnel.ended.called:
-            return
         leaving = self.handshake is not None and self.handshake.leaving
         lease = None
         if tunnel.extended and not leaving and tunnel.lease_token:
             lease = (tunnel.lease_token, tunnel.credential)
-        self.relay.unpublish(tunnel, lease)
-        tunnel.ended.callback(None)
+        end_tunnel(self.relay, tunnel, lease)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         """The socket is closed: only now is the session gone for good."""
@@ -369,7 +348,6 @@ class ControlSession(MuxProtocol):
                 error=reason.getErrorMessage(),
             )
         super().connectionLost(reason)
-        self.relay.session_gone(self)
 
     # -- IAgentSession -----------------------------------------------------
 
@@ -395,24 +373,14 @@ class ControlSession(MuxProtocol):
             self.end(reason)
             return
 
-        def quiet(_: object) -> None:
+        def quiet() -> None:
             if not self.session.ended:
                 self.end(reason)
 
-        DeferredList([splice.done for splice in tunnel.visitors]).addCallback(quiet)
+        when_quiet([tunnel], quiet)
 
 
-class ControlFactory(Factory):
+class ControlFactory(DoorFactory):
     """Builds a :class:`ControlSession` for each agent connection."""
 
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        if self.relay.draining or not self.relay.guard.admit_session(addr):
-            return None
-        session = ControlSession(self.relay)
-        self.relay.guard.session_opened(session, addr)
-        return session
+    session = ControlSession

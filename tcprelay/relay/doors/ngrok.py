@@ -30,6 +30,12 @@ and speaks muxado v2 (:mod:`tcprelay.mux2`) with typed streams:
 - The SDK's heartbeat stream is echoed by the session; a session silent for
   longer than its heartbeat interval plus tolerance (from Auth, at least
   ``--heartbeat-tolerance``) is closed.
+
+Why one module of this size: the door is one protocol's server side (the
+session, its requests and the tunnels of its binds) whose parts share the
+session's state (its binds and the claims under way); the framing is
+:mod:`tcprelay.mux2`, the messages :mod:`tcprelay.mux2.rpc`, and what the
+doors share :mod:`.base`.
 """
 
 from __future__ import annotations
@@ -42,27 +48,31 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcprelay import __version__
 from tcprelay import handshake as hs
-from tcprelay.forward import Splice
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, SessionClosedError, SessionConfig
 from tcprelay.mux2 import rpc
 from tcprelay.mux2.frames import ErrorCode
 from tcprelay.mux2.session import Session as V2Session
-from tcprelay.protocol import MuxProtocol, MuxStream
-from tcprelay.relay.config import PRE_HANDSHAKE_BUFFER, PRE_HANDSHAKE_READ
-from tcprelay.relay.core import RouteRefused
+from tcprelay.protocol import MuxStream
+from tcprelay.relay.doors.base import (
+    DoorFactory,
+    DoorTunnel,
+    MuxDoorSession,
+    claim_refusal,
+    end_tunnel,
+    when_quiet,
+)
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
-from tcprelay.relay.pool import PoolTimeout
 from tcprelay.relay.routes import NameRoute, PortRoute
 from tcprelay.secrets import credential_id
 
@@ -187,10 +197,11 @@ class RpcStream(Protocol):
 
 
 @implementer(ITunnel)
-class NgrokTunnel:
+class NgrokTunnel(DoorTunnel):
     """One bind of an SDK session: the relay's tunnel to one of its endpoints."""
 
     dialect = "ngrok"
+    lease_token: str
 
     def __init__(
         self,
@@ -200,19 +211,13 @@ class NgrokTunnel:
         proto: str,
         proxy_proto: int,
     ) -> None:
+        super().__init__(session.credential, bind_id)
         self.session = session
         self.route = route
         self.bind_id = bind_id
-        self.lease_token = bind_id
         self.proto = proto
         self.proxy_proto = proxy_proto
         """PROXY protocol version written before the visitor's bytes (0: none)."""
-        self.credential = session.credential
-        self.connected_since = time.time()
-        self.visitors: set[Splice] = set()
-        self.bytes_to_service = 0
-        self.bytes_to_visitor = 0
-        self.ended: Deferred[None] = Deferred()
 
     @property
     def control(self) -> NgrokSession:
@@ -253,7 +258,7 @@ class NgrokTunnel:
             def connected(transport: Any) -> None:
                 local = transport.getHost()
                 header = hs.ProxyHeader(host, port, local.host, local.port)
-                stream.write(hs.encode_proxy_v2(header) if version == 2 else _proxy_v1(header))
+                stream.write(hs.encode_proxy_v2(header) if version == 2 else hs.encode_proxy_v1(header))
                 if first:
                     stream.write(first)
 
@@ -273,27 +278,15 @@ class NgrokTunnel:
                 transport.abortConnection()
 
 
-def _proxy_v1(header: hs.ProxyHeader) -> bytes:
-    family = "TCP6" if header.ipv6 else "TCP4"
-    return (
-        f"PROXY {family} {header.source_host} {header.dest_host} "
-        f"{header.source_port} {header.dest_port}\r\n"
-    ).encode("ascii")
-
-
 # -- the session: one SDK connection ----------------------------------------------
 
 
 @implementer(IAgentSession)
-class NgrokSession(MuxProtocol):
+class NgrokSession(MuxDoorSession):
     """One SDK's connection (muxado v2, server role), authenticated or not yet."""
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__(Role.SERVER, relay.reactor, relay.config.session, self._accept_stream)
-        self.relay = relay
-        self.max_buffered = PRE_HANDSHAKE_BUFFER
-        self.max_read_size = PRE_HANDSHAKE_READ
-        self.frame_timeout = relay.config.frame_timeout
+        super().__init__(relay)
         self.authenticated = False
         self.refused = False
         self.credential: Optional[str] = None
@@ -302,7 +295,6 @@ class NgrokSession(MuxProtocol):
         """Published binds by Id."""
         self.claims: dict[str, Deferred[Any]] = {}
         """Binds still waiting for their route, by Id (or a placeholder)."""
-        self._deadline: Optional[IDelayedCall] = None
         self._closer: Optional[IDelayedCall] = None
         self._opened = time.monotonic()
 
@@ -312,17 +304,7 @@ class NgrokSession(MuxProtocol):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def session_started(self) -> None:
-        self.relay.sessions.add(self)
-        self._deadline = self.clock.callLater(self.relay.config.handshake_timeout, self._too_slow)
-
-    def _cancel_deadline(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _too_slow(self) -> None:
-        self._deadline = None
+    def handshake_expired(self) -> None:
         if self.session.ended:
             return
         if self.refused:
@@ -336,7 +318,7 @@ class NgrokSession(MuxProtocol):
         self.close(ErrorCode.PROTOCOL, "no Auth in time")
 
     def session_ended(self, event: ev.SessionEnded) -> None:
-        self._cancel_deadline()
+        self.deadline.cancel()
         if self._connected:
             self._closer = self.clock.callLater(CLOSE_GRACE, self._close_now)
         stats = self.relay.stats
@@ -363,7 +345,6 @@ class NgrokSession(MuxProtocol):
         if closer is not None and closer.active():
             closer.cancel()
         super().connectionLost(reason)
-        self.relay.session_gone(self)
 
     # -- IAgentSession -----------------------------------------------------
 
@@ -374,13 +355,12 @@ class NgrokSession(MuxProtocol):
         tunnels = list(self.tunnels.values())
         for tunnel in tunnels:
             self.end_tunnel(tunnel, None, reason)
-        done = [splice.done for tunnel in tunnels for splice in tunnel.visitors]
 
-        def quiet(_: object) -> None:
+        def quiet() -> None:
             if not self.session.ended:
                 self.end(reason)
 
-        DeferredList(done).addCallback(quiet)
+        when_quiet(tunnels, quiet)
 
     def end(self, reason: str) -> None:
         """End the session now (GOAWAY)."""
@@ -442,17 +422,15 @@ class NgrokSession(MuxProtocol):
                     peer=self.label,
                     why="none given" if not token else "not one of the relay's secrets",
                 )
-                self._cancel_deadline()
-                self._deadline = self.clock.callLater(AUTH_REFUSED_GRACE, self._too_slow)
+                self.deadline.start(self.clock, AUTH_REFUSED_GRACE, self.handshake_expired)
                 return rpc.error_reply(
                     "authentication failed: the authtoken is not one of this relay's secrets",
                     "ERR_NGROK_105",
                 )
             self.credential = credential_id(found)
         self.authenticated = True
-        self._cancel_deadline()
-        self.max_buffered = relay.config.session_buffer
-        self.max_read_size = None
+        self.deadline.cancel()
+        self.registered_limits()
         relay.stats.record_handshake(time.monotonic() - self._opened)
         interval = rpc.field(extra, "HeartbeatInterval")
         tolerance = rpc.field(extra, "HeartbeatTolerance")
@@ -494,6 +472,14 @@ class NgrokSession(MuxProtocol):
         self.relay.stats.services_refused += 1
         log.info("ngrok agent {peer}: bind {what} refused: {why}", peer=self.label, what=what, why=why)
         return rpc.error_reply(f"bind {what} refused: {why}")
+
+    def _claim_failed(self, what: str, failure: Failure) -> bytes:
+        why = claim_refusal(failure)
+        if why is None:
+            return failure  # type: ignore[return-value]
+        if not why:
+            return rpc.error_reply("cancelled: the session is ending")
+        return self._refuse(what, why)
 
     def bind(self, request: dict[str, Any]) -> Reply:
         """A Bind: claim the route its ``Proto`` and ``Opts`` ask for, publish its tunnel."""
@@ -578,13 +564,7 @@ class NgrokSession(MuxProtocol):
 
         def failed(failure: Failure) -> bytes:
             self.claims.pop(key, None)
-            if failure.check(PoolTimeout):
-                return self._refuse("tcp", "no free public port")
-            if failure.check(RouteRefused):
-                return self._refuse("tcp", str(failure.value))
-            if failure.check(CancelledError):
-                return rpc.error_reply("cancelled: the session is ending")
-            return failure  # type: ignore[return-value]
+            return self._claim_failed("tcp", failure)
 
         return d.addCallbacks(claimed, failed)
 
@@ -626,11 +606,7 @@ class NgrokSession(MuxProtocol):
 
         def failed(failure: Failure) -> bytes:
             self.claims.pop(tid, None)
-            if failure.check(RouteRefused):
-                return self._refuse(proto, str(failure.value))
-            if failure.check(CancelledError):
-                return rpc.error_reply("cancelled: the session is ending")
-            return failure  # type: ignore[return-value]
+            return self._claim_failed(proto, failure)
 
         return d.addCallbacks(claimed, failed)
 
@@ -669,38 +645,16 @@ class NgrokSession(MuxProtocol):
         """``tunnel``'s route is given up (held for ``lease`` when given); fires once it is."""
         if self.tunnels.get(tunnel.bind_id) is tunnel:
             del self.tunnels[tunnel.bind_id]
-        if tunnel.ended.called:
-            return succeed(None)
-        log.info(
-            "ngrok agent {peer}: {address} closed ({why}){held}",
-            peer=self.label,
-            address=tunnel.route.address,
-            why=why,
-            held="; held for its lease" if lease is not None and not self.relay.draining else "",
-        )
-        released = self.relay.unpublish(tunnel, lease)
-        tunnel.ended.callback(None)
-        return released
+        return end_tunnel(self.relay, tunnel, lease, why, f"ngrok agent {self.label}", log)
 
 
 # -- the factory and the door service ------------------------------------------------
 
 
-class NgrokFactory(Factory):
+class NgrokFactory(DoorFactory):
     """Builds an :class:`NgrokSession` for each SDK connection."""
 
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: interfaces.IAddress) -> Optional[Protocol]:  # type: ignore[override]
-        relay = self.relay
-        if relay.draining or not relay.guard.admit_session(addr):
-            return None
-        session = NgrokSession(relay)
-        relay.guard.session_opened(session, addr)
-        return session
+    session = NgrokSession
 
 
 class NgrokDoor(StreamServerEndpointService):

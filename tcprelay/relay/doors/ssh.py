@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import struct
-import time
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.application.internet import StreamServerEndpointService
@@ -52,9 +51,8 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
     FilteringLogObserver,
@@ -66,7 +64,6 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcprelay.forward import Splice
 from tcprelay.relay.doors.ssh_keys import (
     AuthorizedKey,
     AuthorizedKeys,
@@ -75,9 +72,15 @@ from tcprelay.relay.doors.ssh_keys import (
     key_rules,
     load_host_key,
 )
+from tcprelay.relay.doors.base import (
+    Deadline,
+    DoorTunnel,
+    admit,
+    claim_refusal,
+    end_tunnel,
+    when_quiet,
+)
 from tcprelay.relay.interfaces import IAgentSession, ITunnel, IVisitor, TunnelUnavailable
-from tcprelay.relay.core import RouteRefused
-from tcprelay.relay.pool import PoolTimeout
 from tcprelay.relay.routes import NameRoute, PortRoute
 
 if TYPE_CHECKING:
@@ -399,10 +402,11 @@ def _reason_text(reason: Any) -> str:
 
 
 @implementer(ITunnel)
-class SshTunnel:
+class SshTunnel(DoorTunnel):
     """One remote forward of an SSH connection: the relay's tunnel to one service."""
 
     dialect = "ssh"
+    lease_token: str
 
     def __init__(
         self,
@@ -412,20 +416,14 @@ class SshTunnel:
         bind_port: int,
         token: str,
     ) -> None:
+        super().__init__(conn.credential, token)
         self.conn = conn
         self.route = route
         self.bind_host = bind_host
         """The bind address of the forward as the agent asked for it."""
         self.bind_port = bind_port
         """The port of the forward as the agent knows it (the allocated one for port 0)."""
-        self.credential = conn.credential
-        self.lease_token = token
-        self.connected_since = time.time()
-        self.visitors: set[Splice] = set()
         self.channels: set[ForwardedChannel] = set()
-        self.bytes_to_service = 0
-        self.bytes_to_visitor = 0
-        self.ended: Deferred[None] = Deferred()
 
     @property
     def control(self) -> SshServerTransport:
@@ -657,13 +655,12 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
         tunnels = list(self.forwards.values())
         for tunnel in tunnels:
             self.end_forward(tunnel, None, reason)
-        done = [splice.done for tunnel in tunnels for splice in tunnel.visitors]
 
-        def quiet(_: object) -> None:
+        def quiet() -> None:
             if not self.stopped:
                 self.transport.end(reason)
 
-        DeferredList(done).addCallback(quiet)
+        when_quiet(tunnels, quiet)
 
     def stream_count(self) -> int:
         """Channels open: visitors' and sessions."""
@@ -764,6 +761,12 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
         )
         return False
 
+    def _claim_failed(self, host: str, port: int, failure: Failure) -> bool:
+        why = claim_refusal(failure)
+        if why is None:
+            return failure  # type: ignore[return-value]
+        return bool(why) and self._refuse(host, port, why)
+
     def forward(self, host: str, port: int) -> Union[bool, bytes, Deferred[Any]]:
         """A ``tcpip-forward`` request: claim its route, publish its tunnel."""
         relay = self.relay
@@ -812,11 +815,7 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
 
             def named_failed(failure: Failure) -> bool:
                 self.claims.pop(key_named, None)
-                if failure.check(RouteRefused):
-                    return self._refuse(host, port, str(failure.value))
-                if failure.check(CancelledError):
-                    return False
-                return failure  # type: ignore[return-value]
+                return self._claim_failed(host, port, failure)
 
             if named.called:  # decided here alone: answer at once, as before
                 outcome: list[Any] = []
@@ -850,13 +849,7 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
 
         def failed(failure: Failure) -> bool:
             self.claims.pop(key, None)
-            if failure.check(PoolTimeout):
-                return self._refuse(host, port, "no free public port")
-            if failure.check(RouteRefused):
-                return self._refuse(host, port, str(failure.value))
-            if failure.check(CancelledError):
-                return False
-            return failure  # type: ignore[return-value]
+            return self._claim_failed(host, port, failure)
 
         return claim.addCallbacks(claimed, failed)
 
@@ -888,18 +881,7 @@ class SshConnection(connection.SSHConnection):  # type: ignore[misc]
         """``tunnel``'s route is given up (held for ``lease`` when given); fires once it is."""
         if self.forwards.get((tunnel.bind_host, tunnel.bind_port)) is tunnel:
             del self.forwards[(tunnel.bind_host, tunnel.bind_port)]
-        if tunnel.ended.called:
-            return succeed(None)
-        log.info(
-            "SSH agent {peer}: {address} closed ({why}){held}",
-            peer=self.label,
-            address=tunnel.route.address,
-            why=why,
-            held="; held for its lease" if lease is not None and not self.relay.draining else "",
-        )
-        released = self.relay.unpublish(tunnel, lease)
-        tunnel.ended.callback(None)
-        return released
+        return end_tunnel(self.relay, tunnel, lease, why, f"SSH agent {self.label}", log)
 
 
 class SshUserAuth(userauth.SSHUserAuthServer):  # type: ignore[misc]
@@ -934,7 +916,9 @@ class SshServerTransport(transport.SSHServerTransport):  # type: ignore[misc]
 
     _log = _CONCH_LOG
 
-    _deadline: Optional[IDelayedCall] = None
+    def __init__(self) -> None:
+        super().__init__()
+        self._deadline = Deadline()
 
     @property
     def label(self) -> str:
@@ -950,16 +934,13 @@ class SshServerTransport(transport.SSHServerTransport):  # type: ignore[misc]
         super().connectionMade()
         relay: Relay = self.factory.relay
         relay.sessions.add(self)
-        self._deadline = relay.reactor.callLater(relay.config.handshake_timeout, self._too_slow)
+        self._deadline.start(relay.reactor, relay.config.handshake_timeout, self._too_slow)
 
     def authenticated(self) -> None:
         """Logged in: the handshake deadline is met."""
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._deadline.cancel()
 
     def _too_slow(self) -> None:
-        self._deadline = None
         log.info(
             "SSH connection {peer} did not log in within {seconds:g}s; closing it",
             peer=self.label,
@@ -1032,12 +1013,7 @@ class SshFactory(factory.SSHFactory):  # type: ignore[misc]
         self.primes = None  # fixed groups and elliptic curves only
 
     def buildProtocol(self, addr: interfaces.IAddress) -> Any:
-        relay = self.relay
-        if relay.draining or not relay.guard.admit_session(addr):
-            return None
-        protocol = super().buildProtocol(addr)
-        relay.guard.session_opened(protocol, addr)
-        return protocol
+        return admit(self.relay, addr, lambda: factory.SSHFactory.buildProtocol(self, addr))
 
 
 class SshDoor(StreamServerEndpointService):

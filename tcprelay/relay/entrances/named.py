@@ -149,7 +149,7 @@ class SniffingVisitor(Protocol):
             transport.resumeProducing()
 
         def failed(failure: Failure) -> None:
-            from tcprelay.relay.cluster import RedisUnavailable
+            from tcprelay.relay.redislink import RedisUnavailable
 
             self._waiting = None
             if not failure.check(RedisUnavailable):
