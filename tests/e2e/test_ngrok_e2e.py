@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tcprelay.testing import free_port_block
+from tests.absent import import_or_absent, tool_absent
 from tests.e2e.agent_fixtures import Pki, make_pki
 from tests.e2e.support import (
     HOST,
@@ -34,7 +35,7 @@ from tests.e2e.support import (
     visit,
 )
 
-pytest.importorskip("ngrok", reason="the ngrok SDK (PyPI ngrok, in the test extras)")
+import_or_absent("ngrok", "the ngrok SDK (PyPI ngrok, in the test extras)")
 
 AGENT = Path(__file__).with_name("ngrok_sdk_agent.py")
 SECRET = "ngrok-e2e-secret-0123456789"
@@ -176,9 +177,7 @@ NPM_DIR = Path(__file__).resolve().parents[2] / ".cache" / "npm"
 def test_javascript_sdk_binds_and_echoes(procs: Procs, pki: Pki, echo_server: EchoServer) -> None:
     """The npm @ngrok/ngrok SDK binds a TCP endpoint through the relay; echo intact."""
     if NODE is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is required in CI for the @ngrok/ngrok test")
-        pytest.skip("node is not installed")
+        tool_absent("node is not installed (the @ngrok/ngrok test needs it)")
     if not (NPM_DIR / "node_modules" / "@ngrok" / "ngrok").is_dir():
         pytest.fail(f"@ngrok/ngrok is not installed in {NPM_DIR}: run scripts/test (it installs it)")
     ngrok_port = free_port_block(1)

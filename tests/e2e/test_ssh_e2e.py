@@ -21,6 +21,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from tests.absent import tool_absent
 from tests.e2e.support import (
     HOST,
     EchoServer,
@@ -38,10 +39,8 @@ SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 DOMAIN = "example.test"
 
-pytestmark = pytest.mark.skipif(
-    not (os.access(SSH, os.X_OK) and os.access(SSH_KEYGEN, os.X_OK)),
-    reason="needs OpenSSH's ssh and ssh-keygen (Debian: openssh-client)",
-)
+if not (os.access(SSH, os.X_OK) and os.access(SSH_KEYGEN, os.X_OK)):
+    tool_absent("needs OpenSSH's ssh and ssh-keygen (Debian: openssh-client)")
 
 
 def _keygen(path: Path) -> Path:
