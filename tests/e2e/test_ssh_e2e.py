@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import attrs
-import pytest
 
 from tests.absent import tool_absent
 from tests.e2e.support import (
@@ -143,11 +142,8 @@ def test_ssh_visitor_half_close_gets_the_reply_then_eof(
         sock.shutdown(socket.SHUT_WR)  # FIN: channel EOF, the service sees its end
         assert recv_to_eof(sock) == b"first half"  # the reply still arrives, then EOF
     # the echo service marks its end just after its FIN, which the visitor
-    # may read first: wait for it (bounded)
-    deadline = time.monotonic() + 5
-    while not echo_server.ended[0] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert echo_server.ended[0]
+    # may read first
+    echo_server.wait_ended(0, timeout=5)
 
 
 def test_ssh_unknown_key_is_refused(procs: Procs, tmp_path: Path, echo_server: EchoServer) -> None:
