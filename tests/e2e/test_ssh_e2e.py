@@ -275,20 +275,21 @@ def test_ssh_visitor_that_never_reads_holds_back_the_service(procs: Procs, tmp_p
         finally:
             conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    r = _start(procs, tmp_path)
-    pid = r.relay.proc.pid
-
-    def rss() -> int:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-    agent = _ssh(procs, r, "-N", "-R", f"0:{HOST}:{listener.getsockname()[1]}", f"user@{HOST}")
-    port = _allocated(agent)
-    base = rss()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     visitor = socket.socket()
-    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
+        r = _start(procs, tmp_path)
+        pid = r.relay.proc.pid
+
+        def rss() -> int:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+        agent = _ssh(procs, r, "-N", "-R", f"0:{HOST}:{listener.getsockname()[1]}", f"user@{HOST}")
+        port = _allocated(agent)
+        base = rss()
+        visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         visitor.connect((HOST, port))
         visitor.sendall(b"go")
         # wait until the service is stopped: its count no longer moves
@@ -304,3 +305,4 @@ def test_ssh_visitor_that_never_reads_holds_back_the_service(procs: Procs, tmp_p
     finally:
         visitor.close()
         listener.close()
+        thread.join(5)
