@@ -17,7 +17,7 @@
     and whether the relay's descriptors go back to their baseline when the
     visitors leave.
 ``sessions``
-    ``--sessions`` (10,000) concurrent agent sessions (``gosessions hold``):
+    ``--sessions`` (10,000) concurrent agent sessions (``goload sessions hold``):
     each one a muxado v1 session with heartbeats both ways (the relay's
     every 3 s echoed by the agent, the agent's every 3 s echoed by the
     relay; 13 s without an echo ends a session), registered with a public
@@ -29,7 +29,7 @@
 ``soak``
     ``--duration`` seconds (1800) of churn against both relays at once:
     ``goload churn`` visitors (``--visitor-rate`` per second) on a steady
-    echo service and ``gosessions churn`` agent sessions coming and going
+    echo service and ``goload sessions churn`` agent sessions coming and going
     (``--session-conns`` at a time, each living 0.2-3 s).  The relays' RSS
     and descriptors are sampled every ``--sample`` seconds.  Figures: RSS
     growth over the second half against the first half after a warm-up
@@ -48,11 +48,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +62,7 @@ from typing import Any, Callable, Optional
 import attrs
 
 from benchmarks import gotools
-from benchmarks.cli import _on_sigterm, _positive
+from benchmarks.cli import _positive
 from benchmarks.install import Install, baseline_install, current_install
 from benchmarks.procs import (
     BenchError,
@@ -84,7 +81,7 @@ __all__ = ["PROG", "main", "plateau"]
 PROG = "python -m benchmarks.capacity"
 HOST = "127.0.0.1"
 SOURCES = "127.0.0.0/8"
-PROGRAMS = ("goload", "gosessions", "legacyrelay", "echosvc")
+PROGRAMS = ("goload", "legacyrelay", "echosvc")
 NOFILE = 1 << 20
 """Hard open-files limit the benchmark gives itself and every process
 (fs.nr_open's default; raising a hard limit needs root or CAP_SYS_RESOURCE)."""
@@ -131,23 +128,7 @@ def port_block(count: int, host: str = HOST, attempts: int = 300) -> int:
     try:
         return free_port_block(count, host, attempts=20)
     except BenchError:
-        pass
-    rng = random.Random()
-    for _ in range(attempts):
-        base = rng.randrange(10000, 65535 - count)
-        held: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                held.append(sock)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise BenchError(f"no block of {count} free ports on {host}")
+        return free_port_block(count, host, attempts, lowest=10000)
 
 
 def thin(samples: list[Any], most: int) -> list[Any]:
@@ -382,7 +363,7 @@ class Capacity:
             open_timeout = 60 + n / 50
             holder = self.processes.start(
                 f"{name}-sessions",
-                [self.bin["gosessions"], "hold", "-relay", f"{HOST}:{relay.control}",
+                [self.bin["goload"], "sessions", "hold", "-relay", f"{HOST}:{relay.control}",
                  "-n", n, "-parallel", self.args.parallel, "-src", SOURCES,
                  "-hold", f"{self.args.hold:g}s", "-timeout", f"{open_timeout:g}s",
                  *(["-http", "s"] if http else [])],
@@ -401,7 +382,7 @@ class Capacity:
                 held_seconds = time.monotonic() - t0
                 lines = parse_json_lines(holder.output())
                 if len(lines) < 2:
-                    raise BenchError(f"{name}: gosessions hold ended without its figures: "
+                    raise BenchError(f"{name}: goload sessions hold ended without its figures: "
                                      f"{holder.tail()}")
                 result: dict[str, Any] = dict(lines[1])
                 result["hold_seconds"] = result.pop("seconds")
@@ -457,7 +438,7 @@ class Capacity:
                     nofile=self.limit))
                 loads.append(self.processes.start(
                     f"{relay.name}-agents",
-                    [self.bin["gosessions"], "churn", "-relay", f"{HOST}:{relay.control}",
+                    [self.bin["goload"], "sessions", "churn", "-relay", f"{HOST}:{relay.control}",
                      "-conns", a.session_conns, "-seconds", f"{duration:g}",
                      "-life-min", "200ms", "-life-max", "3s", "-src", SOURCES,
                      "-timeout", "10s"],
@@ -678,32 +659,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logdir = Path(args.log_dir or tempfile.mkdtemp(prefix="tcprelay-capacity-")).resolve()
     logdir.mkdir(parents=True, exist_ok=True)
     try:
-        go = gotools.find_go()
-        src = gotools.find_sources(args.go_src, PROGRAMS)
-        bins = gotools.build_all(go, src, PROGRAMS, out_dir=logdir / "bin")
-        go_version = gotools.go_version(go)
+        bins, go_version = gotools.build_programs(args.go_src, PROGRAMS, logdir / "bin")
     except BenchError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
+        if not args.log_dir:
+            shutil.rmtree(logdir, ignore_errors=True)
         return 2
     processes = Processes(logdir)
-    previous = {sig: signal.signal(sig, _on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
     results: dict[str, Any] = {}
     ok = True
     try:
-        cap = Capacity(args, bins, processes, log)
-        cap.soft = original[0]
-        if "idle" in args.tests or "sessions" in args.tests:
-            log(f"open-files limit: soft {original[0]}, hard {cap.hard}")
-        for test in args.tests:
-            log(f"{test}:")
-            these = [n for n in names if test == "sessions" or n != "tcprelay-http"]
-            if test == "soak":
-                results[test] = cap.soak(these)
-            else:
-                results[test] = {n: getattr(cap, test)(n) for n in these}
-            for line in summary(test, results[test]):
-                print(line, flush=True)
-            ok = ok and passed(test, results[test])
+        with processes.stopping():
+            cap = Capacity(args, bins, processes, log)
+            cap.soft = original[0]
+            if "idle" in args.tests or "sessions" in args.tests:
+                log(f"open-files limit: soft {original[0]}, hard {cap.hard}")
+            for test in args.tests:
+                log(f"{test}:")
+                these = [n for n in names if test == "sessions" or n != "tcprelay-http"]
+                if test == "soak":
+                    results[test] = cap.soak(these)
+                else:
+                    results[test] = {n: getattr(cap, test)(n) for n in these}
+                for line in summary(test, results[test]):
+                    print(line, flush=True)
+                ok = ok and passed(test, results[test])
     except BenchError as e:
         print(f"{PROG}: {e}\nprocess output kept in {logdir}", file=sys.stderr)
         return 1
@@ -711,11 +691,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
     finally:
-        try:
-            processes.stop_all()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         if args.json and results:
             document = {
                 "command": [*PROG.split(), *(argv if argv is not None else sys.argv[1:])],

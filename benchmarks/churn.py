@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any, Optional
 import attrs
 
 from benchmarks import gotools
-from benchmarks.cli import _on_sigterm, _positive
+from benchmarks.cli import _positive
 from benchmarks.install import Install, baseline_install, current_install
 from benchmarks.procs import (
     BenchError,
@@ -318,23 +317,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logdir = Path(args.log_dir or tempfile.mkdtemp(prefix="tcprelay-churn-")).resolve()
     logdir.mkdir(parents=True, exist_ok=True)
     try:
-        go = gotools.find_go()
-        src = gotools.find_sources(args.go_src, PROGRAMS)
         # built into the run's own directory: the shared binaries of
         # ``python -m benchmarks`` may be an older goload, without churn
-        binaries = gotools.build_all(go, src, PROGRAMS, out_dir=logdir / "bin")
-        go_version = gotools.go_version(go)
+        binaries, go_version = gotools.build_programs(args.go_src, PROGRAMS, logdir / "bin")
     except BenchError as e:
         print(f"benchmarks.churn: {e}", file=sys.stderr)
+        if not args.log_dir:
+            shutil.rmtree(logdir, ignore_errors=True)
         return 2
     processes = Processes(logdir)
-    previous = {sig: signal.signal(sig, _on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
     run = ChurnRun(args, binaries, processes, log)
     try:
-        stacks = [run.start(label, install) for label, install in installs]
-        for stack in stacks:
-            run.warm_up(stack)
-        results = run.measure(stacks)
+        with processes.stopping():
+            stacks = [run.start(label, install) for label, install in installs]
+            for stack in stacks:
+                run.warm_up(stack)
+            results = run.measure(stacks)
     except BenchError as e:
         print(f"benchmarks.churn: {e}\nprocess output kept in {logdir}", file=sys.stderr)
         return 1
@@ -342,12 +340,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("benchmarks.churn: interrupted; every process it started is stopped",
               file=sys.stderr)
         return 130
-    finally:
-        try:
-            processes.stop_all()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     print(table(results))
     if args.json:
         document = {

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, Optional
 
 from benchmarks import gotools
@@ -158,10 +156,6 @@ def _settings(args: argparse.Namespace, original_nofile: tuple[int, int]) -> Set
     )
 
 
-def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     started = time.monotonic()
@@ -197,11 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"baseline: tcprelay {settings.baseline.version} from {settings.baseline.python}"
                 f" (commit {settings.baseline.commit or 'unknown'})"
             )
-        go = gotools.find_go()
-        src = gotools.find_sources(args.go_src, programs)
-        log(f"building {', '.join(programs)} from {src}")
-        binaries = gotools.build_all(go, src, programs)
-        go_version = gotools.go_version(go)
+        log(f"building {', '.join(programs)}")
+        binaries, go_version = gotools.build_programs(args.go_src, programs)
     except BenchError as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -215,20 +206,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         logdir = Path(tempfile.mkdtemp(prefix="tcprelay-bench-"))
     processes = Processes(logdir)
-    # SIGTERM and SIGHUP (terminal closed) stop the run like Ctrl-C does
-    previous = {sig: signal.signal(sig, _on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
     results: dict[str, dict[str, Any]] = {}
     interrupted = False
     try:
-        results = run_benchmark(settings, binaries, processes, log)
+        with processes.stopping():
+            results = run_benchmark(settings, binaries, processes, log)
     except KeyboardInterrupt:
         interrupted = True
-    finally:
-        try:
-            processes.stop_all()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     if interrupted:
         print("benchmarks: interrupted; every process it started is stopped", file=sys.stderr)
         if not args.log_dir:

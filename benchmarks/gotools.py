@@ -2,10 +2,10 @@
 Finding and building the Go programs the benchmark runs.
 
 The sources live in a source checkout under ``tests/interop/``: ``goload``
-(load client and direct echo server, standard library only),
+(load client, direct echo server and, ``goload sessions``, agent sessions),
 ``legacyrelay`` (the original Go relay's behaviour) and ``echosvc`` (an
-efficient Go muxado v1 echo service).  The last two import Debian's muxado
-v1 (``golang-github-inconshreveable-muxado-dev``), so everything is built in
+efficient Go muxado v1 echo service).  They import Debian's muxado v1
+(``golang-github-inconshreveable-muxado-dev``), so everything is built in
 GOPATH mode::
 
     GO111MODULE=off GOPATH=/usr/share/gocode go build -o OUT ./NAME
@@ -22,7 +22,7 @@ from typing import Optional
 
 from benchmarks.procs import BenchError
 
-__all__ = ["PROGRAMS", "build_all", "find_go", "find_sources", "go_version"]
+__all__ = ["PROGRAMS", "build_all", "build_programs", "find_go", "find_sources", "go_version"]
 
 PROGRAMS = ("goload", "legacyrelay", "echosvc")
 """The Go programs a full run needs (each ``<go-src>/<name>/main.go``)."""
@@ -166,3 +166,13 @@ def build_all(
         os.replace(tmp, target)
         built[name] = target
     return built
+
+
+def build_programs(
+    go_src: Optional[str], programs: tuple[str, ...], out_dir: Optional[Path] = None
+) -> tuple[dict[str, Path], str]:
+    """Find go and the sources (``--go-src`` or the checkout), build ``programs``
+    into ``out_dir``: (name -> binary, go's version).  BenchError on any failure."""
+    go = find_go()
+    src = find_sources(go_src, programs)
+    return build_all(go, src, programs, out_dir), go_version(go)

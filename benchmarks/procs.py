@@ -12,6 +12,7 @@ files for a line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -20,7 +21,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Callable, Optional, Sequence
+from types import FrameType
+from typing import IO, Callable, Iterator, Optional, Sequence
 
 __all__ = [
     "BenchError",
@@ -169,6 +171,10 @@ class Process:
             pass
 
 
+def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 class Processes:
     """Every subprocess of a run; :meth:`stop_all` stops them, newest first."""
 
@@ -191,6 +197,21 @@ class Processes:
         finally:
             if proc in self._procs:
                 self._procs.remove(proc)
+
+    @contextlib.contextmanager
+    def stopping(self) -> Iterator["Processes"]:
+        """For a run's body: SIGTERM and SIGHUP (terminal closed) stop it as
+        Ctrl-C does (KeyboardInterrupt); on the way out, however it ends, every
+        process is stopped and the signal handlers are restored."""
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield self
+        finally:
+            try:
+                self.stop_all()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def stop_all(self) -> None:
         while self._procs:
@@ -215,22 +236,29 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 300) -> int:
+def free_port_block(
+    count: int, host: str = "127.0.0.1", attempts: int = 300, lowest: Optional[int] = None
+) -> int:
     """
     The first of ``count`` consecutive ports that all bind on ``host`` just
     now, chosen below the kernel's ephemeral range so that client sockets
     cannot take one of them meanwhile (a relay's control port and its
-    ``--ports`` range).  BenchError when none is found.
+    ``--ports`` range).  With ``lowest``: anywhere from there up to 65535
+    instead (a block too large to fit below the ephemeral range).
+    BenchError when none is found.
 
     The benchmark's own copy, so that it imports nothing of tcprelay and
     drives every version through its command line alone.
     """
-    top = _ephemeral_low() - count
-    if top <= 20000 + count:
-        top = 60000 - count
+    if lowest is not None:
+        bottom, top = lowest, 65535 - count
+    else:
+        bottom, top = 20000, _ephemeral_low() - count
+        if top <= 20000 + count:
+            top = 60000 - count
     rng = random.Random()
     for _ in range(attempts):
-        base = rng.randrange(20000, top)
+        base = rng.randrange(bottom, top)
         held: list[socket.socket] = []
         try:
             for port in range(base, base + count):

@@ -9,7 +9,6 @@ environment variable ``CI`` is set: then they fail (CI installs it).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any, Optional
 import pytest
 
 from tcprelay.testing import free_port_block
+from tests.absent import tool_absent
 
 HOST = "127.0.0.1"
 
@@ -28,9 +28,7 @@ def require_redis() -> str:
     """The path of ``redis-server``; skips (fails under CI) without it."""
     path = shutil.which("redis-server")
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed")
+        tool_absent("redis-server is not installed (apt-get install redis-server)")
     return path
 
 
@@ -71,8 +69,11 @@ class RedisServer:
             except OSError:
                 pass
             if self.proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.proc.returncode}")
+                code = self.proc.returncode
+                self.stop()
+                pytest.fail(f"redis-server exited with {code}")
             if time.monotonic() > deadline:
+                self.stop()  # not left running behind a failed test
                 pytest.fail(f"redis-server on port {self.port} not up within {timeout}s")
             time.sleep(0.02)
 

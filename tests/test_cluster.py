@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
@@ -32,6 +31,7 @@ from tcprelay.relay.nodelink import (
 )
 from tcprelay.testing import free_port_block
 from tests.redis_server import RedisServer, redis_server
+from tests.relay_helpers import deferred_later, wait_for
 
 __all__ = ["redis_server"]
 
@@ -167,14 +167,16 @@ def test_failover_endpoint_moves_on() -> None:
 # -- the scripts in a real Redis -----------------------------------------------------------
 
 
-async def _link(reactor: Any, server: RedisServer) -> RedisLink:
-    link = RedisLink(reactor, parse_redis_url(server.url))
+@pytest_twisted.async_yield_fixture
+async def link(reactor: Any, redis_server: RedisServer) -> Any:
+    """A RedisLink connected to the test's redis-server, stopped when the test ends."""
+    link = RedisLink(reactor, parse_redis_url(redis_server.url))
     link.startService()
-    deadline = time.monotonic() + 10
-    while not link.up:
-        assert time.monotonic() < deadline, "no connection to redis-server"
-        await task.deferLater(reactor, 0.02, lambda: None)
-    return link
+    try:
+        await wait_for(reactor, lambda: link.up, timeout=10, what="a connection to redis-server")
+        yield link
+    finally:
+        await link.stopService()
 
 
 def _claim(link: RedisLink, key: str, node: str, cred: str = "c1", lease: str = "", pool: bool = False, ttl: int = 3000) -> Deferred[Any]:
@@ -194,82 +196,68 @@ KEY = "tcprelay:route:http:app.example.test"
 
 
 @pytest_twisted.ensureDeferred
-async def test_claims_are_decided_once_for_the_cluster(reactor: Any, redis_server: RedisServer) -> None:
+async def test_claims_are_decided_once_for_the_cluster(link: RedisLink, redis_server: RedisServer) -> None:
     """The first node's claim wins; another node is refused (taken, or another credential's), or joins a pool of its credential."""
-    link = await _link(reactor, redis_server)
-    try:
-        assert await _claim(link, KEY, "n1") == ["ok", "n1"]
-        assert await _claim(link, KEY, "n1") == ["local", "n1"]
-        assert await _claim(link, KEY, "n2") == ["taken", "n1"]
-        assert await _claim(link, KEY, "n2", cred="c2") == ["other", "n1"]
-        assert await _claim(link, KEY, "n2", pool=True) == ["taken", "n1"]
-        pooled = "tcprelay:route:http:pool.example.test"
-        assert await _claim(link, pooled, "n1", pool=True) == ["ok", "n1"]
-        assert await _claim(link, pooled, "n2") == ["pooled", "n1"]
-        assert await _claim(link, pooled, "n2", pool=True) == ["joined", "n1"]
-        await link.eval(scripts.RELEASE, [pooled], ["n1"])
-        assert pooled in redis_server.keys()  # n2 still serves it
-        await link.eval(scripts.RELEASE, [pooled], ["n2"])
-        assert redis_server.keys() == [KEY]
-    finally:
-        await link.stopService()
+    assert await _claim(link, KEY, "n1") == ["ok", "n1"]
+    assert await _claim(link, KEY, "n1") == ["local", "n1"]
+    assert await _claim(link, KEY, "n2") == ["taken", "n1"]
+    assert await _claim(link, KEY, "n2", cred="c2") == ["other", "n1"]
+    assert await _claim(link, KEY, "n2", pool=True) == ["taken", "n1"]
+    pooled = "tcprelay:route:http:pool.example.test"
+    assert await _claim(link, pooled, "n1", pool=True) == ["ok", "n1"]
+    assert await _claim(link, pooled, "n2") == ["pooled", "n1"]
+    assert await _claim(link, pooled, "n2", pool=True) == ["joined", "n1"]
+    await link.eval(scripts.RELEASE, [pooled], ["n1"])
+    assert pooled in redis_server.keys()  # n2 still serves it
+    await link.eval(scripts.RELEASE, [pooled], ["n2"])
+    assert redis_server.keys() == [KEY]
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lease_token_moves_a_route_and_its_old_node_learns_it(reactor: Any, redis_server: RedisServer) -> None:
+async def test_a_lease_token_moves_a_route_and_its_old_node_learns_it(link: RedisLink, redis_server: RedisServer) -> None:
     """A claim presenting the lease token (and credential) of an agent of another node takes the route; that node's next refresh reports it lost."""
-    link = await _link(reactor, redis_server)
-    try:
-        assert await _claim(link, KEY, "n1") == ["ok", "n1"]
-        result = await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
-        assert json.loads(result[0]) in ([], {})
-        assert await _claim(link, KEY, "n2", lease="wrong") == ["taken", "n1"]
-        assert await _claim(link, KEY, "n2", cred="c2", lease="tok") == ["other", "n1"]
-        assert await _claim(link, KEY, "n2", lease="tok") == ["moved", "n1"]
-        result = await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
-        assert json.loads(result[0]) == [[1, "*"]]
-        nodes = sorted(json.loads(raw)["name"] for raw in result[1:])
-        assert nodes == ["n1"]  # n2 never refreshed its node key here
-    finally:
-        await link.stopService()
+    assert await _claim(link, KEY, "n1") == ["ok", "n1"]
+    result = await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
+    assert json.loads(result[0]) in ([], {})
+    assert await _claim(link, KEY, "n2", lease="wrong") == ["taken", "n1"]
+    assert await _claim(link, KEY, "n2", cred="c2", lease="tok") == ["other", "n1"]
+    assert await _claim(link, KEY, "n2", lease="tok") == ["moved", "n1"]
+    result = await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
+    assert json.loads(result[0]) == [[1, "*"]]
+    nodes = sorted(json.loads(raw)["name"] for raw in result[1:])
+    assert nodes == ["n1"]  # n2 never refreshed its node key here
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_dead_nodes_entries_expire_and_leave_deletes_a_nodes_keys(reactor: Any, redis_server: RedisServer) -> None:
+async def test_a_dead_nodes_entries_expire_and_leave_deletes_a_nodes_keys(
+    reactor: Any, link: RedisLink, redis_server: RedisServer
+) -> None:
     """An entry not refreshed within its TTL is free for anyone; a node that leaves deletes its node key and its entries, the last one the secret too."""
-    link = await _link(reactor, redis_server)
-    try:
-        assert await _claim(link, KEY, "n1", ttl=300) == ["ok", "n1"]
-        started = time.monotonic()
-        while (await _claim(link, KEY, "n2", cred="c2", ttl=300))[0] != "ok":
-            assert time.monotonic() - started < 5, "the entry did not expire"
-            await task.deferLater(reactor, 0.05, lambda: None)
-        assert time.monotonic() - started >= 0.25
-        await _refresh(link, "n2", [(KEY, "c2", False, [])])
-        await _refresh(link, "n3", [])
-        assert await link.eval(scripts.SECRET, ["tcprelay:secret"], ["first"]) == "first"
-        assert await link.eval(scripts.SECRET, ["tcprelay:secret"], ["second"]) == "first"
-        assert redis_server.keys() == sorted([KEY, "tcprelay:node:n2", "tcprelay:node:n3", "tcprelay:secret"])
-        await link.eval(scripts.LEAVE, ["tcprelay:node:n2", KEY], ["n2", "", "tcprelay:"])
-        assert redis_server.keys() == ["tcprelay:node:n3", "tcprelay:secret"]
-        await link.eval(scripts.LEAVE, ["tcprelay:node:n3"], ["n3", "", "tcprelay:"])
-        assert redis_server.keys() == []
-    finally:
-        await link.stopService()
+    assert await _claim(link, KEY, "n1", ttl=300) == ["ok", "n1"]
+    started = time.monotonic()
+    while (await _claim(link, KEY, "n2", cred="c2", ttl=300))[0] != "ok":
+        assert time.monotonic() - started < 5, "the entry did not expire"
+        await deferred_later(reactor, 0.05)
+    assert time.monotonic() - started >= 0.25
+    await _refresh(link, "n2", [(KEY, "c2", False, [])])
+    await _refresh(link, "n3", [])
+    assert await link.eval(scripts.SECRET, ["tcprelay:secret"], ["first"]) == "first"
+    assert await link.eval(scripts.SECRET, ["tcprelay:secret"], ["second"]) == "first"
+    assert redis_server.keys() == sorted([KEY, "tcprelay:node:n2", "tcprelay:node:n3", "tcprelay:secret"])
+    await link.eval(scripts.LEAVE, ["tcprelay:node:n2", KEY], ["n2", "", "tcprelay:"])
+    assert redis_server.keys() == ["tcprelay:node:n3", "tcprelay:secret"]
+    await link.eval(scripts.LEAVE, ["tcprelay:node:n3"], ["n3", "", "tcprelay:"])
+    assert redis_server.keys() == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_refresh_recreates_what_a_restarted_redis_lost(reactor: Any, redis_server: RedisServer) -> None:
+async def test_a_refresh_recreates_what_a_restarted_redis_lost(link: RedisLink, redis_server: RedisServer) -> None:
     """A refresh into an empty Redis (restarted without persistence) re-asserts the node's routes."""
-    link = await _link(reactor, redis_server)
-    try:
-        await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
-        redis_server.command("FLUSHALL")
-        await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
-        assert await _claim(link, KEY, "n2") == ["taken", "n1"]
-        assert await _claim(link, KEY, "n2", lease="tok") == ["moved", "n1"]
-    finally:
-        await link.stopService()
+    await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
+    redis_server.command("FLUSHALL")
+    await _refresh(link, "n1", [(KEY, "c1", False, ["tok"])])
+    assert await _claim(link, KEY, "n2") == ["taken", "n1"]
+    assert await _claim(link, KEY, "n2", lease="tok") == ["moved", "n1"]
 
 
 @pytest_twisted.ensureDeferred
@@ -350,39 +338,48 @@ def test_a_port_another_node_holds_is_skipped() -> None:
 # -- two relays of one cluster, in this process --------------------------------------------
 
 
-async def _node(reactor: Any, server: RedisServer, name: str, first_port: int) -> Any:
-    """A relay of the cluster (only its Redis connection started; its ports on 127.0.0.1)."""
+@pytest_twisted.async_yield_fixture
+async def cluster_node(reactor: Any, redis_server: RedisServer) -> Any:
+    """Makes relays of one cluster (only their Redis connections started; their ports
+    on 127.0.0.1): ``await cluster_node(name, first_port)``; all stopped at the end."""
     from tcprelay.relay.cluster import Cluster, ClusterConfig
     from tcprelay.relay.config import RelayConfig
     from tcprelay.relay.core import Relay
     from tcprelay.relay.pool import PortPool
 
-    config = RelayConfig(
-        ports=range(first_port, first_port + 2),
-        public_interface="127.0.0.1",
-        domains=("example.test",),
-        http_port=8000,
-    )
-    relay = Relay(config, PortPool(config.ports, reactor), reactor)
-    relay.cluster = Cluster(
-        relay, ClusterConfig(parse_redis_url(server.url), name, "127.0.0.1", 1, b"s"), reactor
-    )
-    relay.cluster.redis.startService()
-    deadline = time.monotonic() + 10
-    while not relay.cluster.up:
-        assert time.monotonic() < deadline, "no connection to redis-server"
-        await task.deferLater(reactor, 0.02, lambda: None)
-    return relay
+    started: list[Any] = []
+
+    async def make(name: str, first_port: int) -> Any:
+        config = RelayConfig(
+            ports=range(first_port, first_port + 2),
+            public_interface="127.0.0.1",
+            domains=("example.test",),
+            http_port=8000,
+        )
+        relay = Relay(config, PortPool(config.ports, reactor), reactor)
+        relay.cluster = Cluster(
+            relay, ClusterConfig(parse_redis_url(redis_server.url), name, "127.0.0.1", 1, b"s"), reactor
+        )
+        relay.cluster.redis.startService()
+        started.append(relay)
+        await wait_for(reactor, lambda: relay.cluster.up, timeout=10, what=f"{name}'s connection to redis-server")
+        return relay
+
+    try:
+        yield make
+    finally:
+        for relay in started:
+            await relay.cluster.redis.stopService()
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_relays_never_give_out_one_name_or_port(reactor: Any, redis_server: RedisServer) -> None:
+async def test_two_relays_never_give_out_one_name_or_port(cluster_node: Any) -> None:
     """Two relays of a cluster: the second is refused a name the first holds, saying where, and takes the next port when the first holds its pool's first one."""
     from tcprelay.relay.core import RouteRefused
 
     first = free_port_block(2)
-    one = await _node(reactor, redis_server, "n1", first)
-    two = await _node(reactor, redis_server, "n2", first)
+    one = await cluster_node("n1", first)
+    two = await cluster_node("n2", first)
     routes: list[Any] = []
     try:
         name = await one.claim_name("http", "app", None, "c1")
@@ -399,5 +396,3 @@ async def test_two_relays_never_give_out_one_name_or_port(reactor: Any, redis_se
     finally:
         for relay, route in routes:
             await relay.release_route(route)
-        for relay in (one, two):
-            await relay.cluster.redis.stopService()

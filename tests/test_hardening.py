@@ -241,18 +241,25 @@ def test_half_closed_stream_of_a_silent_service_is_reset() -> None:
     assert relay.relay.visitor_count == 0
 
 
+def _idle_and_waiting(relay: MemoryRelay, count: int) -> tuple[list[Any], Any]:
+    """A service that acknowledges nothing, ``count`` idle visitors of it and one
+    more that sent a request left unanswered: (the idle ones, the waiting one)."""
+    peer, port = relay.registered(auto_ack=False)
+    idle = [relay.visitor(port) for _ in range(count)]
+    waiting = relay.visitor(port)
+    assert waiting is not None and all(v is not None for v in idle)
+    waiting.send(b"hello?")
+    relay.settle()
+    return idle, waiting
+
+
 def test_watchdog_looks_at_its_visitors_a_slice_per_reactor_pass() -> None:
     """A check looks at no more than Watchdog.batch visitors in one reactor pass (a pass over 100,000 held visitors stalled the relay for some 190 ms), and a stream left unanswered among them is still reset in time."""
     relay = MemoryRelay(
         "--open-timeout", "4", "--half-close-timeout", "0", "--max-visitors-per-service", "0"
     )
     relay.relay.watchdog.batch = 10
-    peer, port = relay.registered(auto_ack=False)
-    idle = [relay.visitor(port) for _ in range(24)]
-    waiting = relay.visitor(port)
-    assert waiting is not None and all(v is not None for v in idle)
-    waiting.send(b"hello?")
-    relay.settle()
+    idle, waiting = _idle_and_waiting(relay, 24)
     [control] = relay.relay.sessions
     tunnel = control.tunnel
     passes: list[int] = []
@@ -276,12 +283,7 @@ def test_watchdog_looks_at_its_visitors_a_slice_per_reactor_pass() -> None:
 def test_idle_visitors_cost_the_watchdog_no_state() -> None:
     """Only a visitor left waiting (unanswered, or half-closed) has a WatchState between checks: idle visitors cost a check no allocation."""
     relay = MemoryRelay("--open-timeout", "4", "--half-close-timeout", "8")
-    peer, port = relay.registered(auto_ack=False)
-    idle = [relay.visitor(port) for _ in range(5)]
-    waiting = relay.visitor(port)
-    assert waiting is not None and all(v is not None for v in idle)
-    waiting.send(b"hello?")
-    relay.settle()
+    idle, waiting = _idle_and_waiting(relay, 5)
     relay.advance(2)
     [control] = relay.relay.sessions
     watch = control.tunnel._watch

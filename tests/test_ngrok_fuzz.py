@@ -17,12 +17,12 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.logger import globalLogPublisher
 
 from tcprelay.mux import events as ev
 from tcprelay.mux.session import Role, SessionClosedError, StreamClosedError
 from tcprelay.mux2 import frames as f
 from tcprelay.mux2.session import Session
+from tests import fuzz_harness as fuzz
 from tests.memory_relay import MemoryRelay
 from tests.ngrokpeer import NgrokPeer
 
@@ -61,31 +61,14 @@ frames = st.one_of(
     st.binary(min_size=1, max_size=24),
 )
 
-actions = st.one_of(
-    st.tuples(st.just("frames"), st.lists(frames, max_size=6), st.integers(1, 64)),
-    st.tuples(st.just("visitor"), st.binary(max_size=64), st.booleans()),
-    st.tuples(st.just("time"), st.sampled_from([0.0, 0.001, 0.5, 3.0, 14.0])),
-)
-
-
-class _Failures:
-    """Log events carrying a failure (a traceback in the relay's log)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_failure") is not None or event.get("isError"):
-            self.events.append(event)
+actions = fuzz.actions(frames)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bound=st.booleans(), script=st.lists(actions, max_size=10))
 def test_ngrok_session_survives_any_frames(bound: bool, script: list[Any]) -> None:
     """Any frames from one SDK session: no failure logged, the bystander served, nothing left behind."""
-    failures = _Failures()
-    globalLogPublisher.addObserver(failures)
-    try:
+    with fuzz.logged_failures() as failures:
         mr = MemoryRelay("--ngrok", "tcp:0:interface=127.0.0.1", ports=3, secrets=[b"s"])
         bystander = NgrokPeer(mr)
         bystander.auth("s")
@@ -106,14 +89,8 @@ def test_ngrok_session_survives_any_frames(bound: bool, script: list[Any]) -> No
                 fuzzer.transport.clear()
                 if fuzzer.transport.disconnecting:
                     fuzzer.lose()
-            elif action[0] == "visitor" and port is not None:
-                visitor = mr.visitor(port)
-                if visitor is not None:
-                    visitors.append(visitor)
-                    if action[1]:
-                        visitor.send(action[1])
-                    if action[2]:
-                        visitor.leave(clean=True)
+            elif action[0] == "visitor":
+                fuzz.visitor_action(mr, port, action, visitors)
             elif action[0] == "time":
                 mr.clock.advance(action[1])
                 fuzzer.transport.clear()
@@ -136,16 +113,7 @@ def test_ngrok_session_survives_any_frames(bound: bool, script: list[Any]) -> No
         bystander.lose()
         mr.settle()
         mr.advance(60, step=5)
-        core = mr.relay
-        assert not core.sessions
-        assert not core.tunnels()
-        assert core.visitor_count == 0
-        assert core.pool.free == 3
-        assert core.registry.lease_count() == 0
-        assert all(not c.active() for c in mr.clock.getDelayedCalls())
-        assert not failures.events, failures.events[0]
-    finally:
-        globalLogPublisher.removeObserver(failures)
+        fuzz.assert_nothing_held(mr, 3, failures)
 
 
 @settings(max_examples=200, deadline=None)

@@ -15,7 +15,6 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.logger import globalLogPublisher
 
 from tcprelay.mux.frames import (
     HEARTBEAT_STREAM_TYPE,
@@ -26,6 +25,7 @@ from tcprelay.mux.frames import (
     encode_wndinc,
 )
 from tcprelay.handshake import CONTROL_STREAM_TYPE
+from tests import fuzz_harness as fuzz
 from tests.memory_relay import MemoryRelay
 
 stream_ids = st.one_of(st.integers(0, 12), st.sampled_from([0x7FFFFFFF, 0xFFFFFFFF, 1 << 31]))
@@ -62,22 +62,7 @@ frames = st.one_of(
     st.binary(min_size=1, max_size=24),
 )
 
-actions = st.one_of(
-    st.tuples(st.just("frames"), st.lists(frames, max_size=6), st.integers(1, 64)),
-    st.tuples(st.just("visitor"), st.binary(max_size=64), st.booleans()),
-    st.tuples(st.just("time"), st.sampled_from([0.0, 0.001, 0.5, 3.0, 14.0])),
-)
-
-
-class _Failures:
-    """Log events carrying a failure (a traceback in the relay's log)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_failure") is not None or event.get("isError"):
-            self.events.append(event)
+actions = fuzz.actions(frames)
 
 
 @settings(
@@ -87,9 +72,7 @@ class _Failures:
 )
 @given(legacy=st.booleans(), script=st.lists(actions, max_size=12))
 def test_relay_session_survives_any_frames(legacy: bool, script: list[Any]) -> None:
-    failures = _Failures()
-    globalLogPublisher.addObserver(failures)
-    try:
+    with fuzz.logged_failures() as failures:
         relay = MemoryRelay(ports=2)
         bystander, bystander_port = relay.registered()
         fuzzer = relay.service(auto_ack=False)
@@ -104,14 +87,8 @@ def test_relay_session_survives_any_frames(legacy: bool, script: list[Any]) -> N
                 step = action[2]
                 for i in range(0, len(data), step):
                     fuzzer.wire.write(data[i : i + step])
-            elif action[0] == "visitor" and port is not None:
-                visitor = relay.visitor(port)
-                if visitor is not None:
-                    visitors.append(visitor)
-                    if action[1]:
-                        visitor.send(action[1])
-                    if action[2]:
-                        visitor.leave(clean=True)
+            elif action[0] == "visitor":
+                fuzz.visitor_action(relay, port, action, visitors)
             elif action[0] == "time":
                 relay.clock.advance(action[1])
             relay.settle()
@@ -133,15 +110,4 @@ def test_relay_session_survives_any_frames(legacy: bool, script: list[Any]) -> N
         relay.settle()
         bystander.close()
         relay.advance(120, step=5)
-        core = relay.relay
-        assert not core.sessions
-        assert not core.tunnels()
-        assert core.visitor_count == 0
-        assert core.pool.free == 2
-        assert core.registry.lease_count() == 0
-        assert relay.clock.getDelayedCalls() == [] or all(
-            not c.active() for c in relay.clock.getDelayedCalls()
-        )
-        assert not failures.events, failures.events[0]
-    finally:
-        globalLogPublisher.removeObserver(failures)
+        fuzz.assert_nothing_held(relay, 2, failures)

@@ -506,6 +506,16 @@ class EchoServer:
                     pytest.fail(f"local service connection {index}: condition not met in {timeout}s; got {got!r}")
                 self._cond.wait(remaining)
 
+    def wait_ended(self, index: int, timeout: float = 10.0) -> None:
+        """Wait until connection ``index`` has ended (the service saw its FIN and sent its own)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (index < len(self.ended) and self.ended[index]):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"local service connection {index}: not ended within {timeout}s")
+                self._cond.wait(remaining)
+
     def stop(self) -> None:
         """Stop accepting, close every connection, join the threads."""
         self._stopping = True
@@ -546,6 +556,49 @@ def echo_server(echo_servers: Callable[[], EchoServer]) -> EchoServer:
 
 
 # -- visitors ----------------------------------------------------------------------
+
+
+# -- local HTTP service ------------------------------------------------------------
+
+
+class HttpService:
+    """A one-line HTTP service on loopback answering ``service <name>`` and keeping
+    the head of every request it saw (``heads``); :meth:`close` stops it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sock = socket.create_server((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                head = b""
+                try:
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        head += chunk
+                    self.heads.append(head)
+                    body = f"service {self.name}\n".encode()
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                        % len(body)
+                        + body
+                    )
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def visit(port: int, timeout: float = 10.0) -> socket.socket:

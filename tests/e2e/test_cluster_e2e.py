@@ -15,7 +15,6 @@ import json
 import re
 import signal
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 from tests.e2e.support import (
     HOST,
     EchoServer,
+    HttpService,
     Procs,
     RelayProc,
     free_port_block,
@@ -149,45 +149,6 @@ def _until(what: str, check: Callable[[], Any], timeout: float = 15.0, step: flo
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout}s (last: {last!r})")
         time.sleep(step)
-
-
-class HttpService:
-    """A one-line HTTP service on loopback answering its name and the head it saw."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.sock = socket.create_server((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self.heads: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                head = b""
-                try:
-                    while b"\r\n\r\n" not in head:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        head += chunk
-                    self.heads.append(head)
-                    body = f"service {self.name}\n".encode()
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                        % len(body)
-                        + body
-                    )
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

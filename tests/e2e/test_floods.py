@@ -21,7 +21,7 @@ from tcprelay.mux.frames import (
     encode_wndinc,
 )
 from tcprelay.handshake import CONTROL_STREAM_TYPE
-from tests.e2e.support import HOST, Procs, start_relay
+from tests.e2e.support import HOST, Procs, RelayProc, start_relay
 from tests.muxpeer import ScriptedPeer
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
@@ -65,13 +65,20 @@ def _settled_rss(pid: int) -> int:
     return last
 
 
-def test_heartbeat_echo_flood_before_any_handshake_is_cut(procs: Procs) -> None:
-    """An unauthenticated peer that opens a heartbeat stream, grants itself a 1 GiB window and never reads: the relay cuts it, holding at most 256 KiB + 1 MiB meanwhile, and gives the memory back."""
+def _flood_peer(procs: Procs) -> tuple[RelayProc, int, int, socket.socket]:
+    """A relay, and a peer connected to its control port that barely reads (4 KiB
+    receive buffer): (the relay, its pid, its settled RSS, the peer's socket)."""
     relay = start_relay(procs, pool=1)
     pid = relay.proc.pid
     base = _settled_rss(pid)
     sock = socket.create_connection((HOST, relay.control), timeout=5)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return relay, pid, base, sock
+
+
+def test_heartbeat_echo_flood_before_any_handshake_is_cut(procs: Procs) -> None:
+    """An unauthenticated peer that opens a heartbeat stream, grants itself a 1 GiB window and never reads: the relay cuts it, holding at most 256 KiB + 1 MiB meanwhile, and gives the memory back."""
+    relay, pid, base, sock = _flood_peer(procs)
     peak = base
     sent = 0
     cut = False
@@ -186,11 +193,7 @@ def test_frame_that_never_completes_ends_the_session(procs: Procs) -> None:
 
 def test_refused_stream_flood_from_a_peer_that_never_reads_is_cut(procs: Procs) -> None:
     """An unregistered peer that opens stream after stream (each refused with an RST) and never reads: the relay cuts it, at most 256 KiB + 1 MiB larger meanwhile."""
-    relay = start_relay(procs, pool=1)
-    pid = relay.proc.pid
-    base = _settled_rss(pid)
-    sock = socket.create_connection((HOST, relay.control), timeout=5)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    relay, pid, base, sock = _flood_peer(procs)
     peak, sent, sid = base, 0, 5
     try:
         # an extended handshake's stream that never registers: the session

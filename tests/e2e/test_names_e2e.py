@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.e2e.support import HOST, Procs, free_port_block, start_agent, start_relay
+from tests.e2e.support import HOST, HttpService, Procs, free_port_block, start_agent, start_relay
 
 DOMAIN = "example.test"
 
@@ -42,41 +42,6 @@ def _get(port: int, host: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         conn.close()
-
-
-class HttpService:
-    """A one-line HTTP service on loopback answering ``name`` and the Host it saw."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.sock = socket.create_server((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self.heads: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    head += chunk
-                self.heads.append(head)
-                body = f"service {self.name}\n".encode()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-                    + body
-                )
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import socket
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tcprelay.testing import free_port_block
+from tests.absent import import_or_absent, tool_absent
 from tests.e2e.agent_fixtures import Pki, make_pki
 from tests.e2e.support import (
     HOST,
@@ -34,7 +34,7 @@ from tests.e2e.support import (
     visit,
 )
 
-pytest.importorskip("ngrok", reason="the ngrok SDK (PyPI ngrok, in the test extras)")
+import_or_absent("ngrok", "the ngrok SDK (PyPI ngrok, in the test extras)")
 
 AGENT = Path(__file__).with_name("ngrok_sdk_agent.py")
 SECRET = "ngrok-e2e-secret-0123456789"
@@ -86,6 +86,17 @@ def sdk_port(sdk: Proc, count: int = 1) -> int:
     return int(sdk.wait_line(URL_LINE, STARTUP, stream="out", count=count).group(2))
 
 
+def relay_and_sdk(procs: Procs, pki: Pki, forward: int) -> tuple[int, RelayProc, Proc, int]:
+    """A relay with the ngrok door and an SDK agent bound to one of its ports,
+    forwarding to ``forward``: (the door's port, the relay, the SDK, the public port)."""
+    ngrok_port = free_port_block(1)
+    relay = start_ngrok_relay(procs, pki, ngrok_port)
+    sdk = start_sdk(procs, pki, ngrok_port, forward)
+    port = sdk_port(sdk)
+    assert port in relay.ports
+    return ngrok_port, relay, sdk, port
+
+
 def echo_hash(port: int, size: int) -> None:
     """Send ``size`` bytes to ``port`` and check the echo, hashed."""
     data = os.urandom(size)
@@ -100,11 +111,7 @@ def test_sdk_binds_a_tcp_endpoint_and_echo_is_intact(
     procs: Procs, pki: Pki, echo_server: EchoServer
 ) -> None:
     """The SDK authenticates with a secret, gets a port of the range, and 3 MB echo back intact."""
-    ngrok_port = free_port_block(1)
-    relay = start_ngrok_relay(procs, pki, ngrok_port)
-    sdk = start_sdk(procs, pki, ngrok_port, echo_server.port)
-    port = sdk_port(sdk)
-    assert port in relay.ports
+    _, relay, sdk, port = relay_and_sdk(procs, pki, echo_server.port)
     sdk.wait_line("^READY$", STARTUP, stream="out")
     echo_hash(port, 3 * 1024 * 1024)
     echo_hash(port, 1)
@@ -138,10 +145,7 @@ def test_relay_restarted_sdk_comes_back_on_the_same_port(
     procs: Procs, pki: Pki, echo_server: EchoServer
 ) -> None:
     """After the relay restarts on the same ports, the SDK reconnects by itself and binds its old port."""
-    ngrok_port = free_port_block(1)
-    relay = start_ngrok_relay(procs, pki, ngrok_port)
-    sdk = start_sdk(procs, pki, ngrok_port, echo_server.port)
-    port = sdk_port(sdk)
+    ngrok_port, relay, _, port = relay_and_sdk(procs, pki, echo_server.port)
     echo_hash(port, 10_000)
     # The SDK retries about 0, 0.05 and 2.5 s after the loss, then after two
     # minutes: the new relay is started at once.
@@ -153,7 +157,7 @@ def test_relay_restarted_sdk_comes_back_on_the_same_port(
 
 def test_sdk_http_endpoint_gets_a_name(procs: Procs, pki: Pki, echo_server: EchoServer) -> None:
     """An HTTP endpoint with a domain claims that name on the shared HTTP entrance; a request reaches the service."""
-    ngrok_port, http_port = free_port_block(2), 0
+    ngrok_port = free_port_block(2)
     http_port = ngrok_port + 1
     start_ngrok_relay(
         procs, pki, ngrok_port,
@@ -176,9 +180,7 @@ NPM_DIR = Path(__file__).resolve().parents[2] / ".cache" / "npm"
 def test_javascript_sdk_binds_and_echoes(procs: Procs, pki: Pki, echo_server: EchoServer) -> None:
     """The npm @ngrok/ngrok SDK binds a TCP endpoint through the relay; echo intact."""
     if NODE is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is required in CI for the @ngrok/ngrok test")
-        pytest.skip("node is not installed")
+        tool_absent("node is not installed (the @ngrok/ngrok test needs it)")
     if not (NPM_DIR / "node_modules" / "@ngrok" / "ngrok").is_dir():
         pytest.fail(f"@ngrok/ngrok is not installed in {NPM_DIR}: run scripts/test (it installs it)")
     ngrok_port = free_port_block(1)

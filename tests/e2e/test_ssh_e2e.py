@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import attrs
-import pytest
 
+from tests.absent import tool_absent
 from tests.e2e.support import (
     HOST,
     EchoServer,
@@ -38,10 +38,8 @@ SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 DOMAIN = "example.test"
 
-pytestmark = pytest.mark.skipif(
-    not (os.access(SSH, os.X_OK) and os.access(SSH_KEYGEN, os.X_OK)),
-    reason="needs OpenSSH's ssh and ssh-keygen (Debian: openssh-client)",
-)
+if not (os.access(SSH, os.X_OK) and os.access(SSH_KEYGEN, os.X_OK)):
+    tool_absent("needs OpenSSH's ssh and ssh-keygen (Debian: openssh-client)")
 
 
 def _keygen(path: Path) -> Path:
@@ -144,11 +142,8 @@ def test_ssh_visitor_half_close_gets_the_reply_then_eof(
         sock.shutdown(socket.SHUT_WR)  # FIN: channel EOF, the service sees its end
         assert recv_to_eof(sock) == b"first half"  # the reply still arrives, then EOF
     # the echo service marks its end just after its FIN, which the visitor
-    # may read first: wait for it (bounded)
-    deadline = time.monotonic() + 5
-    while not echo_server.ended[0] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert echo_server.ended[0]
+    # may read first
+    echo_server.wait_ended(0, timeout=5)
 
 
 def test_ssh_unknown_key_is_refused(procs: Procs, tmp_path: Path, echo_server: EchoServer) -> None:
@@ -280,20 +275,21 @@ def test_ssh_visitor_that_never_reads_holds_back_the_service(procs: Procs, tmp_p
         finally:
             conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    r = _start(procs, tmp_path)
-    pid = r.relay.proc.pid
-
-    def rss() -> int:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-    agent = _ssh(procs, r, "-N", "-R", f"0:{HOST}:{listener.getsockname()[1]}", f"user@{HOST}")
-    port = _allocated(agent)
-    base = rss()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     visitor = socket.socket()
-    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
+        r = _start(procs, tmp_path)
+        pid = r.relay.proc.pid
+
+        def rss() -> int:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+        agent = _ssh(procs, r, "-N", "-R", f"0:{HOST}:{listener.getsockname()[1]}", f"user@{HOST}")
+        port = _allocated(agent)
+        base = rss()
+        visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         visitor.connect((HOST, port))
         visitor.sendall(b"go")
         # wait until the service is stopped: its count no longer moves
@@ -309,3 +305,4 @@ def test_ssh_visitor_that_never_reads_holds_back_the_service(procs: Procs, tmp_p
     finally:
         visitor.close()
         listener.close()
+        thread.join(5)

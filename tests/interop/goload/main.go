@@ -1,5 +1,7 @@
 // Command goload is the load generator and the direct echo server of
-// “python -m benchmarks“ (standard library only, builds in GOPATH mode):
+// “python -m benchmarks“, and the agent sessions of “python -m
+// benchmarks.capacity“ (sessions.go: muxado v1 from GOPATH; builds in GOPATH
+// mode like the other programs):
 //
 //	goload echo       -listen 127.0.0.1:0
 //	goload throughput -addr H:P [-host NAME] [-conns 1] [-bytes 0] [-seconds 0] [-timeout 60s]
@@ -7,6 +9,7 @@
 //	goload cps        -addr H:P [-host NAME] [-conns 8] [-seconds 3] [-timeout 10s]
 //	goload churn      -addr H:P [-conns 32] [-rate 0] [-seconds 3] [-rst] [-timeout 2s]
 //	goload hold       -addr H:P [-host NAME] [-n 10000] [-parallel 32] [-ping] [-src CIDR] [-timeout 120s]
+//	goload sessions   hold|churn -relay H:P ... (see sessions.go)
 //
 // -host NAME (throughput, latency, cps, hold): every connection first sends
 // an HTTP request head naming NAME ("GET / HTTP/1.1\r\nHost: NAME\r\n\r\n",
@@ -69,6 +72,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -130,7 +134,7 @@ func usage(format string, args ...interface{}) {
 
 func main() {
 	if len(os.Args) < 2 {
-		usage("usage: goload echo|throughput|latency|cps|churn|hold [flags]")
+		usage("usage: goload echo|throughput|latency|cps|churn|hold|sessions [flags]")
 	}
 	cmd, args := os.Args[1], os.Args[2:]
 	switch cmd {
@@ -146,8 +150,10 @@ func main() {
 		churnMain(args)
 	case "hold":
 		holdMain(args)
+	case "sessions":
+		sessionsMain(args)
 	default:
-		usage("unknown command %q (echo, throughput, latency, cps, churn, hold)", cmd)
+		usage("unknown command %q (echo, throughput, latency, cps, churn, hold, sessions)", cmd)
 	}
 }
 
@@ -263,6 +269,71 @@ func (f *firstError) text() string {
 		return ""
 	}
 	return f.err.Error()
+}
+
+// stopChannel is closed at SIGTERM, SIGINT or stdin's EOF, whichever comes first.
+func stopChannel() <-chan struct{} {
+	stop := make(chan struct{})
+	var once sync.Once
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-sigs
+		once.Do(func() { close(stop) })
+	}()
+	go func() {
+		io.Copy(ioutil.Discard, os.Stdin)
+		once.Do(func() { close(stop) })
+	}()
+	return stop
+}
+
+// openAll calls open n times, parallel calls at once, each given the time
+// left until timeout (none left: an error "timed out opening WHAT"), and
+// stops starting new ones once stop is closed. What opened, the errors, and
+// whether stop came first.
+func openAll[T any](n, parallel int, timeout time.Duration, stop <-chan struct{}, what string,
+	open func(left time.Duration) (T, error)) ([]T, *firstError, bool) {
+	errs := &firstError{}
+	var mu sync.Mutex
+	opened := make([]T, 0, n)
+	deadline := time.Now().Add(timeout)
+	jobs := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < parallel; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range jobs {
+				left := time.Until(deadline)
+				if left <= 0 {
+					errs.add(fmt.Errorf("timed out opening %s", what))
+					continue
+				}
+				t, err := open(left)
+				if err != nil {
+					errs.add(err)
+					continue
+				}
+				mu.Lock()
+				opened = append(opened, t)
+				mu.Unlock()
+			}
+		}()
+	}
+	stopped := false
+feed:
+	for i := 0; i < n; i++ {
+		select {
+		case jobs <- struct{}{}:
+		case <-stop:
+			stopped = true
+			break feed
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	return opened, errs, stopped
 }
 
 func throughputMain(args []string) {
@@ -442,52 +513,64 @@ func parseHosts(list string, addrs int) ([]string, error) {
 	return hosts, nil
 }
 
-// srcBase/srcSize/srcNext: hold's -src network, each connection bound to
-// its next address before it connects (zero size: the kernel chooses).
-var (
-	srcMu   sync.Mutex
-	srcBase uint32
-	srcSize uint32
-	srcNext uint32
-)
+// sources: the -src network (hold, and the sessions' -src), each socket bound
+// to its next address before it connects (empty: the kernel chooses).
+type sources struct {
+	mu    sync.Mutex
+	base  uint32
+	size  uint32
+	next  uint32
+	empty bool
+}
 
-func setSources(cidr string) error {
+func newSources(cidr string) (*sources, error) {
+	if cidr == "" {
+		return &sources{empty: true}, nil
+	}
 	_, n, err := net.ParseCIDR(cidr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ip4 := n.IP.To4()
 	ones, bits := n.Mask.Size()
 	if ip4 == nil || bits-ones < 2 {
-		return fmt.Errorf("-src %s: an IPv4 network of at least 4 addresses", cidr)
+		return nil, fmt.Errorf("-src %s: an IPv4 network of at least 4 addresses", cidr)
 	}
-	srcBase = uint32(ip4[0])<<24 | uint32(ip4[1])<<16 | uint32(ip4[2])<<8 | uint32(ip4[3])
-	srcSize = uint32(1) << uint(bits-ones)
-	srcNext = 1
-	return nil
+	return &sources{base: binary.BigEndian.Uint32(ip4), size: uint32(1) << uint(bits-ones), next: 1}, nil
 }
 
-// dialTCP connects to addr, from the next -src address if there is one
-// (the network and broadcast addresses and 127.0.0.1 skipped).
-func dialTCP(addr string, timeout time.Duration) (net.Conn, error) {
-	d := net.Dialer{Timeout: timeout}
-	if srcSize > 0 {
-		srcMu.Lock()
-		var a uint32
-		for {
-			a = srcBase + srcNext
-			srcNext++
-			if srcNext >= srcSize-1 {
-				srcNext = 1
-			}
-			if a != 0x7f000001 {
-				break
-			}
-		}
-		srcMu.Unlock()
-		d.LocalAddr = &net.TCPAddr{IP: net.IPv4(byte(a>>24), byte(a>>16), byte(a>>8), byte(a))}
+// dialer returns a dialer bound to the next source address (the network
+// and broadcast addresses and 127.0.0.1 skipped).
+func (s *sources) dialer(timeout time.Duration) *net.Dialer {
+	d := &net.Dialer{Timeout: timeout}
+	if s.empty {
+		return d
 	}
-	return d.Dial("tcp", addr)
+	s.mu.Lock()
+	var a uint32
+	for {
+		a = s.base + s.next
+		s.next++
+		if s.next >= s.size-1 {
+			s.next = 1
+		}
+		if a != 0x7f000001 {
+			break
+		}
+	}
+	s.mu.Unlock()
+	ip := make(net.IP, 4)
+	binary.BigEndian.PutUint32(ip, a)
+	d.LocalAddr = &net.TCPAddr{IP: ip}
+	return d
+}
+
+// src is hold's -src network (none unless it is given).
+var src = &sources{empty: true}
+
+// dialTCP connects to addr, from the next -src address if there is one.
+func dialTCP(addr string, timeout time.Duration) (net.Conn, error) {
+	return src.dialer(timeout).Dial("tcp", addr)
 }
 
 // dialHead connects to addr and sends the head naming host (if any).
@@ -868,73 +951,24 @@ func holdMain(args []string) {
 	parallel := fs.Int("parallel", 32, "dials in flight at once")
 	doPing := fs.Bool("ping", true, "echo one byte on each connection before holding it")
 	timeout := fs.Duration("timeout", 120*time.Second, "give up opening after this long")
-	src := fs.String("src", "", "bind each connection to the next address of this IPv4 network (e.g. 127.0.0.0/8)")
+	cidr := fs.String("src", "", "bind each connection to the next address of this IPv4 network (e.g. 127.0.0.0/8)")
 	parse(fs, args)
 	if *addr == "" || *n < 1 || *parallel < 1 {
 		usage("hold: need -addr, -n >= 1 and -parallel >= 1")
 	}
-	if *src != "" {
-		if err := setSources(*src); err != nil {
-			usage("hold: %v", err)
-		}
+	var err error
+	if src, err = newSources(*cidr); err != nil {
+		usage("hold: %v", err)
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	stdinEOF := make(chan struct{})
-	go func() {
-		io.Copy(ioutil.Discard, os.Stdin)
-		close(stdinEOF)
-	}()
-
-	var errs firstError
-	var mu sync.Mutex
-	held := make([]net.Conn, 0, *n)
-	deadline := time.Now().Add(*timeout)
-	jobs := make(chan struct{})
-	var wg sync.WaitGroup
+	stop := stopChannel()
 	start := time.Now()
-	for w := 0; w < *parallel; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for range jobs {
-				left := time.Until(deadline)
-				if left <= 0 {
-					errs.add(errors.New("timed out opening connections"))
-					continue
-				}
-				var c net.Conn
-				var err error
-				if *doPing {
-					c, err = ping(*addr, *host, left)
-				} else {
-					c, err = dialHead(*addr, *host, left)
-				}
-				if err != nil {
-					errs.add(err)
-					continue
-				}
-				mu.Lock()
-				held = append(held, c)
-				mu.Unlock()
+	held, errs, stopped := openAll(*n, *parallel, *timeout, stop, "connections",
+		func(left time.Duration) (net.Conn, error) {
+			if *doPing {
+				return ping(*addr, *host, left)
 			}
-		}()
-	}
-	stopped := false
-feed:
-	for i := 0; i < *n; i++ {
-		select {
-		case jobs <- struct{}{}:
-		case <-sigs:
-			stopped = true
-			break feed
-		case <-stdinEOF:
-			stopped = true
-			break feed
-		}
-	}
-	close(jobs)
-	wg.Wait()
+			return dialHead(*addr, *host, left)
+		})
 	emitJSON(holdResult{
 		Held:    len(held),
 		Errors:  errs.n,
@@ -942,10 +976,7 @@ feed:
 		Error:   errs.text(),
 	})
 	if !stopped {
-		select {
-		case <-sigs:
-		case <-stdinEOF:
-		}
+		<-stop
 	}
 	for _, c := range held {
 		c.Close()

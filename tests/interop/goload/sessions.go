@@ -1,10 +1,10 @@
-// Command gosessions holds or churns many muxado v1 agent sessions against a
+// goload sessions holds or churns many muxado v1 agent sessions against a
 // relay's control port, for “python -m benchmarks.capacity”:
 //
-//	gosessions hold  -relay H:P [-n 10000] [-parallel 64] [-src 127.0.0.0/8]
-//	                 [-http PREFIX] [-hold 60s] [-timeout 120s]
-//	gosessions churn -relay H:P [-conns 8] [-seconds 10] [-life-min 200ms]
-//	                 [-life-max 2s] [-src 127.0.0.0/8] [-http PREFIX] [-timeout 10s]
+//	goload sessions hold  -relay H:P [-n 10000] [-parallel 64] [-src 127.0.0.0/8]
+//	                        [-http PREFIX] [-hold 60s] [-timeout 120s]
+//	goload sessions churn -relay H:P [-conns 8] [-seconds 10] [-life-min 200ms]
+//	                        [-life-max 2s] [-src 127.0.0.0/8] [-http PREFIX] [-timeout 10s]
 //
 // Every session is what echosvc is: dial the control port, run muxado's
 // heartbeat extension (the same as muxado v1's own: a heartbeat every 3 s,
@@ -52,13 +52,9 @@ import (
 	"io"
 	"io/ioutil"
 	"math/rand"
-	"net"
-	"os"
-	"os/signal"
 	"sort"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/inconshreveable/muxado/proto"
@@ -71,74 +67,6 @@ const (
 	hbType      = frame.StreamType(proto.MinExtensionType) // muxado's heartbeat
 	controlType = frame.StreamType(0x54435243)             // tcprelay's TCRC
 )
-
-func emitJSON(v interface{}) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	os.Stdout.Write(append(b, '\n'))
-}
-
-func usage(format string, args ...interface{}) {
-	fmt.Fprintf(os.Stderr, "gosessions: "+format+"\n", args...)
-	os.Exit(2)
-}
-
-// ------------------------------------------------------------ sources
-
-type sources struct {
-	mu    sync.Mutex
-	base  uint32
-	size  uint32
-	next  uint32
-	empty bool
-}
-
-func newSources(cidr string) (*sources, error) {
-	if cidr == "" {
-		return &sources{empty: true}, nil
-	}
-	_, n, err := net.ParseCIDR(cidr)
-	if err != nil {
-		return nil, err
-	}
-	ip4 := n.IP.To4()
-	if ip4 == nil {
-		return nil, fmt.Errorf("-src %s: IPv4 only", cidr)
-	}
-	ones, bits := n.Mask.Size()
-	size := uint32(1) << uint(bits-ones)
-	if size < 4 {
-		return nil, fmt.Errorf("-src %s: too small", cidr)
-	}
-	return &sources{base: binary.BigEndian.Uint32(ip4), size: size, next: 1}, nil
-}
-
-// dialer returns a dialer bound to the next source address.
-func (s *sources) dialer(timeout time.Duration) *net.Dialer {
-	d := &net.Dialer{Timeout: timeout}
-	if s.empty {
-		return d
-	}
-	s.mu.Lock()
-	var a uint32
-	for {
-		a = s.base + s.next
-		s.next++
-		if s.next >= s.size-1 {
-			s.next = 1
-		}
-		if a != 0x7f000001 {
-			break
-		}
-	}
-	s.mu.Unlock()
-	ip := make(net.IP, 4)
-	binary.BigEndian.PutUint32(ip, a)
-	d.LocalAddr = &net.TCPAddr{IP: ip}
-	return d
-}
 
 // ----------------------------------------------------------- heartbeat
 
@@ -358,64 +286,10 @@ func open(relay string, src *sources, st *stats, timeout time.Duration, name str
 	return s, nil
 }
 
-type firstError struct {
-	mu  sync.Mutex
-	n   int
-	err error
-}
-
-func (f *firstError) add(err error) {
-	f.mu.Lock()
-	f.n++
-	if f.err == nil {
-		f.err = err
-	}
-	f.mu.Unlock()
-}
-
-func (f *firstError) text() string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.err == nil {
-		return ""
-	}
-	return f.err.Error()
-}
-
-func percentile(sorted []float64, p float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(p/100*float64(len(sorted))+0.999999) - 1
-	if i < 0 {
-		i = 0
-	}
-	if i >= len(sorted) {
-		i = len(sorted) - 1
-	}
-	return sorted[i]
-}
-
-func stopChannel() <-chan struct{} {
-	stop := make(chan struct{})
-	var once sync.Once
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	go func() {
-		<-sigs
-		once.Do(func() { close(stop) })
-	}()
-	go func() {
-		io.Copy(ioutil.Discard, os.Stdin)
-		once.Do(func() { close(stop) })
-	}()
-	return stop
-}
-
 // ---------------------------------------------------------------- hold
 
-func holdMain(args []string) {
-	fs := flag.NewFlagSet("hold", flag.ContinueOnError)
+func sessionsHoldMain(args []string) {
+	fs := flag.NewFlagSet("sessions hold", flag.ContinueOnError)
 	relay := fs.String("relay", "", "relay control address host:port")
 	n := fs.Int("n", 10000, "sessions to open and hold")
 	parallel := fs.Int("parallel", 64, "sessions being opened at once")
@@ -424,11 +298,9 @@ func holdMain(args []string) {
 	var seq int64
 	hold := fs.Duration("hold", 60*time.Second, "how long to hold them once open")
 	timeout := fs.Duration("timeout", 120*time.Second, "give up opening after this long")
-	if err := fs.Parse(args); err != nil {
-		os.Exit(2)
-	}
+	parse(fs, args)
 	if *relay == "" || *n < 1 || *parallel < 1 {
-		usage("hold: need -relay, -n >= 1 and -parallel >= 1")
+		usage("sessions hold: need -relay, -n >= 1 and -parallel >= 1")
 	}
 	src, err := newSources(*cidr)
 	if err != nil {
@@ -436,53 +308,18 @@ func holdMain(args []string) {
 	}
 	stop := stopChannel()
 	st := &stats{}
-	var errs firstError
-	var mu sync.Mutex
-	held := make([]*session, 0, *n)
-	deadline := time.Now().Add(*timeout)
-	jobs := make(chan struct{})
-	var wg sync.WaitGroup
 	start := time.Now()
-	for w := 0; w < *parallel; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for range jobs {
-				left := time.Until(deadline)
-				if left <= 0 {
-					errs.add(errors.New("timed out opening sessions"))
-					continue
-				}
-				if left > 30*time.Second {
-					left = 30 * time.Second
-				}
-				name := ""
-				if *http != "" {
-					name = fmt.Sprintf("%s%d", *http, atomic.AddInt64(&seq, 1))
-				}
-				s, err := open(*relay, src, st, left, name)
-				if err != nil {
-					errs.add(err)
-					continue
-				}
-				mu.Lock()
-				held = append(held, s)
-				mu.Unlock()
+	held, errs, stopped := openAll(*n, *parallel, *timeout, stop, "sessions",
+		func(left time.Duration) (*session, error) {
+			if left > 30*time.Second {
+				left = 30 * time.Second
 			}
-		}()
-	}
-	stopped := false
-feed:
-	for i := 0; i < *n; i++ {
-		select {
-		case jobs <- struct{}{}:
-		case <-stop:
-			stopped = true
-			break feed
-		}
-	}
-	close(jobs)
-	wg.Wait()
+			name := ""
+			if *http != "" {
+				name = fmt.Sprintf("%s%d", *http, atomic.AddInt64(&seq, 1))
+			}
+			return open(*relay, src, st, left, name)
+		})
 	emitJSON(map[string]interface{}{
 		"opened": len(held), "errors": errs.n,
 		"seconds": time.Since(start).Seconds(), "error": errs.text(),
@@ -532,8 +369,8 @@ feed:
 
 // --------------------------------------------------------------- churn
 
-func churnMain(args []string) {
-	fs := flag.NewFlagSet("churn", flag.ContinueOnError)
+func sessionsChurnMain(args []string) {
+	fs := flag.NewFlagSet("sessions churn", flag.ContinueOnError)
 	relay := fs.String("relay", "", "relay control address host:port")
 	conns := fs.Int("conns", 8, "sessions coming and going at once")
 	seconds := fs.Float64("seconds", 10, "how long to churn")
@@ -543,11 +380,9 @@ func churnMain(args []string) {
 	http := fs.String("http", "", "extended dialect: claim the HTTP name PREFIX<n> instead of a port")
 	var seq int64
 	timeout := fs.Duration("timeout", 10*time.Second, "limit on opening one session")
-	if err := fs.Parse(args); err != nil {
-		os.Exit(2)
-	}
+	parse(fs, args)
 	if *relay == "" || *conns < 1 || *seconds <= 0 || *lifeMax < *lifeMin {
-		usage("churn: need -relay, -conns >= 1, -seconds > 0, -life-max >= -life-min")
+		usage("sessions churn: need -relay, -conns >= 1, -seconds > 0, -life-max >= -life-min")
 	}
 	src, err := newSources(*cidr)
 	if err != nil {
@@ -603,16 +438,17 @@ func churnMain(args []string) {
 	})
 }
 
-func main() {
-	if len(os.Args) < 2 {
-		usage("usage: gosessions hold|churn [flags]")
+// sessionsMain: goload sessions hold|churn [flags].
+func sessionsMain(args []string) {
+	if len(args) < 1 {
+		usage("usage: goload sessions hold|churn [flags]")
 	}
-	switch os.Args[1] {
+	switch args[0] {
 	case "hold":
-		holdMain(os.Args[2:])
+		sessionsHoldMain(args[1:])
 	case "churn":
-		churnMain(os.Args[2:])
+		sessionsChurnMain(args[1:])
 	default:
-		usage("unknown command %q", os.Args[1])
+		usage("unknown sessions command %q (hold, churn)", args[0])
 	}
 }
