@@ -191,20 +191,12 @@ class Session(SessionBase):
     # Output for the adapter
 
     def data_to_send(self) -> bytes:
-        """
-        Take the bytes to write to the connection.  One join here is the only
-        copy of outgoing payload (Twisted would join its buffer anyway).
-        """
-        out = self._out
-        if not out:
-            return b""
-        if self._window_owed:
+        """Take the bytes to write to the connection (see the base class)."""
+        if self._window_owed and self._out:
             # Something goes out anyway: the owed grants ride along.
             for st in list(self._window_owed.values()):
                 self._grant(st)
-        self._out = []
-        self._data_out = 0
-        return b"".join(out)
+        return super().data_to_send()
 
     # ------------------------------------------------------------------
     # Introspection

@@ -51,8 +51,8 @@ class SessionBase:
     A subclass sets :attr:`_codec`, :attr:`_codes` and :attr:`_HANDLERS`
     (frame class to handler, for :meth:`receive_data`) and provides
     ``_write`` (send or queue stream data), ``_flush`` (frame queued data
-    the window allows), ``_grant`` (WNDINC for consumed credit),
-    ``_fin_sent`` and ``_on_heartbeat_rst``.
+    the window allows), ``_grant`` (WNDINC for consumed credit) and
+    ``_on_heartbeat_rst``.
     """
 
     _codec: ClassVar[Codec]
@@ -83,7 +83,8 @@ class SessionBase:
         # Highest id used by us / seen from the peer.  Clients use odd ids
         # from 3 and servers even ids from 2; ``remote_start`` is a
         # server's "highest seen" before any stream (v1: 1, so that a
-        # client SYN with id 1 is already not above it).
+        # client SYN with id 1 is already not above it; v2: -1, an SDK
+        # may open stream 1).
         if role is Role.CLIENT:
             self._local_last, self._remote_last = 1, 0
         else:
@@ -120,6 +121,18 @@ class SessionBase:
 
     # ------------------------------------------------------------------
     # Output for the adapter
+
+    def data_to_send(self) -> bytes:
+        """
+        Take the bytes to write to the connection.  One join here is the only
+        copy of outgoing payload (Twisted would join its buffer anyway).
+        """
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        self._data_out = 0
+        return b"".join(out)
 
     def events(self) -> list[Event]:
         """Take the events that happened since the last call."""

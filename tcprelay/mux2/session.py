@@ -104,16 +104,7 @@ class Session(SessionBase):
         """Heartbeats the peer sent (and were echoed)."""
 
     # ------------------------------------------------------------------
-    # Output for the adapter
-
-    def data_to_send(self) -> bytes:
-        """Take the bytes to write to the connection."""
-        out = self._out
-        if not out:
-            return b""
-        self._out = []
-        self._data_out = 0
-        return b"".join(out)
+    # What the adapter calls for v1's sake
 
     # v1's sub-frame holding and owed windows do not exist in v2: the
     # adapter's calls for them do nothing.
@@ -243,28 +234,10 @@ class Session(SessionBase):
             return
         st.recv_window -= n
         if st.stream_type is None:
-            # a peer stream's type: its first 4 bytes
-            need = 4 - len(st.type_bytes)
-            st.type_bytes += data[:need]
-            data = data[need:]
-            self._credit(st, min(n, need))
-            if len(st.type_bytes) < 4:
-                if frame.fin:
-                    self._reply_rst(sid, ErrorCode.PROTOCOL)
-                    self._remove(st, ErrorCode.PROTOCOL, True, "FIN before the stream type")
+            rest = self._read_type(st, data, frame.fin)
+            if rest is None:
                 return
-            st.stream_type = int.from_bytes(st.type_bytes, "big")
-            if st.stream_type == f.HEARTBEAT_STREAM_TYPE:
-                if any(s.heartbeat is not Heartbeat.NONE for s in self._streams.values()):
-                    self._reply_rst(sid, ErrorCode.PROTOCOL)
-                    self._remove(st, ErrorCode.PROTOCOL, True, "second heartbeat stream")
-                    return
-                st.heartbeat = Heartbeat.THEIRS
-                st.accepted = True
-                self._unaccepted -= 1
-                self._remote_open -= 1
-            else:
-                self._events.append(StreamOpened(sid, st.stream_type, 0))
+            data = rest
         if st.heartbeat is not Heartbeat.NONE:
             self._on_heartbeat(st, data, frame.fin)
             return
@@ -272,6 +245,35 @@ class Session(SessionBase):
             self._events.append(DataReceived(sid, data))
         if frame.fin:
             self._recv_fin(st)
+
+    def _read_type(self, st: StreamRecord, data: bytes, fin: bool) -> Optional[bytes]:
+        """
+        Take a peer stream's type (its first 4 bytes) from ``data``: the
+        bytes after it, or None when the type is still incomplete or the
+        stream is gone.  A complete type opens the stream (or makes it the
+        heartbeat stream).
+        """
+        need = 4 - len(st.type_bytes)
+        st.type_bytes += data[:need]
+        self._credit(st, min(len(data), need))
+        if len(st.type_bytes) < 4:
+            if fin:
+                self._reply_rst(st.id, ErrorCode.PROTOCOL)
+                self._remove(st, ErrorCode.PROTOCOL, True, "FIN before the stream type")
+            return None
+        st.stream_type = int.from_bytes(st.type_bytes, "big")
+        if st.stream_type != f.HEARTBEAT_STREAM_TYPE:
+            self._events.append(StreamOpened(st.id, st.stream_type, 0))
+        elif any(s.heartbeat is not Heartbeat.NONE for s in self._streams.values()):
+            self._reply_rst(st.id, ErrorCode.PROTOCOL)
+            self._remove(st, ErrorCode.PROTOCOL, True, "second heartbeat stream")
+            return None
+        else:
+            st.heartbeat = Heartbeat.THEIRS
+            st.accepted = True
+            self._unaccepted -= 1
+            self._remote_open -= 1
+        return data[need:]
 
     def _on_heartbeat(self, st: StreamRecord, data: bytes, fin: bool) -> None:
         """Echo the peer's heartbeat ids (4 bytes each) on its stream."""
