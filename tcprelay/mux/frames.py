@@ -30,6 +30,8 @@ from typing import Final, Union
 
 import attrs
 
+from tcprelay.mux.common import Buffer, DecoderBase, FrameError, Rst, WndInc, code_namer
+
 __all__ = [
     "HEADER_SIZE",
     "MAX_PAYLOAD",
@@ -52,6 +54,7 @@ __all__ = [
     "encode_wndinc",
     "encode_goaway",
     "encode",
+    "error_name",
 ]
 
 HEADER_SIZE: Final = 8
@@ -64,8 +67,6 @@ MIN_EXTENSION_TYPE: Final = 0xFFFFFFFF - 0x100
 HEARTBEAT_STREAM_TYPE: Final = MIN_EXTENSION_TYPE
 """Stream type of the heartbeat extension (0xFFFFFEFF)."""
 HEARTBEAT_PRIORITY: Final = 0x7FFFFFFF
-
-Buffer = Union[bytes, bytearray, memoryview]
 
 _HEADER = struct.Struct(">HBBI")
 _U32 = struct.Struct(">I")
@@ -106,24 +107,8 @@ class Flag(enum.IntFlag):
     STREAM_TYPE = 0x4
 
 
-def error_name(code: int) -> str:
-    """A readable name for an error code received from a peer (any u32)."""
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return f"UNKNOWN_{code}"
-
-
-class FrameError(Exception):
-    """
-    The peer broke the framing rules; the session must end with GOAWAY
-    carrying :attr:`code`.
-    """
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+error_name: Final = code_namer(ErrorCode)
+"""A readable name for an error code received from a peer (any u32)."""
 
 
 @attrs.frozen
@@ -137,28 +122,12 @@ class Syn:
 
 
 @attrs.frozen
-class Rst:
-    """Reset one stream."""
-
-    stream_id: int
-    error_code: int
-
-
-@attrs.frozen
 class Data:
     """Stream payload; ``fin`` half-closes the sender's direction."""
 
     stream_id: int
     data: bytes
     fin: bool = False
-
-
-@attrs.frozen
-class WndInc:
-    """Grant the peer ``increment`` more bytes of send window on a stream."""
-
-    stream_id: int
-    increment: int
 
 
 @attrs.frozen
@@ -251,7 +220,7 @@ def view_tail(data: bytes, pos: int) -> memoryview:
     return memoryview(data)[pos:]
 
 
-class FrameDecoder:
+class FrameDecoder(DecoderBase):
     """
     Incremental decoder: :meth:`feed` bytes in any split, get whole frames.
 
@@ -260,18 +229,12 @@ class FrameDecoder:
     honest, it must not be fed again (:attr:`finished` is set).
     """
 
-    __slots__ = ("_buf", "finished", "merge_data")
+    __slots__ = ("merge_data",)
 
     def __init__(self, merge_data: bool = False) -> None:
-        self._buf = bytearray()
-        self.finished = False
+        super().__init__()
         self.merge_data = merge_data
         """Join consecutive DATA frames of one stream (see ``_parse``)."""
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held waiting for the rest of a frame."""
-        return len(self._buf)
 
     def feed(self, data: bytes) -> list[Frame]:
         """Decode every complete frame now available."""

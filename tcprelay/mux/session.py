@@ -20,30 +20,45 @@ when asked for something the state does not allow.
 
 Why one module of this size: the session is one state machine over every
 stream's state, windows, heartbeats and flood counters; a split would
-scatter the invariants that each frame handler keeps.
+scatter the invariants that each frame handler keeps.  What v2 runs the
+same way (stream actions, WNDINC and RST handling, the session's end) is
+in :class:`tcprelay.mux.common.SessionBase`; v1's tuned data path
+(``_send``, ``_frame``, ``_flush``, ``_frame_pieces``) stays here.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import deque
-from typing import Final, Optional, Union
+from typing import ClassVar, Final, Optional
 
 import attrs
 
 from tcprelay.mux import frames as f
+from tcprelay.mux.common import (
+    HALF_CLOSED_LOCAL,
+    MAX_WINDOW,
+    OPEN,
+    TRANSITIONS,
+    Buffer,
+    Codec,
+    ErrorCodes,
+    Heartbeat,
+    Role,
+    SessionClosedError,
+    StreamClosedError,
+    StreamInput,
+    StreamRecord,
+    StreamState,
+)
 from tcprelay.mux.events import (
     DataReceived,
-    Event,
     GoAwayReceived,
     HeartbeatAcknowledged,
     SendWindowOpened,
-    SessionEnded,
-    StreamClosed,
-    StreamEnded,
     StreamOpened,
 )
-from tcprelay.mux.frames import ErrorCode, FrameError
+from tcprelay.mux.frames import ErrorCode
+from tcprelay.mux.sessionbase import SessionBase
+
 
 __all__ = [
     "INITIAL_WINDOW",
@@ -62,53 +77,7 @@ OUT_LIMIT: Final = 0x100000
 1 MiB): what a peer's window grants beyond it waits in the streams'
 queues, so that the bytes queued for a connection stay bounded by what it
 drains, however much window the peer grants at once."""
-MAX_WINDOW: Final = 0x7FFFFFFF
 MAX_STREAM_ID: Final = 0x7FFFFFFF
-
-Buffer = Union[bytes, bytearray, memoryview]
-
-
-class Role(enum.Enum):
-    """Which end of the TCP connection we are: the dialler is the client."""
-
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class StreamState(enum.Enum):
-    """Lifecycle of one stream; see :data:`_TRANSITIONS`."""
-
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed (local)"
-    HALF_CLOSED_REMOTE = "half-closed (remote)"
-    CLOSED = "closed"
-
-
-class _StreamInput(enum.Enum):
-    SEND_FIN = "send FIN"
-    RECV_FIN = "receive FIN"
-
-
-_TRANSITIONS: Final[dict[tuple[StreamState, _StreamInput], StreamState]] = {
-    (StreamState.OPEN, _StreamInput.SEND_FIN): StreamState.HALF_CLOSED_LOCAL,
-    (StreamState.OPEN, _StreamInput.RECV_FIN): StreamState.HALF_CLOSED_REMOTE,
-    (StreamState.HALF_CLOSED_LOCAL, _StreamInput.RECV_FIN): StreamState.CLOSED,
-    (StreamState.HALF_CLOSED_REMOTE, _StreamInput.SEND_FIN): StreamState.CLOSED,
-}
-"""Clean transitions.  RST, or the session ending, closes from any state."""
-
-_OPEN: Final = StreamState.OPEN
-_HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
-# States in which the peer may still send (compared by identity: enum
-# hashing costs a Python call per frame).
-
-
-class SessionClosedError(Exception):
-    """The session has ended, or the peer went away and no stream can open."""
-
-
-class StreamClosedError(Exception):
-    """The stream is gone, or its sending direction is already finished."""
 
 
 @attrs.frozen
@@ -167,34 +136,7 @@ class SessionConfig:
             raise ValueError("reset flood window and limit must be positive")
 
 
-class _Heartbeat(enum.Enum):
-    NONE = 0
-    OURS = 1
-    THEIRS = 2
-
-
-@attrs.define(eq=False)
-class _Stream:
-    """Book-keeping for one stream (internal)."""
-
-    id: int
-    stream_type: int
-    local: bool
-    heartbeat: _Heartbeat = _Heartbeat.NONE
-    state: StreamState = StreamState.OPEN
-    send_window: int = INITIAL_WINDOW
-    recv_window: int = INITIAL_WINDOW
-    recv_credit: int = 0
-    pending: deque[Buffer] = attrs.Factory(deque)
-    pending_len: int = 0
-    fin_queued: bool = False
-    forget_on_fin: bool = False
-    accepted: bool = True
-    heard: bool = False
-    """The peer has sent something on the stream (data, FIN or WNDINC)."""
-
-
-class Session:
+class Session(SessionBase):
     """
     One muxado v1 session: every stream's state, windows and heartbeats.
 
@@ -203,21 +145,27 @@ class Session:
     after each call.
     """
 
+    _codec: ClassVar[Codec] = f
+    _codes: ClassVar[ErrorCodes] = ErrorCodes(
+        protocol=ErrorCode.PROTOCOL_ERROR,
+        flow_control=ErrorCode.FLOW_CONTROL_ERROR,
+        stream_closed=ErrorCode.STREAM_CLOSED,
+        refused=ErrorCode.REFUSED_STREAM,
+        cancel=ErrorCode.CANCEL,
+        flood=ErrorCode.PROTOCOL_ERROR,
+        session_ended=ErrorCode.CANCEL,
+    )
+
     def __init__(
         self,
         role: Role,
         config: SessionConfig = SessionConfig(),
         now: float = 0.0,
     ) -> None:
-        self.role = role
-        self.config = config
-        self._streams: dict[int, _Stream] = {}
-        self._decoder = f.FrameDecoder(merge_data=True)
-        self._out: list[Buffer] = []
-        self._events: list[Event] = []
+        super().__init__(role, config, now, f.FrameDecoder(merge_data=True), remote_start=1)
         self._extra_window = config.receive_window - INITIAL_WINDOW
         """Granted on top of muxado's initial window as each stream opens."""
-        self._window_owed: dict[int, _Stream] = {}
+        self._window_owed: dict[int, StreamRecord] = {}
         """Peer-opened streams whose extra window is owed: its WNDINC is
         postponed until the next write, or until the peer has used half of
         its initial window (see :meth:`_add`)."""
@@ -226,38 +174,8 @@ class Session:
         send window of less than a frame's worth), by id: the hold period
         they started in (see :meth:`release_subframe`)."""
         self._subframe_period = 0
-        self.congested = False
-        """Set by the adapter while the connection cannot take more (its
-        write buffer is full): data is not framed meanwhile, it waits in its
-        stream's queue (see :meth:`release_held`)."""
         self.out_limit = OUT_LIMIT
-        """Data framed into one :meth:`data_to_send` at most (about): more
-        waits for :meth:`release_held` after the adapter has written."""
-        self._data_out = 0
-        self.frames_received = 0
-        """Whole frames read so far (the adapter's measure of progress)."""
-        self._held: dict[int, _Stream] = {}
-        """Streams with data held back by :attr:`congested` or
-        :attr:`out_limit`, in the order they were held."""
-        # Highest id used by us / seen from the peer.  Clients use odd ids
-        # from 3 and servers even ids from 2, so a client SYN with id 1 is
-        # already "not above the highest seen".
-        if role is Role.CLIENT:
-            self._local_last, self._remote_last = 1, 0
-        else:
-            self._local_last, self._remote_last = 0, 1
-        self._remote_open = 0
-        self._unaccepted = 0
-        self._replies = 0
-        self._replies_until = now + config.reset_flood_window
-        """End of the window :attr:`_replies` counts in."""
         self._wndinc_threshold = config.receive_window // 2
-        self.ended = False
-        self.going_away = False
-        """We sent GOAWAY: new peer streams are refused."""
-        self.remote_going_away = False
-        """The peer sent GOAWAY: we may not open streams."""
-        self.end_reason: Optional[SessionEnded] = None
         self._hb_id: Optional[int] = None
         self._hb_counter = 0
         self._hb_sent_at: Optional[float] = None
@@ -266,50 +184,22 @@ class Session:
         self._hb_expect = b""
         if config.heartbeat:
             self._hb_id = self._open(
-                f.HEARTBEAT_STREAM_TYPE, f.HEARTBEAT_PRIORITY, _Heartbeat.OURS
+                f.HEARTBEAT_STREAM_TYPE, f.HEARTBEAT_PRIORITY, Heartbeat.OURS
             )
 
     # ------------------------------------------------------------------
     # Output for the adapter
 
     def data_to_send(self) -> bytes:
-        """
-        Take the bytes to write to the connection.  One join here is the only
-        copy of outgoing payload (Twisted would join its buffer anyway).
-        """
-        out = self._out
-        if not out:
-            return b""
-        if self._window_owed:
+        """Take the bytes to write to the connection (see the base class)."""
+        if self._window_owed and self._out:
             # Something goes out anyway: the owed grants ride along.
             for st in list(self._window_owed.values()):
                 self._grant(st)
-        self._out = []
-        self._data_out = 0
-        return b"".join(out)
-
-    def events(self) -> list[Event]:
-        """Take the events that happened since the last call."""
-        events = self._events
-        self._events = []
-        return events
+        return super().data_to_send()
 
     # ------------------------------------------------------------------
     # Introspection
-
-    @property
-    def stream_count(self) -> int:
-        """Application streams currently known (extension streams excluded)."""
-        return sum(1 for s in self._streams.values() if s.heartbeat is _Heartbeat.NONE)
-
-    def stream_ids(self) -> list[int]:
-        """Ids of the application streams currently known."""
-        return [i for i, s in self._streams.items() if s.heartbeat is _Heartbeat.NONE]
-
-    def state(self, stream_id: int) -> StreamState:
-        """A stream's state; CLOSED when it is gone."""
-        st = self._streams.get(stream_id)
-        return st.state if st is not None else StreamState.CLOSED
 
     @property
     def holding_subframe(self) -> bool:
@@ -352,11 +242,6 @@ class Session:
                     self._flush(st, whole=False)
 
     @property
-    def partial_frame(self) -> bool:
-        """Whether the last read ended inside a frame (its rest has not come)."""
-        return self._decoder.buffered > 0
-
-    @property
     def has_owed(self) -> bool:
         """Whether window is owed to peer-opened streams (see :meth:`grant_owed`)."""
         return bool(self._window_owed)
@@ -370,49 +255,6 @@ class Session:
         """
         for st in list(self._window_owed.values()):
             self._grant(st)
-
-    def heard_from(self, stream_id: int) -> bool:
-        """Whether the peer has sent anything on a stream (data, FIN, window)."""
-        st = self._streams.get(stream_id)
-        return st is None or st.heard
-
-    @property
-    def has_held(self) -> bool:
-        """Whether stream data waits for :meth:`release_held`."""
-        return bool(self._held)
-
-    def release_held(self) -> None:
-        """
-        Frame data held back (see :attr:`congested`), stream by stream in
-        the order they were held, until :attr:`out_limit` is reached again;
-        the adapter calls this after writing, while the connection takes
-        more.
-        """
-        held = self._held
-        while held and not self.congested and self._data_out < self.out_limit:
-            sid = next(iter(held))
-            st = held.pop(sid)
-            if self._streams.get(sid) is st and st.pending_len and st.send_window:
-                self._flush(st)
-
-    def pending(self, stream_id: int) -> int:
-        """Bytes of a stream waiting for send window."""
-        st = self._streams.get(stream_id)
-        return st.pending_len if st is not None else 0
-
-    def send_window(self, stream_id: int) -> int:
-        """What the peer currently lets us send on a stream."""
-        st = self._streams.get(stream_id)
-        return st.send_window if st is not None else 0
-
-    def stream_type(self, stream_id: int) -> int:
-        """The stream type given in a stream's SYN."""
-        return self._get(stream_id).stream_type
-
-    @property
-    def last_remote_id(self) -> int:
-        """Highest stream id the peer opened (what GOAWAY reports)."""
-        return self._remote_last if self._remote_last > 1 else 0
 
     # ------------------------------------------------------------------
     # Application actions
@@ -432,113 +274,7 @@ class Session:
             raise ValueError("priority must fit in 31 bits")
         if self._local_last + 2 > MAX_STREAM_ID:
             raise SessionClosedError("stream ids exhausted")
-        return self._open(stream_type, priority, _Heartbeat.NONE)
-
-    def accept_stream(self, stream_id: int) -> None:
-        """The application took a peer-opened stream off the backlog."""
-        st = self._streams.get(stream_id)
-        if st is not None and not st.accepted:
-            st.accepted = True
-            self._unaccepted -= 1
-
-    def send_data(self, stream_id: int, data: Buffer, fin: bool = False) -> None:
-        """
-        Send ``data`` (any size) on a stream, and FIN after it when ``fin``.
-
-        What the send window allows is framed now; the rest waits, in order,
-        for WNDINC.  ``data`` is not copied: pass ``bytes`` (or a buffer you
-        will not change).  :meth:`pending` tells how much waits, and
-        :class:`~tcprelay.mux.events.SendWindowOpened` when it has all gone.
-        """
-        st = self._get(stream_id)
-        if st.fin_queued or st.state in (
-            StreamState.HALF_CLOSED_LOCAL,
-            StreamState.CLOSED,
-        ):
-            raise StreamClosedError(f"stream {stream_id} is closed for sending")
-        if fin:
-            st.fin_queued = True
-        self._write(st, data)
-
-    def end_stream(self, stream_id: int) -> None:
-        """Half-close: FIN after any queued data.  No-op if already sent."""
-        st = self._streams.get(stream_id)
-        if st is None or st.heartbeat is not _Heartbeat.NONE or st.fin_queued or st.state in (
-            StreamState.HALF_CLOSED_LOCAL,
-            StreamState.CLOSED,
-        ):
-            return
-        self.send_data(stream_id, b"", fin=True)
-
-    def close_stream(self, stream_id: int) -> None:
-        """
-        Close like Go's ``Stream.Close()``: FIN after queued data, then forget
-        the stream (data still arriving for it is answered with RST(4)).
-        ``StreamClosed`` follows once the FIN is out.
-        """
-        st = self._streams.get(stream_id)
-        if st is None or st.heartbeat is not _Heartbeat.NONE:
-            return
-        st.forget_on_fin = True
-        if st.state in (StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED):
-            self._remove(st, None, False, "closed")
-        elif not st.fin_queued:
-            self.send_data(stream_id, b"", fin=True)
-
-    def reset_stream(
-        self, stream_id: int, error_code: int = ErrorCode.CANCEL
-    ) -> None:
-        """Abort a stream with RST; queued data is dropped."""
-        st = self._streams.get(stream_id)
-        if st is None or st.heartbeat is not _Heartbeat.NONE:
-            return
-        self._out.append(f.encode_rst(stream_id, error_code))
-        self._remove(st, error_code, False, "reset")
-
-    def refuse_stream(self, stream_id: int) -> None:
-        """
-        The application refuses a stream the peer opened: RST(REFUSED_STREAM),
-        counted towards ``reset_flood_limit`` like the refusals the session
-        makes itself.
-        """
-        st = self._streams.get(stream_id)
-        if st is None or st.local or st.heartbeat is not _Heartbeat.NONE:
-            return
-        self._remove(st, ErrorCode.REFUSED_STREAM, False, "refused")
-        self._reply_rst(stream_id, ErrorCode.REFUSED_STREAM)
-
-    def acknowledge(self, stream_id: int, size: int) -> None:
-        """
-        The application consumed ``size`` bytes of a stream: give the peer
-        that much window back (coalesced into one WNDINC per half window).
-        """
-        st = self._streams.get(stream_id)
-        if st is None or size <= 0 or (st.state is not _OPEN and st.state is not _HALF_CLOSED_LOCAL):
-            return
-        st.recv_credit += size
-        if st.recv_credit >= self._wndinc_threshold:
-            self._grant(st)
-
-    def go_away(self, error_code: int = ErrorCode.NO_ERROR) -> None:
-        """
-        Tell the peer not to open more streams (GOAWAY); streams already open
-        carry on.  Later SYNs are refused with RST(REFUSED_STREAM).
-        """
-        if self.ended or self.going_away:
-            return
-        self.going_away = True
-        self._out.append(f.encode_goaway(self.last_remote_id, error_code))
-
-    def close(
-        self, error_code: int = ErrorCode.NO_ERROR, reason: str = "closed"
-    ) -> None:
-        """End the session now: GOAWAY (unless sent), every stream closed."""
-        self._die(error_code, reason, remote=False)
-
-    def connection_lost(self, reason: str = "connection lost") -> None:
-        """The transport is gone (the adapter calls this from connectionLost)."""
-        if not self.ended:
-            self._finish(None, reason, remote=True)
+        return self._open(stream_type, priority, Heartbeat.NONE)
 
     # ------------------------------------------------------------------
     # Time
@@ -560,9 +296,7 @@ class Session:
     def on_timer(self, now: float) -> None:
         """Send a due heartbeat; end the session if one went unanswered;
         start a new flood-counting window once the last one is over."""
-        if now >= self._replies_until:
-            self._replies = 0
-            self._replies_until = now + self.config.reset_flood_window
+        self._count_replies(now)
         if self.ended or self._hb_id is None:
             return
         cfg = self.config
@@ -584,61 +318,8 @@ class Session:
             self._hb_next = now + cfg.heartbeat_interval
             self._write(self._streams[self._hb_id], self._hb_expect)
 
-    heartbeat_timed_out = False
-    """True when the session ended because our heartbeat went unanswered."""
-
-    # ------------------------------------------------------------------
-    # Input
-
-    def receive_data(self, data: bytes) -> list[Event]:
-        """
-        Feed bytes read from the connection; returns :meth:`events`.
-        After the session has ended, input is ignored.
-        """
-        if self.ended:
-            return self.events()
-        try:
-            frames = self._decoder.feed(data)
-        except FrameError as e:
-            self._die(e.code, e.message, remote=False)
-            return self.events()
-        self.frames_received += len(frames)
-        for frame in frames:
-            if self.ended:
-                break
-            if type(frame) is f.Data:
-                self._on_data(frame)
-            elif type(frame) is f.WndInc:
-                self._on_wndinc(frame)
-            elif type(frame) is f.Syn:
-                self._on_syn(frame)
-            elif type(frame) is f.Rst:
-                self._on_rst(frame)
-            else:
-                assert isinstance(frame, f.GoAway)
-                self._on_goaway(frame)
-        return self.events()
-
     # ------------------------------------------------------------------
     # Frame handlers
-
-    def _known(self, stream_id: int) -> bool:
-        """Whether an id was ever opened (by either side); else violation."""
-        if stream_id == 0:
-            return False
-        ours = (stream_id & 1) == (1 if self.role is Role.CLIENT else 0)
-        return stream_id <= (self._local_last if ours else self._remote_last)
-
-    def _check_known(self, kind: str, stream_id: int) -> bool:
-        """True if a frame's stream id was ever opened; else end the session."""
-        if not self._known(stream_id):
-            self._die(
-                ErrorCode.PROTOCOL_ERROR,
-                f"{kind} for stream {stream_id} that was never opened",
-                remote=False,
-            )
-            return False
-        return True
 
     def _on_data(self, frame: f.Data) -> None:
         st = self._streams.get(frame.stream_id)
@@ -650,7 +331,7 @@ class Session:
                 self._reply_rst(frame.stream_id, ErrorCode.STREAM_CLOSED)
             return
         st.heard = True
-        if st.state is not _OPEN and st.state is not _HALF_CLOSED_LOCAL:
+        if st.state is not OPEN and st.state is not HALF_CLOSED_LOCAL:
             if n:
                 self._reply_rst(st.id, ErrorCode.STREAM_CLOSED)
                 self._remove(st, ErrorCode.STREAM_CLOSED, True, "data after FIN")
@@ -670,7 +351,7 @@ class Session:
             and st.id in self._window_owed
         ):
             self._grant(st)
-        if st.heartbeat is not _Heartbeat.NONE:
+        if st.heartbeat is not Heartbeat.NONE:
             self._on_heartbeat_data(st, frame)
             return
         if n:
@@ -678,14 +359,11 @@ class Session:
         if frame.fin:
             self._recv_fin(st)
 
-    def _recv_fin(self, st: _Stream) -> None:
+    def _recv_fin(self, st: StreamRecord) -> None:
         self._window_owed.pop(st.id, None)  # the peer sends no more: no window for it
-        self._events.append(StreamEnded(st.id))
-        st.state = _TRANSITIONS[(st.state, _StreamInput.RECV_FIN)]
-        if st.state is StreamState.CLOSED:
-            self._remove(st, None, False, "")
+        super()._recv_fin(st)
 
-    def _on_heartbeat_data(self, st: _Stream, frame: f.Data) -> None:
+    def _on_heartbeat_data(self, st: StreamRecord, frame: f.Data) -> None:
         if frame.fin:
             self._die(
                 ErrorCode.PROTOCOL_ERROR, "peer closed a heartbeat stream", remote=False
@@ -695,7 +373,7 @@ class Session:
         st.recv_credit += len(data)
         if st.recv_credit >= 4096:
             self._grant(st)
-        if st.heartbeat is _Heartbeat.THEIRS:
+        if st.heartbeat is Heartbeat.THEIRS:
             if data:
                 self._write(st, data)
                 if st.pending_len > INITIAL_WINDOW:
@@ -721,27 +399,9 @@ class Session:
         if len(self._hb_echo) >= 4:
             self._die(ErrorCode.PROTOCOL_ERROR, "unsolicited heartbeat echo", remote=False)
 
-    def _on_wndinc(self, frame: f.WndInc) -> None:
-        st = self._streams.get(frame.stream_id)
-        if st is None:
-            self._check_known("WNDINC", frame.stream_id)
-            return
-        st.heard = True
-        window = st.send_window + frame.increment
-        if window > MAX_WINDOW:
-            self._die(
-                ErrorCode.FLOW_CONTROL_ERROR,
-                f"stream {st.id}: window grown past 2**31-1",
-                remote=False,
-            )
-            return
-        st.send_window = window
-        if st.pending_len and window:
-            self._flush(st)
-
     def _on_syn(self, frame: f.Syn) -> None:
         sid = frame.stream_id
-        theirs = (sid & 1) == (0 if self.role is Role.CLIENT else 1)
+        theirs = self._theirs(sid)
         if not theirs or sid <= self._remote_last:
             self._die(
                 ErrorCode.PROTOCOL_ERROR,
@@ -756,9 +416,9 @@ class Session:
             return
         if frame.stream_type >= f.MIN_EXTENSION_TYPE:
             if frame.stream_type == f.HEARTBEAT_STREAM_TYPE and not any(
-                s.heartbeat is _Heartbeat.THEIRS for s in self._streams.values()
+                s.heartbeat is Heartbeat.THEIRS for s in self._streams.values()
             ):
-                self._add(sid, frame.stream_type, False, _Heartbeat.THEIRS)
+                self._add(sid, frame.stream_type, False, Heartbeat.THEIRS)
             else:
                 self._reply_rst(sid, ErrorCode.STREAM_CLOSED)
             return
@@ -768,7 +428,7 @@ class Session:
         ):
             self._reply_rst(sid, ErrorCode.REFUSED_STREAM)
             return
-        st = self._add(sid, frame.stream_type, False, _Heartbeat.NONE)
+        st = self._add(sid, frame.stream_type, False, Heartbeat.NONE)
         st.accepted = False
         self._unaccepted += 1
         self._remote_open += 1
@@ -776,22 +436,13 @@ class Session:
         if frame.fin:
             self._recv_fin(st)
 
-    def _on_rst(self, frame: f.Rst) -> None:
-        st = self._streams.get(frame.stream_id)
-        if st is None:
-            self._check_known("RST", frame.stream_id)
-            return
-        if st.heartbeat is _Heartbeat.OURS and frame.error_code == ErrorCode.STREAM_CLOSED:
+    def _on_heartbeat_rst(self, st: StreamRecord, error_code: int) -> None:
+        if st.heartbeat is Heartbeat.OURS and error_code == ErrorCode.STREAM_CLOSED:
             # The peer has no heartbeat extension: run without ours.
             del self._streams[st.id]
             self._hb_id = None
             return
-        if st.heartbeat is not _Heartbeat.NONE:
-            self._die(ErrorCode.PROTOCOL_ERROR, "peer reset a heartbeat stream", remote=False)
-            return
-        self._remove(
-            st, frame.error_code, True, f"reset by peer ({f.error_name(frame.error_code)})"
-        )
+        self._die(ErrorCode.PROTOCOL_ERROR, "peer reset a heartbeat stream", remote=False)
 
     def _on_goaway(self, frame: f.GoAway) -> None:
         self.remote_going_away = True
@@ -804,7 +455,7 @@ class Session:
                 st.local
                 and (st.id & 1) == our_parity
                 and st.id > frame.last_stream_id
-                and st.heartbeat is _Heartbeat.NONE
+                and st.heartbeat is Heartbeat.NONE
             ):
                 self._remove(
                     st, ErrorCode.REFUSED_STREAM, True, "peer went away before it"
@@ -819,26 +470,18 @@ class Session:
     # ------------------------------------------------------------------
     # Internals
 
-    def _get(self, stream_id: int) -> _Stream:
-        st = self._streams.get(stream_id)
-        if st is None or st.heartbeat is not _Heartbeat.NONE:
-            if self.ended:
-                raise SessionClosedError("session has ended")
-            raise StreamClosedError(f"stream {stream_id} is closed")
-        return st
-
-    def _open(self, stream_type: int, priority: int, hb: _Heartbeat) -> int:
+    def _open(self, stream_type: int, priority: int, hb: Heartbeat) -> int:
         sid = self._local_last + 2
         self._local_last = sid
         self._out.append(f.encode_syn(sid, priority, stream_type))
         self._add(sid, stream_type, True, hb)
         return sid
 
-    def _add(self, sid: int, stream_type: int, local: bool, hb: _Heartbeat) -> _Stream:
-        st = _Stream(sid, stream_type, local, hb)
+    def _add(self, sid: int, stream_type: int, local: bool, hb: Heartbeat) -> StreamRecord:
+        st = StreamRecord(sid, local, INITIAL_WINDOW, INITIAL_WINDOW, stream_type, heartbeat=hb)
         self._streams[sid] = st
         extra = self._extra_window
-        if extra and hb is _Heartbeat.NONE:
+        if extra and hb is Heartbeat.NONE:
             if local:
                 # Leaves with the SYN.
                 st.recv_window += extra
@@ -851,7 +494,7 @@ class Session:
                 self._window_owed[sid] = st
         return st
 
-    def _grant(self, st: _Stream) -> None:
+    def _grant(self, st: StreamRecord) -> None:
         """One WNDINC for the consumed credit and any extra window still owed."""
         credit = st.recv_credit
         if self._window_owed and self._window_owed.pop(st.id, None) is not None:
@@ -860,19 +503,7 @@ class Session:
         st.recv_window += credit
         self._out.append(f.encode_wndinc(st.id, credit))
 
-    def _reply_rst(self, stream_id: int, error_code: int) -> None:
-        """An RST the peer's own frames made necessary; too many is a flood."""
-        self._out.append(f.encode_rst(stream_id, error_code))
-        self._replies += 1
-        if self._replies > self.config.reset_flood_limit:
-            self._die(
-                ErrorCode.PROTOCOL_ERROR,
-                f"flood: more than {self.config.reset_flood_limit} refused or "
-                f"dead-stream frames within {self.config.reset_flood_window:g}s",
-                remote=False,
-            )
-
-    def _write(self, st: _Stream, data: Buffer) -> None:
+    def _write(self, st: StreamRecord, data: Buffer) -> None:
         """Send or queue, keeping order behind anything already queued."""
         if st.pending_len:
             if data:
@@ -881,7 +512,7 @@ class Session:
         else:
             self._send(st, data)
 
-    def _send(self, st: _Stream, data: Buffer) -> None:
+    def _send(self, st: StreamRecord, data: Buffer) -> None:
         """Frame what the window allows now and queue the rest (queue empty)."""
         n = len(data)
         window = st.send_window
@@ -894,7 +525,7 @@ class Session:
         st.pending_len += n
         self._flush(st)
 
-    def _frame(self, st: _Stream, data: Buffer, fin: bool) -> None:
+    def _frame(self, st: StreamRecord, data: Buffer, fin: bool) -> None:
         """Put DATA frames for ``data`` (window already counted) on the wire."""
         n = len(data)
         out = self._out
@@ -923,7 +554,7 @@ class Session:
         if fin:
             self._fin_sent(st)
 
-    def _flush(self, st: _Stream, whole: bool = True) -> None:
+    def _flush(self, st: StreamRecord, whole: bool = True) -> None:
         """
         The send window grew: frame queued data, in order.  With more queued
         than the window allows, only whole frames (unless not ``whole``);
@@ -971,7 +602,7 @@ class Session:
         else:
             self._frame_pieces(st, pieces, total, fin)
 
-    def _frame_pieces(self, st: _Stream, pieces: list[Buffer], total: int, fin: bool) -> None:
+    def _frame_pieces(self, st: StreamRecord, pieces: list[Buffer], total: int, fin: bool) -> None:
         """DATA frames of up to MAX_PAYLOAD bytes over several buffers in
         order (a frame's payload may span two or more of them)."""
         out = self._out
@@ -1000,54 +631,27 @@ class Session:
         if fin:
             self._fin_sent(st)
 
-    def _fin_sent(self, st: _Stream) -> None:
-        st.state = _TRANSITIONS[(st.state, _StreamInput.SEND_FIN)]
+    def _fin_sent(self, st: StreamRecord) -> None:
+        st.state = TRANSITIONS[(st.state, StreamInput.SEND_FIN)]
         if st.state is StreamState.CLOSED or st.forget_on_fin:
             self._remove(st, None, False, "")
 
     def _remove(
-        self, st: _Stream, error_code: Optional[int], remote: bool, reason: str
+        self, st: StreamRecord, error_code: Optional[int], remote: bool, reason: str
     ) -> None:
-        if self._streams.pop(st.id, None) is None:
-            return
         self._window_owed.pop(st.id, None)
         self._subframe_held.pop(st.id, None)
-        self._held.pop(st.id, None)
-        st.state = StreamState.CLOSED
-        st.pending.clear()
-        st.pending_len = 0
-        if not st.local and st.heartbeat is _Heartbeat.NONE:
-            self._remote_open -= 1
-            if not st.accepted:
-                self._unaccepted -= 1
-        if st.heartbeat is _Heartbeat.NONE:
-            self._events.append(StreamClosed(st.id, error_code, remote, reason))
-
-    def _die(
-        self,
-        error_code: int,
-        reason: str,
-        remote: bool,
-        heartbeat_timeout: bool = False,
-    ) -> None:
-        """End the session from our side, telling the peer why."""
-        if self.ended:
-            return
-        if not self.going_away or error_code:
-            # A graceful GOAWAY may already be out; an error gets its own.
-            self.going_away = True
-            debug = reason.encode("utf-8", "replace") if error_code else b""
-            self._out.append(f.encode_goaway(self.last_remote_id, error_code, debug))
-        self.heartbeat_timed_out = heartbeat_timeout
-        self._finish(error_code, reason, remote)
+        super()._remove(st, error_code, remote, reason)
 
     def _finish(self, error_code: Optional[int], reason: str, remote: bool) -> None:
-        self.ended = True
-        self.going_away = True
-        code = error_code if error_code else ErrorCode.CANCEL
-        for st in list(self._streams.values()):
-            self._remove(st, code, remote, f"session ended: {reason}")
         self._hb_id = None
-        end = SessionEnded(error_code, reason, remote)
-        self.end_reason = end
-        self._events.append(end)
+        super()._finish(error_code, reason, remote)
+
+
+Session._HANDLERS = {
+    f.Data: Session._on_data,
+    f.WndInc: Session._on_wndinc,
+    f.Syn: Session._on_syn,
+    f.Rst: Session._on_rst,
+    f.GoAway: Session._on_goaway,
+}

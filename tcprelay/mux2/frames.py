@@ -31,6 +31,8 @@ from typing import Final, Union
 
 import attrs
 
+from tcprelay.mux.common import Buffer, DecoderBase, FrameError, Rst, WndInc, code_namer
+
 __all__ = [
     "HEADER_SIZE",
     "LENGTH_MAX",
@@ -65,8 +67,6 @@ _HEADER = struct.Struct(">II")
 _HEADER_U32 = struct.Struct(">III")
 _HEADER_U32U32 = struct.Struct(">IIII")
 _U32 = struct.Struct(">I")
-
-Buffer = Union[bytes, bytearray, memoryview]
 
 
 class FrameType(enum.IntEnum):
@@ -106,21 +106,8 @@ class ErrorCode(enum.IntEnum):
     PEER_EOF = 0x0F
 
 
-def error_name(code: int) -> str:
-    """A readable name for an error code received from a peer (any u32)."""
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return f"UNKNOWN_{code}"
-
-
-class FrameError(Exception):
-    """The peer broke the framing rules; the session ends with GOAWAY carrying :attr:`code`."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+error_name: Final = code_namer(ErrorCode)
+"""A readable name for an error code received from a peer (any u32)."""
 
 
 @attrs.frozen
@@ -131,22 +118,6 @@ class Data:
     data: bytes
     fin: bool = False
     syn: bool = False
-
-
-@attrs.frozen
-class Rst:
-    """Reset one stream."""
-
-    stream_id: int
-    error_code: int
-
-
-@attrs.frozen
-class WndInc:
-    """Grant the peer ``increment`` more bytes of send window on a stream."""
-
-    stream_id: int
-    increment: int
 
 
 @attrs.frozen
@@ -215,7 +186,7 @@ def encode(frame: Frame) -> bytes:
     return encode_goaway(frame.last_stream_id, frame.error_code, frame.message)
 
 
-class FrameDecoder:
+class FrameDecoder(DecoderBase):
     """
     Incremental decoder: :meth:`feed` bytes in any split, get whole frames.
 
@@ -234,17 +205,11 @@ class FrameDecoder:
     in the same read.  Messages are for logs.
     """
 
-    __slots__ = ("_buf", "finished", "max_data")
+    __slots__ = ("max_data",)
 
     def __init__(self, max_data: int = LENGTH_MAX) -> None:
-        self._buf = bytearray()
-        self.finished = False
+        super().__init__()
         self.max_data = max_data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held waiting for the rest of a frame."""
-        return len(self._buf)
 
     def feed(self, data: Buffer) -> list[Frame]:
         """Decode every complete frame now available."""
