@@ -49,6 +49,8 @@ class NgrokPeer:
         self.ended: Optional[ev.SessionEnded] = None
         self.reading = True
         self.lost = False
+        self._heartbeat_stream: Optional[int] = None
+        self._heartbeats = 0
 
     def pump(self, rounds: int = 100) -> None:
         """Exchange bytes both ways until nothing moves."""
@@ -119,6 +121,14 @@ class NgrokPeer:
             {"Id": bind_id, "Proto": proto, "ForwardsTo": "", "ForwardsProto": "", "Opts": opts,
              "Extra": {"Token": "", "IPPolicyRef": "", "Metadata": "", "Bindings": [], "PoolingEnabled": False}},
         )
+
+    def heartbeat(self) -> None:
+        """Send a heartbeat, as an SDK does every 10 s (opening its heartbeat
+        stream the first time), and take the relay's echo."""
+        if self._heartbeat_stream is None:
+            self._heartbeat_stream = self.client.open_stream(0xFFFFFFFF)
+        self._heartbeats += 1
+        self.send(self._heartbeat_stream, self._heartbeats.to_bytes(4, "big"))
 
     def send(self, sid: int, data: bytes, fin: bool = False) -> None:
         self.client.send_data(sid, data, fin)

@@ -92,7 +92,15 @@ def test_ngrok_session_survives_any_frames(bound: bool, script: list[Any]) -> No
             elif action[0] == "visitor":
                 fuzz.visitor_action(mr, port, action, visitors)
             elif action[0] == "time":
-                mr.clock.advance(action[1])
+                # the bystander heartbeats every 10 s, as the SDKs do
+                remaining = action[1]
+                while True:
+                    step = min(remaining, 10.0)
+                    mr.clock.advance(step)
+                    remaining -= step
+                    if remaining <= 0:
+                        break
+                    bystander.heartbeat()
                 fuzzer.transport.clear()
                 if fuzzer.transport.disconnecting:
                     fuzzer.lose()
