@@ -228,11 +228,12 @@ def test_stream_limit_refuses_with_rst() -> None:
 
 
 def test_second_heartbeat_stream_is_reset() -> None:
-    """Only one heartbeat stream per session."""
+    """Only one heartbeat stream per session; the application never hears of the second."""
     server = Session(Role.SERVER)
-    open_typed(server, 3, 0xFFFFFFFF)
-    open_typed(server, 5, 0xFFFFFFFF)
+    assert open_typed(server, 3, 0xFFFFFFFF) == []
+    assert open_typed(server, 5, 0xFFFFFFFF) == []
     assert frames_of(server.data_to_send()) == [Rst(5, ErrorCode.PROTOCOL)]
+    assert server.stream_count == 0
 
 
 def test_congested_holds_data_until_released() -> None:

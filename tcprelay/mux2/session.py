@@ -261,13 +261,17 @@ class Session(SessionBase):
                 self._reply_rst(st.id, ErrorCode.PROTOCOL)
                 self._remove(st, ErrorCode.PROTOCOL, True, "FIN before the stream type")
             return None
-        st.stream_type = int.from_bytes(st.type_bytes, "big")
-        if st.stream_type != f.HEARTBEAT_STREAM_TYPE:
-            self._events.append(StreamOpened(st.id, st.stream_type, 0))
-        elif any(s.heartbeat is not Heartbeat.NONE for s in self._streams.values()):
+        stream_type = int.from_bytes(st.type_bytes, "big")
+        if stream_type == f.HEARTBEAT_STREAM_TYPE and any(
+            s.heartbeat is not Heartbeat.NONE for s in self._streams.values()
+        ):
+            # never reported as opened (no type yet): no StreamClosed either
             self._reply_rst(st.id, ErrorCode.PROTOCOL)
             self._remove(st, ErrorCode.PROTOCOL, True, "second heartbeat stream")
             return None
+        st.stream_type = stream_type
+        if stream_type != f.HEARTBEAT_STREAM_TYPE:
+            self._events.append(StreamOpened(st.id, stream_type, 0))
         else:
             st.heartbeat = Heartbeat.THEIRS
             st.accepted = True
