@@ -38,6 +38,7 @@ Trial::
 
 from __future__ import annotations
 
+import collections
 import random
 import socket
 from typing import Any, Optional, Sequence
@@ -81,12 +82,19 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+_HANDED_OUT: collections.deque[range] = collections.deque(maxlen=64)
+"""The blocks :func:`free_port_block` gave lately: a test that asks for two
+blocks before binding either (an SSH port, then a relay's ports) must not
+get one port twice."""
+
+
 def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 300) -> int:
     """
     The first of ``count`` consecutive ports that all bind on ``host`` just
     now, chosen below the kernel's ephemeral range so that client sockets
     cannot take one of them meanwhile (for a relay's ``--ports`` range in a
-    test).  RuntimeError when none is found.
+    test), and overlapping none of the last blocks it gave.  RuntimeError
+    when none is found.
     """
     top = _ephemeral_low() - count
     if top <= 20000 + count:
@@ -94,12 +102,16 @@ def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 300) ->
     rng = random.Random()
     for _ in range(attempts):
         base = rng.randrange(20000, top)
+        block = range(base, base + count)
+        if any(b.start < block.stop and block.start < b.stop for b in _HANDED_OUT):
+            continue
         held: list[socket.socket] = []
         try:
-            for port in range(base, base + count):
+            for port in block:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 held.append(sock)
                 sock.bind((host, port))
+            _HANDED_OUT.append(block)
             return base
         except OSError:
             continue

@@ -147,3 +147,27 @@ async def test_fixture_stop_with_a_visitor_still_connected(reactor) -> None:  # 
 
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
+def test_free_port_blocks_given_one_after_another_never_overlap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two blocks asked for before either is bound (an SSH port, then a
+    relay's ports) do not share a port, even when the random pick repeats."""
+    from tcprelay import testing
+
+    class Repeating:
+        """The same base first on every call, then the next ones."""
+
+        def __init__(self) -> None:
+            self.picks = iter([30001, 30001, 30003, 30010])
+
+        def randrange(self, low: int, high: int) -> int:
+            return next(self.picks)
+
+    monkeypatch.setattr(testing.random, "Random", Repeating)
+    monkeypatch.setattr(testing, "_HANDED_OUT", testing.collections.deque(maxlen=64))
+    first = testing.free_port_block(1)
+    second = testing.free_port_block(4)
+    assert first == 30001
+    assert second == 30003 and first not in range(second, second + 4)
