@@ -483,6 +483,9 @@ class MuxProtocol(Protocol):
             end = self.end_event or self.session.end_reason
             assert end is not None
             self.ended.callback(end)
+        # The acceptor is often a method of this protocol: a cycle, which
+        # reference counting alone would never free.
+        self.acceptor = None
 
     # -- IPushProducer (for our socket) ------------------------------------
 

@@ -3,6 +3,20 @@
 import pytest
 
 
+def pytest_configure(config):
+    """
+    Begin Twisted logging as the daemons do, to an observer that drops every
+    event.  Until logging begins, Twisted keeps the last 65,536 events, and
+    every object they name (sessions, transports), for whoever begins it
+    later; nobody does in a test run, and the tests that check what reference
+    counting frees would see those objects kept.  Tests that read the log
+    add their own observer to the global publisher, as before.
+    """
+    from twisted.logger import globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
+
+
 @pytest.fixture
 def reactor():
     """The global reactor that pytest-twisted runs (it defines no such fixture)."""

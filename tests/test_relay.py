@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -260,6 +261,48 @@ async def test_session_end_closes_port_and_visitors(
 
 
 # -- backpressure -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "end, args",
+    [
+        pytest.param(end_clean, (), id="clean-close"),
+        pytest.param(end_reset, (), id="tcp-reset"),
+        pytest.param(end_garbage, (), id="protocol-error"),
+        pytest.param(end_silent, HEARTBEAT_ARGS, id="heartbeat-timeout"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_ended_session_leaves_no_reference_cycle(
+    reactor: Any, env: Cleanup, no_cyclic_gc: None,
+    end: Callable[[LegacyService], None], args: tuple[str, ...],
+) -> None:
+    """However a session ends, reference counting frees its control session, muxado session, tunnel, socket transport and visitors' splices: the daemon freezes long-lived objects out of the cyclic collector's reach between full sweeps (tcprelay.process), so a cycle left by an ended session would stay until the next sweep."""
+    relay = await env.relay(*args, ports=1)
+    service = await env.service(relay)
+    port = service.port
+    control = session_for(relay, port)
+    tunnel = relay.tunnel_at(port)
+    visitor = await env.visitor(port)
+    visitor.send(b"v")
+    await bounded(visitor.wait_received(1), reactor)
+    splice = only_splice(relay, port)
+    refs = {name: weakref.ref(o) for name, o in [
+        ("control", control), ("session", control.session), ("tunnel", tunnel),
+        ("transport", control.transport), ("splice", splice)]}
+    del control, tunnel, splice
+    end(service)
+    await wait_for(reactor, lambda: not relay.relay.sessions, what="session socket closed")
+    await bounded(visitor.lost, reactor)
+    await wait_for(reactor, lambda: relay.relay.visitor_count == 0, what="splice finished")
+    await wait_for(reactor, lambda: relay.relay.pool.free == 1, what="port back in the pool")
+
+    def alive() -> list[str]:
+        return [name for name, ref in refs.items() if ref() is not None]
+
+    # a lost connection finishes from a callLater(0): wait for the turn
+    await wait_for(reactor, lambda: not alive(), 1, "the ended session's objects to be freed")
+    assert alive() == []
 
 
 @pytest_twisted.ensureDeferred

@@ -376,6 +376,16 @@ class Relay(Service):
                 )
             result.errback(refusal)
 
+        def forget(outcome: object) -> object:
+            # try_port and next_port call each other: a cycle through their
+            # closures, which hold on_queued and the agent's handshake it
+            # belongs to; reference counting alone would never free it.
+            # Every step checks result.called before it takes another.
+            nonlocal try_port, next_port
+            del try_port, next_port
+            return outcome
+
+        result.addBoth(forget)
         held = self.registry.resume_lease(lease, credential) if lease else None
         if isinstance(held, PortRoute) and allowed is not None and held.port not in allowed:
             self.pool.release(held.port)  # the rules changed since (SIGHUP)

@@ -348,6 +348,9 @@ class ControlSession(MuxDoorSession):
                 error=reason.getErrorMessage(),
             )
         super().connectionLost(reason)
+        # each refers back to this session: let reference counting free all three
+        self.handshake = None
+        self.tunnel = None
 
     # -- IAgentSession -----------------------------------------------------
 
