@@ -594,8 +594,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-rate", type=float, default=200.0,
                    help="idle: new connections per second (connect + 1-byte echo, open "
                         "loop) while the visitors are held (default: 200)")
-    p.add_argument("--probe-seconds", type=float, default=20.0,
-                   help="idle: seconds of those (default: 20)")
+    p.add_argument("--probe-seconds", type=float, default=70.0,
+                   help="idle: seconds of those (default: 70, so that they meet the "
+                        "daemon's collection of the old generation, once a minute)")
     p.add_argument("--baseline-venv", metavar="PATH",
                    help="also measure the tcprelay installed there (tcprelay-baseline)")
     p.add_argument("--sessions", type=_positive, default=10_000,

@@ -242,8 +242,16 @@ def sigusr1_restored():
     signal.signal(signal.SIGUSR1, previous)
 
 
-def test_json_logs_go_to_twistds_logfile_with_a_rotate_handler(tmp_path, sigusr1_restored) -> None:
+def test_json_logs_go_to_twistds_logfile_with_a_rotate_handler(
+    tmp_path, sigusr1_restored, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """twistd --logfile F with --log-format json: JSON lines in F (not stdout), and a SIGUSR1 handler like twistd's (the e2e test rotates for real)."""
+    from twisted.python.logfile import LogFile
+
+    opened: list[LogFile] = []
+    open_log = LogFile.fromFullPath
+    monkeypatch.setattr(LogFile, "fromFullPath",
+                        lambda path: opened.append(open_log(path)) or opened[-1])
     path = tmp_path / "relay.log"
     options = parse_under_twistd(
         {"nodaemon": True, "logfile": str(path), "syslog": 0}, "--control", "9000",
@@ -255,6 +263,8 @@ def test_json_logs_go_to_twistds_logfile_with_a_rotate_handler(tmp_path, sigusr1
     assert json.loads(line)["message"] == "first"
     handler = signal.getsignal(signal.SIGUSR1)
     assert callable(handler)
+    for log_file in opened:  # a daemon's stays open until it exits
+        log_file.close()
 
 
 def test_json_logs_go_to_stdout_with_n_and_no_logfile(capsys) -> None:
@@ -352,26 +362,86 @@ def test_the_daemon_tunes_malloc_and_freezes_its_start_up_heap(
     assert signal.getsignal(signal.SIGHUP) is previous_hup, "the daemon restores SIGHUP on stop"
 
 
-def test_the_old_generation_is_collected_on_a_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A daemon's full collections run every OLD_GENERATION_INTERVAL seconds, not on CPython's promotion count (each walked the whole heap every 2-4 s with 10,000 sessions); the young generations keep their thresholds."""
-    collected: list[object] = []
-    monkeypatch.setattr(process.gc, "collect", lambda *a: collected.append(a) or 0)
+class _Collector:
+    """A stand-in for the ``gc`` module that records what is asked of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.threshold = (700, 10, 10)
+
+    def get_threshold(self) -> tuple[int, int, int]:
+        return self.threshold
+
+    def set_threshold(self, *threshold: int) -> None:
+        self.threshold = threshold  # type: ignore[assignment]
+
+    def collect(self) -> int:
+        self.calls.append("collect")
+        return 0
+
+    def freeze(self) -> None:
+        self.calls.append("freeze")
+
+    def unfreeze(self) -> None:
+        self.calls.append("unfreeze")
+
+
+def test_the_old_generation_is_collected_on_a_clock() -> None:
+    """A daemon's full collections run every OLD_GENERATION_INTERVAL seconds, not on CPython's promotion count (each walked the whole heap every 2-4 s with 10,000 sessions), and freeze what survived, so that the next walks only newer objects; every sweep_every-th unfreezes first and walks everything; the young generations keep their thresholds."""
+    collector = _Collector()
+    clock = MemoryReactorClock()
+    loop = process.collect_old_generation_on_a_clock(clock, 60, 3, collector)
+    assert collector.threshold[:2] == (700, 10)
+    assert collector.threshold[2] >= 1 << 30
+    clock.advance(59)
+    assert collector.calls == []
+    clock.advance(1)
+    assert collector.calls == ["collect", "freeze"]
+    clock.advance(60)
+    assert collector.calls == ["collect", "freeze"] * 2
+    clock.advance(60)
+    assert collector.calls == ["collect", "freeze"] * 2 + ["unfreeze", "collect", "freeze"]
+    loop.stop()
+    clock.advance(600)
+    assert len(collector.calls) == 7, "a stopped clock collects no more"
+
+
+class _Cyclic:
+    """An object in a reference cycle with itself."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_cycle_among_frozen_objects_waits_for_the_full_sweep() -> None:
+    """With the real collector: a cycle that dies after a pass froze it outlives the passes that only walk newer objects and is freed by the next full sweep; one made after the pass is freed by the next pass."""
+    import weakref
+
     before = gc.get_threshold()
+    enabled = gc.isenabled()
+    gc.disable()  # only the clock collects, so that what frees what is known
     clock = MemoryReactorClock()
     try:
-        loop = process.collect_old_generation_on_a_clock(clock, interval=60)
-        now = gc.get_threshold()
-        assert now[:2] == before[:2]
-        assert now[2] >= 1 << 30
-        clock.advance(59)
-        assert collected == []
-        clock.advance(1)
-        assert len(collected) == 1
-        clock.advance(60)
-        assert len(collected) == 2
+        loop = process.collect_old_generation_on_a_clock(clock, 60, 3)
+        held = [_Cyclic()]
+        old = weakref.ref(held[0])
+        clock.advance(60)  # pass 1: ``old`` is alive, and frozen
+        held.clear()
+        new = _Cyclic()
+        young = weakref.ref(new)
+        del new
+        assert old() is not None and young() is not None
+        clock.advance(60)  # pass 2 walks what pass 1 left unfrozen
+        assert young() is None
+        assert old() is not None, "frozen, the cycle is not walked"
+        clock.advance(60)  # pass 3 is a full sweep
+        assert old() is None
         loop.stop()
     finally:
+        gc.unfreeze()
         gc.set_threshold(*before)
+        if enabled:
+            gc.enable()
 
 
 def test_twistd_plugin_builds_the_daemon() -> None:
