@@ -434,3 +434,22 @@ def test_the_lease_file_is_private_when_created_and_when_replaced(tmp_path) -> N
     assert not stale.exists()
     assert '"lease": "token"' in path.read_text()
     h.agent.stopService()
+
+
+def test_a_lost_session_leaves_no_reference_cycle(no_cyclic_gc: None) -> None:
+    """A session that registered and was lost is freed by reference counting (its control stream's protocol and handshake timer refer back to it), so that the daemon's frozen heap keeps none between full sweeps (tcprelay.process)."""
+    import weakref
+
+    h = Harness()
+    h.agent.startService()
+    relay = h.endpoint.last.accept()
+    relay.register()
+    session = weakref.ref(relay.protocol)
+    control = weakref.ref(relay.protocol.control)
+    relay.drop()
+    # the test's own transport keeps its protocol and producer (a socket's does not)
+    relay.transport.protocol = relay.transport.producer = None
+    del relay
+    assert h.pending_delay() == pytest.approx(0.5)
+    assert session() is None and control() is None
+    h.agent.stopService()

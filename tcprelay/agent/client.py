@@ -231,7 +231,7 @@ class AgentSession(MuxProtocol):
         super().dataReceived(data)
 
     def session_started(self) -> None:
-        self.control = _Control(self)
+        self.control: Optional[_Control] = _Control(self)
         self.open_stream(self.control, hs.CONTROL_STREAM_TYPE)
         self._handshake_timer = self.clock.callLater(
             self.agent.config.handshake_timeout,
@@ -279,6 +279,9 @@ class AgentSession(MuxProtocol):
             elif self._head == b"" and reason.check(error.ConnectionDone) and self.end_event is None:
                 self.diagnosis = RELAY_SILENT
         super().connectionLost(reason)
+        # the control stream's protocol refers back to this session
+        self.control = None
+        self._handshake_timer = None
         self.agent._session_lost(self, reason)
 
 
