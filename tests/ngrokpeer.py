@@ -95,6 +95,7 @@ class NgrokPeer:
         if not self.lost:
             self.lost = True
             self.protocol.connectionLost(Failure(ConnectionDone()))
+            self.transport.producer = None  # as a closed socket lets go of it
 
     def raw_request(self, kind: int, body: bytes) -> bytes:
         """Open a typed stream of ``kind``, write ``body`` (no FIN); the reply up to the relay's FIN."""

@@ -325,3 +325,25 @@ def test_ngrok_option(tmp_path: object) -> None:
     service = tap.makeService(parse("--ngrok", "tcp:4443"), MemoryReactorClock())
     doors = [s for s in service if isinstance(s, NgrokDoor)]
     assert len(doors) == 1 and doors[0].name == "ngrok"
+
+
+def test_a_lost_session_leaves_no_reference_cycle(mr: MemoryRelay, no_cyclic_gc: None) -> None:
+    """An SDK session that bound a port, served a visitor and was lost is freed by reference counting, tunnel and mux2 session with it (the daemon freezes long-lived objects between full sweeps: tcprelay.process)."""
+    import weakref
+
+    peer = authed(mr)
+    port = int(peer.bind()["URL"].rpartition(":")[2])
+    visitor = mr.visitor(port, first=b"hello")
+    assert visitor is not None
+    peer.pump()
+    (sid, _), = peer.opened.items()
+    peer.send(sid, b"world")
+    assert visitor.read() == b"world"
+    (tunnel,) = peer.protocol.tunnels.values()
+    refs = [weakref.ref(o) for o in (peer.protocol, peer.protocol.session, tunnel)]
+    del tunnel
+    peer.lose()
+    mr.settle()
+    assert visitor.closed_by_relay and not mr.relay.sessions
+    del peer, visitor
+    assert [ref() for ref in refs] == [None, None, None]
