@@ -44,7 +44,7 @@ def collect_old_generation_on_a_clock(
     seconds instead of when CPython's counts say so, then freeze what
     survived (``gc.freeze``), so that the next collection walks only what
     was created since; every ``sweep_every`` collections, unfreeze first and
-    walk everything.  The young generations stay as they are.
+    walk everything (0: never).  The young generations stay as they are.
     ``collector`` is for tests.
 
     CPython runs a full collection whenever the objects promoted into the

@@ -211,16 +211,16 @@ def end_silent(service: LegacyService) -> None:
 
 HEARTBEAT_ARGS = ("--heartbeat-interval", "0.2", "--heartbeat-tolerance", "0.6")
 
+SESSION_ENDS = [
+    pytest.param(end_clean, (), id="clean-close"),
+    pytest.param(end_reset, (), id="tcp-reset"),
+    pytest.param(end_garbage, (), id="protocol-error"),
+    pytest.param(end_silent, HEARTBEAT_ARGS, id="heartbeat-timeout"),
+]
+"""Every way a session ends, with the relay arguments it needs."""
 
-@pytest.mark.parametrize(
-    "end, args",
-    [
-        pytest.param(end_clean, (), id="clean-close"),
-        pytest.param(end_reset, (), id="tcp-reset"),
-        pytest.param(end_garbage, (), id="protocol-error"),
-        pytest.param(end_silent, HEARTBEAT_ARGS, id="heartbeat-timeout"),
-    ],
-)
+
+@pytest.mark.parametrize("end, args", SESSION_ENDS)
 @pytest_twisted.ensureDeferred
 async def test_session_end_closes_port_and_visitors(
     reactor: Any, env: Cleanup, end: Callable[[LegacyService], None], args: tuple[str, ...]
@@ -263,15 +263,7 @@ async def test_session_end_closes_port_and_visitors(
 # -- backpressure -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "end, args",
-    [
-        pytest.param(end_clean, (), id="clean-close"),
-        pytest.param(end_reset, (), id="tcp-reset"),
-        pytest.param(end_garbage, (), id="protocol-error"),
-        pytest.param(end_silent, HEARTBEAT_ARGS, id="heartbeat-timeout"),
-    ],
-)
+@pytest.mark.parametrize("end, args", SESSION_ENDS)
 @pytest_twisted.ensureDeferred
 async def test_an_ended_session_leaves_no_reference_cycle(
     reactor: Any, env: Cleanup, no_cyclic_gc: None,
@@ -302,7 +294,6 @@ async def test_an_ended_session_leaves_no_reference_cycle(
 
     # a lost connection finishes from a callLater(0): wait for the turn
     await wait_for(reactor, lambda: not alive(), 1, "the ended session's objects to be freed")
-    assert alive() == []
 
 
 @pytest_twisted.ensureDeferred

@@ -413,14 +413,12 @@ class _Cyclic:
         self.me = self
 
 
-def test_a_cycle_among_frozen_objects_waits_for_the_full_sweep() -> None:
+def test_a_cycle_among_frozen_objects_waits_for_the_full_sweep(no_cyclic_gc: None) -> None:
     """With the real collector: a cycle that dies after a pass froze it outlives the passes that only walk newer objects and is freed by the next full sweep; one made after the pass is freed by the next pass."""
     import weakref
 
     before = gc.get_threshold()
-    enabled = gc.isenabled()
-    gc.disable()  # only the clock collects, so that what frees what is known
-    clock = MemoryReactorClock()
+    clock = MemoryReactorClock()  # only the clock collects: what frees what is known
     try:
         loop = process.collect_old_generation_on_a_clock(clock, 60, 3)
         held = [_Cyclic()]
@@ -440,8 +438,6 @@ def test_a_cycle_among_frozen_objects_waits_for_the_full_sweep() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
-        if enabled:
-            gc.enable()
 
 
 def test_twistd_plugin_builds_the_daemon() -> None:
